@@ -1,0 +1,38 @@
+"""ONNX Runtime on the CPU: the embedded default for demos, tests and CI."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from streamd.errors import BackendError
+from streamd.model.bundle import Bundle
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, max_batch: int = 8, intra_op_threads: int = 0, providers: list[str] | None = None):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # 0 lets ONNX Runtime use one thread per physical core.
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(bundle.onnx_path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"{bundle.onnx_path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self.input_name = bundle.meta.onnx.input_name
+        self.max_batch = max_batch
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            (output,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from exc
+        return output
+
+    def close(self) -> None:
+        self.session = None

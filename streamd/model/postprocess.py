@@ -1,0 +1,87 @@
+"""From the model's raw output to detections in source pixels.
+
+The ONNX graph already decodes YOLOX's grid (DESIGN contract 1): its output
+is float32 [N, A, 5 + C] with `cx, cy, w, h` in letterboxed input pixels,
+then objectness, then C class scores, all after the sigmoid. What is left is
+YOLOX's `postprocess`: score = objectness x best class score, a confidence
+threshold, and class-aware NMS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamd.model.detections import Detections
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box [4] against many xyxy boxes [M, 4] -> float32 [M]."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def nms(xyxy: np.ndarray, scores: np.ndarray, class_id: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-aware greedy NMS; returns the indices kept, best score first.
+
+    Boxes of different classes never suppress each other: each class is
+    shifted by its own offset larger than any coordinate (torchvision's
+    `batched_nms` trick), so one pass serves all classes.
+    """
+    if len(scores) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offset = class_id.astype(np.float32)[:, None] * (float(np.abs(xyxy).max()) + 1.0)
+    shifted = xyxy + offset
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        best = order[0]
+        keep.append(best)
+        if order.size == 1:
+            break
+        rest = order[1:]
+        order = rest[box_iou(shifted[best], shifted[rest]) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def postprocess(
+    output: np.ndarray,
+    scales: np.ndarray,
+    source_hw: list[tuple[int, int]],
+    conf_threshold: float,
+    iou_threshold: float,
+) -> list[Detections]:
+    """Turn a float32 [N, A, 5 + C] output into N Detections in source-frame pixels.
+
+    scales[i] is the letterbox scale of image i; source_hw[i] its (height, width),
+    used to clip the boxes to the frame.
+    """
+    if output.ndim != 3 or output.shape[2] < 6:
+        raise ValueError(f"expected model output [N, A, 5 + C], got shape {output.shape}")
+    results = []
+    for i in range(output.shape[0]):
+        rows = output[i]
+        class_scores = rows[:, 5:]
+        class_id = class_scores.argmax(axis=1)
+        confidence = rows[:, 4] * class_scores[np.arange(len(rows)), class_id]
+        mask = confidence >= conf_threshold
+        if not mask.any():
+            results.append(Detections.empty())
+            continue
+        cxcywh = rows[mask, :4]
+        xyxy = np.empty_like(cxcywh)
+        xyxy[:, :2] = cxcywh[:, :2] - cxcywh[:, 2:] / 2
+        xyxy[:, 2:] = cxcywh[:, :2] + cxcywh[:, 2:] / 2
+        confidence, class_id = confidence[mask], class_id[mask]
+        keep = nms(xyxy, confidence, class_id, iou_threshold)
+        xyxy = xyxy[keep] / scales[i]
+        height, width = source_hw[i]
+        np.clip(xyxy[:, 0::2], 0, width, out=xyxy[:, 0::2])
+        np.clip(xyxy[:, 1::2], 0, height, out=xyxy[:, 1::2])
+        results.append(Detections(xyxy, confidence[keep], class_id[keep]))
+    return results

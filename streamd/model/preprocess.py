@@ -1,0 +1,59 @@
+"""Letterbox preprocessing, exactly as YOLOX's `ValTransform` does it.
+
+YOLOX resizes the image by r = min(H / h, W / w) with bilinear
+interpolation, puts it in the top-left corner of an `input_hw` canvas filled
+with 114, keeps OpenCV's BGR order, and feeds raw 0-255 values (no mean/std,
+`legacy=False`). Boxes come back in that canvas; dividing by r maps them to
+the source frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from streamd.model.bundle import Preprocess
+
+
+@dataclass(frozen=True, slots=True)
+class Letterbox:
+    """One letterboxed image: CHW float32 tensor and the scale that made it."""
+
+    tensor: np.ndarray  # float32 [3, H, W]
+    scale: float  # input pixels per source pixel
+
+
+def letterbox(image_bgr: np.ndarray, input_hw: tuple[int, int], preprocess: Preprocess = Preprocess()) -> Letterbox:
+    """Letterbox one HxWx3 uint8 BGR image into a float32 [3, H, W] tensor."""
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image_bgr.shape}")
+    canvas = np.full((input_hw[0], input_hw[1], 3), preprocess.pad_value, dtype=np.uint8)
+    scale = min(input_hw[0] / image_bgr.shape[0], input_hw[1] / image_bgr.shape[1])
+    new_h, new_w = int(image_bgr.shape[0] * scale), int(image_bgr.shape[1] * scale)
+    resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    canvas[:new_h, :new_w] = resized
+    if preprocess.channel_order == "rgb":
+        canvas = canvas[:, :, ::-1]
+    tensor = canvas.transpose(2, 0, 1).astype(np.float32)
+    if preprocess.mean is not None:
+        tensor -= np.asarray(preprocess.mean, np.float32).reshape(3, 1, 1)
+    if preprocess.std is not None:
+        tensor /= np.asarray(preprocess.std, np.float32).reshape(3, 1, 1)
+    if preprocess.scale != 1.0:
+        tensor *= preprocess.scale
+    return Letterbox(tensor=np.ascontiguousarray(tensor), scale=scale)
+
+
+def letterbox_batch(
+    images_bgr: list[np.ndarray], input_hw: tuple[int, int], preprocess: Preprocess = Preprocess()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Letterbox a list of images into one float32 [N, 3, H, W] batch and float32 [N] scales."""
+    batch = np.empty((len(images_bgr), 3, input_hw[0], input_hw[1]), dtype=np.float32)
+    scales = np.empty(len(images_bgr), dtype=np.float32)
+    for i, image in enumerate(images_bgr):
+        boxed = letterbox(image, input_hw, preprocess)
+        batch[i] = boxed.tensor
+        scales[i] = boxed.scale
+    return batch, scales

@@ -1,0 +1,134 @@
+"""The experiment: one validated YAML file (pydantic, unknown keys refused).
+
+Relative paths are resolved against the folder of the YAML file, so a config
+can be run from anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from streamd.model.bundle import ARCHITECTURES
+from streamd.yamlconfig import load_yaml_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    return value if value.is_absolute() or base is None else (Path(base) / value).resolve()
+
+
+class DatasetConfig(_Strict):
+    """Where the labelled images are and how they are split."""
+
+    name: str = Field(min_length=1, description="Dataset name, recorded in the bundle's provenance.")
+    format: Literal["voc", "coco"] = Field(description="Pascal VOC folders or COCO JSON.")
+    root: Path = Field(description="VOC: folder with Annotations/, JPEGImages/, ImageSets/Main/. COCO: image folder.")
+    train: str = Field("train", description="VOC: ImageSets/Main/<name>.txt; COCO: JSON file relative to root.")
+    val: str = Field("val", description="Split used for model selection during training.")
+    test: str = Field("test", description="Split used by `trainer eval` by default.")
+
+    _resolve_root = field_validator("root")(_resolve)
+
+    def split(self, name: str) -> str:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; expected train, val or test")
+        return getattr(self, name)
+
+
+class ModelConfig(_Strict):
+    architecture: Literal[ARCHITECTURES] = Field("yolox_nano", description="YOLOX size.")  # type: ignore[valid-type]
+    input_hw: tuple[int, int] = Field((416, 416), description="Network input (height, width), multiples of 32.")
+    pretrained: Path | None = Field(None, description="Megvii checkpoint ({'model': state_dict}) to fine-tune from.")
+
+    _resolve_pretrained = field_validator("pretrained")(_resolve)
+
+    @field_validator("input_hw")
+    @classmethod
+    def _multiple_of_32(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if any(v < 64 or v % 32 for v in value):
+            raise ValueError(f"input_hw must be multiples of 32 and at least 64, got {list(value)}")
+        return value
+
+
+class AugmentConfig(_Strict):
+    """YOLOX's augmentations; each can be switched off with probability 0."""
+
+    mosaic_prob: float = Field(1.0, ge=0, le=1)
+    mixup_prob: float = Field(0.0, ge=0, le=1)
+    hsv_prob: float = Field(1.0, ge=0, le=1)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    degrees: float = Field(10.0, ge=0, le=180, description="Random rotation range (+/-) of the affine step.")
+    translate: float = Field(0.1, ge=0, le=0.5)
+    shear: float = Field(2.0, ge=0, le=45)
+    mosaic_scale: tuple[float, float] = (0.5, 1.5)
+    mixup_scale: tuple[float, float] = (0.5, 1.5)
+    multiscale_range: int = Field(0, ge=0, le=10, description="Random input size +/- this many 32-px steps.")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(100, ge=1, le=10000)
+    batch_size: int = Field(16, ge=1, le=1024)
+    lr_per_image: float = Field(0.01 / 64, gt=0, description="Base learning rate per image (YOLOX basic_lr_per_img).")
+    warmup_epochs: int = Field(5, ge=0)
+    no_aug_epochs: int = Field(15, ge=0, description="Last epochs trained without mosaic/mixup (YOLOX's tail).")
+    min_lr_ratio: float = Field(0.05, gt=0, le=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    ema: bool = True
+    amp: bool = Field(True, description="Mixed precision; only takes effect on CUDA.")
+    seed: int = 0
+    workers: int = Field(2, ge=0, le=64, description="Data loader worker processes.")
+    eval_interval: int = Field(5, ge=1, description="Validate (mAP on the val split) every N epochs.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _tail_fits(self) -> TrainConfig:
+        if self.warmup_epochs + self.no_aug_epochs > self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) + no_aug_epochs ({self.no_aug_epochs}) "
+                f"exceed epochs ({self.epochs})"
+            )
+        return self
+
+
+class ExportConfig(_Strict):
+    conf_threshold: float = Field(0.3, ge=0, le=1, description="Default confidence threshold written to the bundle.")
+    iou_threshold: float = Field(0.45, gt=0, le=1, description="Default NMS IoU threshold written to the bundle.")
+    opset: int = Field(17, ge=11, le=21)
+
+
+class Experiment(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="Run and bundle name.")
+    classes: tuple[str, ...] = Field(min_length=1, description="Class names in label order.")
+    dataset: DatasetConfig
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    output_dir: Path = Field(Path("runs"), description="Runs go to output_dir/name/, relative to the working directory.")
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        duplicates = sorted({c for c in value if value.count(c) > 1})
+        if duplicates:
+            raise ValueError(f"class names must be unique, repeated: {duplicates}")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read an experiment YAML; raise streamd.errors.ConfigError naming file, line and field."""
+    return load_yaml_model(path, Experiment)

@@ -1,0 +1,111 @@
+"""Pascal VOC as the BCCD seed uses it: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from defusedxml import ElementTree
+from PIL import Image, UnidentifiedImageError
+
+from trainer.datasets.records import DatasetSplit, ImageRecord, Problem, clip_boxes
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def find_image(folder: Path, image_id: str) -> Path | None:
+    """The image file for an id, whatever the case of its suffix."""
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (suffix, suffix.upper()):
+            path = folder / f"{image_id}{candidate}"
+            if path.is_file():
+                return path
+    return None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) read from the file header; raises OSError for an unreadable file."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise OSError(f"unreadable image: {exc}") from exc
+
+
+def _parse_xml(xml_path: Path, class_names: tuple[str, ...]) -> tuple[list, list[Problem], tuple[int, int] | None]:
+    """Objects [(label, class index or None, xyxy, difficult)] and the <size> of one XML file."""
+    root = ElementTree.parse(xml_path).getroot()
+    size = root.find("size")
+    wh = None
+    if size is not None and size.findtext("width") and size.findtext("height"):
+        wh = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
+    objects, problems = [], []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        box = obj.find("bndbox")
+        if box is None:
+            problems.append(Problem(xml_path, f"object {name!r} has no <bndbox>, dropped"))
+            continue
+        try:
+            xyxy = [float(box.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax")]
+        except (TypeError, ValueError):
+            problems.append(Problem(xml_path, f"object {name!r} has a non-numeric <bndbox>, dropped"))
+            continue
+        if name not in class_names:
+            problems.append(Problem(xml_path, f"unknown class {name!r} (known: {', '.join(class_names)}), box dropped"))
+            continue
+        difficult = (obj.findtext("difficult") or "0").strip() == "1"
+        objects.append((name, class_names.index(name), xyxy, difficult))
+    return objects, problems, wh
+
+
+def load_voc(root: Path, split: str, class_names: tuple[str, ...], dataset: str = "voc") -> DatasetSplit:
+    """Read one split. Never raises for a bad file: it becomes a Problem and the image is skipped.
+
+    A listed image with no XML file is a background image.
+    """
+    root = Path(root)
+    list_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not list_file.is_file():
+        raise FileNotFoundError(f"{list_file}: split list not found (dataset root {root})")
+    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    records, problems = [], []
+    for image_id in ids:
+        image_path = find_image(root / "JPEGImages", image_id)
+        if image_path is None:
+            problems.append(Problem(list_file, f"image {image_id!r} listed but not found in JPEGImages/", "error"))
+            continue
+        try:
+            width, height = image_size(image_path)
+        except OSError as exc:
+            problems.append(Problem(image_path, str(exc), "error"))
+            continue
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        if not xml_path.is_file():
+            records.append(ImageRecord(image_id, image_path, width, height, np.zeros((0, 4)), [], [], background=True))
+            continue
+        try:
+            objects, xml_problems, xml_wh = _parse_xml(xml_path, class_names)
+        except (ElementTree.ParseError, ValueError) as exc:
+            problems.append(Problem(xml_path, f"malformed XML: {exc}; image skipped", "error"))
+            continue
+        problems.extend(xml_problems)
+        if xml_wh is not None and xml_wh != (width, height):
+            problems.append(Problem(xml_path, f"<size> {xml_wh[0]}x{xml_wh[1]} differs from the image's {width}x{height}; using the image's"))
+        xyxy = np.asarray([o[2] for o in objects], dtype=np.float32).reshape(-1, 4)
+        clipped, keep, box_problems = clip_boxes(xyxy, width, height, xml_path, [o[0] for o in objects])
+        problems.extend(box_problems)
+        records.append(
+            ImageRecord(
+                image_id,
+                image_path,
+                width,
+                height,
+                clipped[keep],
+                np.asarray([o[1] for o in objects], dtype=np.int64)[keep],
+                np.asarray([o[3] for o in objects], dtype=bool)[keep],
+            )
+        )
+    return DatasetSplit(dataset, split, tuple(class_names), tuple(records), tuple(problems))
