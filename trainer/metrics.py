@@ -90,7 +90,10 @@ def average_precision(curve: PrCurve, use_07_metric: bool = False) -> float:
     if len(curve.recall) == 0:
         return 0.0
     if use_07_metric:
-        points = [curve.precision[curve.recall >= t].max() if (curve.recall >= t).any() else 0.0 for t in np.arange(0, 1.1, 0.1)]
+        # arange(11) / 10 makes each threshold the double nearest k/10, as a recall tp/num_gt is:
+        # np.arange(0, 1.1, 0.1) has 0.30000000000000004, which a recall of exactly 3/10 misses.
+        thresholds = np.arange(11) / 10
+        points = [curve.precision[curve.recall >= t].max() if (curve.recall >= t).any() else 0.0 for t in thresholds]
         return float(np.mean(points))
     recall = np.concatenate(([0.0], curve.recall, [1.0]))
     precision = np.concatenate(([0.0], curve.precision, [0.0]))

@@ -28,7 +28,6 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from streamd.model.detections import Detections
 from trainer import __version__
 from trainer.config import Experiment
 from trainer.datasets import load_split
@@ -68,25 +67,14 @@ def _collate(batch):
     return images, targets
 
 
-def predict_split(model: torch.nn.Module, split: DatasetSplit, input_hw, device, batch_size: int = 8,
-                  conf_threshold: float = 0.001, iou_threshold: float = 0.65) -> list[Detections]:
-    """Detections for every image of a split with a torch model (low threshold, for mAP)."""
-    import cv2
-
-    from trainer.detect import torch_detector
-
-    detector = torch_detector(model, input_hw, split.class_names, str(device))
-    results: list[Detections] = []
-    for start in range(0, len(split), batch_size):
-        images = [cv2.imread(str(r.path), cv2.IMREAD_COLOR) for r in split.records[start:start + batch_size]]
-        results.extend(detector.detect(images, conf_threshold, iou_threshold))
-    return results
-
-
 def evaluate_model(model, split: DatasetSplit, input_hw, device) -> dict:
+    """VOC mAP of a torch model on a split (low confidence threshold, as for any mAP)."""
+    from trainer.detect import torch_detector
+    from trainer.evaluate import detect_split
     from trainer.metrics import voc_metrics
 
-    metrics = voc_metrics(split, predict_split(model, split, input_hw, device))
+    detector = torch_detector(model, input_hw, split.class_names, str(device))
+    metrics = voc_metrics(split, detect_split(detector, split, conf_threshold=0.001, iou_threshold=0.65))
     return {k: metrics[k] for k in ("voc_map50", "voc07_map50", "voc_map50_95")}
 
 

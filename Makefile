@@ -1,0 +1,53 @@
+# The two commands: `make demo` (set up, then run the demo) and `make test` (set up, then run the tests).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+BUNDLE := models/bccd-nano.bundle
+BCCD := ../shared/datasets/BCCD
+DEMO_OUT := demo-out
+APT_PACKAGES := ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp \
+	gir1.2-gst-rtsp-server-1.0 python3-gi
+
+.PHONY: demo test bench sysdeps venv sample clean
+
+# System packages the tests and the demo need, installed with apt-get when missing (CI runs as root).
+sysdeps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# (this machine's pip config names local indexes that may be missing: drop those warnings)
+	$(PY) -m pip install -q -e '.[train,dev]' 2> >(grep -v "^WARNING: Location" >&2)
+	$(PY) -c "import streamd, trainer, torch, yolox, onnxruntime, av, zmq"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The demo's input: a 30 fps 640x480 video made from the BCCD test images, 1 s per image.
+$(DEMO_OUT)/bccd-test.mp4: | sysdeps
+	mkdir -p $(DEMO_OUT)
+	sed 's#^#file $(abspath $(BCCD))/JPEGImages/#; s#$$#.jpg\nduration 1#' $(BCCD)/ImageSets/Main/test.txt | head -n 40 > $(DEMO_OUT)/frames.txt
+	ffmpeg -loglevel error -y -f concat -safe 0 -i $(DEMO_OUT)/frames.txt -vf "fps=30,scale=640:480,format=yuv420p" \
+		-c:v libx264 -preset veryfast -crf 20 -frames:v 600 $@
+
+sample: $(DEMO_OUT)/bccd-test.mp4
+
+demo: sysdeps venv sample
+	$(VENV)/bin/streamd run configs/streamd/demo.yaml
+	$(VENV)/bin/trainer eval $(BUNDLE) --data configs/trainer/bccd-nano.yaml --split test --out $(DEMO_OUT)/eval
+
+test: sysdeps venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: sysdeps venv sample
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(DEMO_OUT) runs eval predictions

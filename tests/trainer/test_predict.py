@@ -1,0 +1,192 @@
+"""trainer.predict on images, folders and videos with a fake detector."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from trainer.detect import Detector
+from trainer.predict import DETECTIONS_FILE, predict
+
+CLASSES = ("lesion", "landmark")
+INPUT_HW = (64, 64)
+FPS = 5
+NUM_FRAMES = 7
+
+
+def one_box(batch: np.ndarray) -> np.ndarray:
+    """A fake model: one "landmark" at (12, 12)-(28, 28) of the letterboxed input in every image.
+
+    float32 [N, 2, 5 + C]: row 0 is the box, row 1 an empty anchor.
+    """
+    output = np.zeros((len(batch), 2, 5 + len(CLASSES)), np.float32)
+    output[:, 0, :5] = (20, 20, 16, 16, 0.9)
+    output[:, 0, 6] = 1.0
+    return output
+
+
+DETECTOR = Detector(one_box, INPUT_HW, CLASSES, name="fake", sha256="cd" * 32)
+
+
+def ffmpeg_video(path: Path, size: str, codec: str) -> Path:
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size={size}:rate={FPS}",
+         "-frames:v", str(NUM_FRAMES), "-c:v", codec, "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """media/ with images of three formats (one nested), two videos, and files predict must skip."""
+    root = tmp_path_factory.mktemp("media")
+    image = np.full((48, 64, 3), 90, np.uint8)
+    cv2.imwrite(str(root / "a.jpg"), image)
+    cv2.imwrite(str(root / "b.PNG"), image)
+    (root / "nested").mkdir()
+    cv2.imwrite(str(root / "nested" / "c.bmp"), image)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "notes.txt").write_text("not media")  # not an image or video suffix: never picked up from a folder
+    ffmpeg_video(root / "clip.mp4", "64x48", "libx264")
+    ffmpeg_video(root / "nested" / "odd.mkv", "65x49", "ffv1")  # odd size: the H.264 copy loses a row and a column
+    (root / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+    return root
+
+
+def video_info(path: Path) -> tuple[int, str, int, int]:
+    """(frame count, frame rate, width, height) of a video, by ffprobe or else PyAV."""
+    if shutil.which("ffprobe"):
+        probe = subprocess.run(
+            ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
+             "stream=nb_read_frames,r_frame_rate,width,height,codec_name", "-of", "json", str(path)],
+            check=True, capture_output=True, text=True,
+        )
+        stream = json.loads(probe.stdout)["streams"][0]
+        assert stream["codec_name"] == "h264"
+        return int(stream["nb_read_frames"]), stream["r_frame_rate"], stream["width"], stream["height"]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        count = sum(1 for _ in container.decode(stream))
+        return count, str(stream.average_rate), stream.width, stream.height
+
+
+@pytest.mark.parametrize(
+    ("names", "images", "videos", "failed", "outputs"),
+    [
+        (["a.jpg"], 1, 0, [], ["a.jpg"]),
+        (["b.PNG", "nested/c.bmp"], 2, 0, [], ["b.PNG", "c.bmp"]),
+        (["clip.mp4"], 0, 1, [], ["clip.mp4"]),
+        (["broken.jpg", "bad.mp4", "notes.txt", "a.jpg"], 1, 0, ["broken.jpg", "bad.mp4", "notes.txt"], ["a.jpg"]),
+        (
+            ["."],
+            3,
+            2,
+            ["broken.jpg", "bad.mp4"],
+            ["media0/a.jpg", "media0/b.PNG", "media0/nested/c.bmp", "media0/clip.mp4", "media0/nested/odd.mp4"],
+        ),
+    ],
+    ids=["image", "images", "video", "unreadable", "folder"],
+)
+def test_predict(tmp_path: Path, inputs: Path, names: list[str], images: int, videos: int, failed: list[str],
+                 outputs: list[str]) -> None:
+    out_dir = tmp_path / "out"
+    result = predict(DETECTOR, [inputs / name for name in names], out_dir, conf_threshold=0.3, iou_threshold=0.45)
+    frames = NUM_FRAMES * videos
+    assert (result.num_images, result.num_videos, result.num_frames) == (images, videos, frames)
+    assert result.num_detections == images + frames  # one box per image and frame
+    assert sorted(message.split(": ")[0] for message in result.failed) == sorted(str(inputs / name) for name in failed)
+    written = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+    assert written == sorted([*outputs, DETECTIONS_FILE])
+    lines = [json.loads(line) for line in (out_dir / DETECTIONS_FILE).read_text().splitlines()]
+    assert len(lines) == images + frames
+    for line in lines:
+        assert line["detections"] == [{"label": "landmark", "class_id": 1, "score": 0.9, "box": line["detections"][0]["box"]}]
+    for output in outputs:
+        path = out_dir / output
+        if path.suffix == ".mp4":
+            count, rate, width, height = video_info(path)
+            assert (count, rate) == (NUM_FRAMES, f"{FPS}/1")
+            assert (width, height) == (64, 48)
+            video_lines = [line for line in lines if line["file"].endswith(("clip.mp4", "odd.mkv")) and output.endswith(
+                Path(line["file"]).stem + ".mp4")]
+            assert [line["frame"] for line in video_lines] == list(range(NUM_FRAMES))
+            assert [line["pts_s"] for line in video_lines] == pytest.approx([i / FPS for i in range(NUM_FRAMES)])
+        else:
+            annotated = cv2.imread(str(path))
+            assert annotated is not None and annotated.shape == (48, 64, 3)
+            assert (annotated != 90).any()  # the box was drawn
+
+
+def test_images_keep_their_boxes_in_source_pixels(tmp_path: Path, inputs: Path) -> None:
+    # 64x48 letterboxed into 64x64 at scale 1: the box comes back unchanged.
+    predict(DETECTOR, [inputs / "a.jpg"], tmp_path, conf_threshold=0.3, iou_threshold=0.45)
+    (line,) = [json.loads(line) for line in (tmp_path / DETECTIONS_FILE).read_text().splitlines()]
+    assert line == {"file": str(inputs / "a.jpg"), "frame": 0, "pts_s": None, "model": {"name": "fake", "sha256": "cd" * 32},
+                    "detections": [{"label": "landmark", "class_id": 1, "score": 0.9, "box": [12.0, 12.0, 28.0, 28.0]}]}
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    for _ in range(2):
+        result = predict(DETECTOR, [tmp_path], tmp_path / "predictions", conf_threshold=0.3, iou_threshold=0.45)
+        assert result.num_images == 1
+
+
+@pytest.mark.parametrize(
+    ("names", "outputs"),
+    [
+        (["x/a.png", "y/a.png"], ["a.png", "a_1.png"]),  # two files of one name
+        (["x", "y"], ["x/a.png", "y/a.png"]),  # two folders keep their names
+    ],
+)
+def test_output_names_never_collide(tmp_path: Path, names: list[str], outputs: list[str]) -> None:
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    out_dir = tmp_path / "out"
+    predict(DETECTOR, [tmp_path / name for name in names], out_dir, conf_threshold=0.3, iou_threshold=0.45)
+    assert sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.png")) == outputs
+
+
+def test_missing_path_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.jpg: no such file or folder"):
+        predict(DETECTOR, [tmp_path / "nope.jpg"], tmp_path / "out", conf_threshold=0.3, iou_threshold=0.45)
+
+
+class FailingAfter:
+    """A PyAV input container whose decoder raises after `frames` frames, as a corrupt stream does."""
+
+    def __init__(self, container, frames: int):
+        self.container, self.frames = container, frames
+        self.streams = container.streams
+
+    def decode(self, stream):
+        for index, frame in enumerate(self.container.decode(stream)):
+            if index == self.frames:
+                raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
+            yield frame
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.container.close()
+
+
+def test_decode_error_keeps_the_frames_before_it(tmp_path: Path, inputs: Path, monkeypatch) -> None:
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda path, *args: FailingAfter(real_open(path), 3) if not args else real_open(path, *args))
+    result = predict(DETECTOR, [inputs / "clip.mp4"], tmp_path, conf_threshold=0.3, iou_threshold=0.45)
+    assert (result.num_videos, result.num_frames) == (1, 3)
+    assert result.failed == (f"{inputs / 'clip.mp4'}: decode failed after 3 frames: Invalid data found when processing "
+                             "input; the annotated video stops there",)
+    assert video_info(tmp_path / "clip.mp4")[0] == 3  # closed properly: a playable file with those frames

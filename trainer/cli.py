@@ -1,0 +1,170 @@
+"""`trainer`: check a dataset, train, evaluate, predict, export a bundle, build a TensorRT engine."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from streamd.errors import ConfigError, StreamdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+
+def _friendly(fn):
+    """Turn expected failures into one clear line: exit 2 for a bad config, 1 otherwise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            console.print(f"[red]invalid config[/red]\n{exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except (StreamdError, FileNotFoundError, ValueError, OSError) as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+@app.command("check-dataset")
+@_friendly
+def check_dataset_cmd(config: Path, verbose: Verbose = False) -> None:
+    """Per-class counts, image sizes, background images and every problem with its file."""
+    from trainer.config import load_experiment
+    from trainer.datasets.check import check_dataset, print_report
+
+    _setup_logging(verbose)
+    report = check_dataset(load_experiment(config))
+    print_report(report, Console())
+    if report.num_errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def train(
+    config: Path,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's last.pth at its saved epoch.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train YOLOX on the experiment's dataset; writes checkpoints, metrics.csv and curves.png."""
+    from trainer.config import load_experiment
+    from trainer.train import train as run_training
+
+    _setup_logging(verbose)
+    result = run_training(load_experiment(config), resume=resume)
+    typer.echo(json.dumps(asdict(result), indent=2))
+
+
+@app.command("eval")
+@_friendly
+def eval_cmd(
+    source: Annotated[Path, typer.Argument(help="A model bundle folder, or a checkpoint (.pth) / run folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Experiment YAML naming the dataset and classes.")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (default: eval/<model>-<split>).")] = None,
+    record: Annotated[bool, typer.Option(help="Write the metrics into the bundle's bundle.json.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """VOC mAP (07 and area), mAP@0.5:0.95, COCO AP/AP50/AP75, per-class table, PR curves, JSON report."""
+    from trainer.config import load_experiment
+    from trainer.datasets import load_split
+    from trainer.evaluate import evaluate, load_detector, print_report
+
+    _setup_logging(verbose)
+    exp = load_experiment(data)
+    if source.is_dir() and not (source / "bundle.json").is_file():
+        from trainer.export.bundle import resolve_checkpoint
+
+        source = resolve_checkpoint(source)
+    detector = load_detector(source, exp)
+    target = load_split(exp, split)
+    out = out or Path("eval") / f"{source.stem}-{split}"
+    report = evaluate(detector, target, out_dir=out)
+    print_report(report)
+    typer.echo(f"report: {out / 'report.json'}  PR curves: {out / 'pr_curves.png'}")
+    if record and (source / "bundle.json").is_file():
+        from trainer.export.bundle import add_metrics
+
+        add_metrics(source, {f"{split}_{k}": getattr(report, k) for k in ("voc_map50", "voc_map50_95", "coco_ap", "coco_ap50", "coco_ap75")})
+
+
+@app.command()
+@_friendly
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    paths: Annotated[list[Path], typer.Argument(help="Images, folders or video files.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the annotated copies.")] = Path("predictions"),
+    conf_threshold: Annotated[Optional[float], typer.Option(help="Default: the bundle's.")] = None,
+    iou_threshold: Annotated[Optional[float], typer.Option(help="Default: the bundle's.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run a bundle on images, folders and videos; write annotated copies and detections.jsonl."""
+    from trainer.detect import bundle_detector
+    from trainer.predict import predict as run_predict
+
+    _setup_logging(verbose)
+    detector, loaded = bundle_detector(bundle)
+    thresholds = loaded.meta.thresholds
+    result = run_predict(
+        detector, paths, out,
+        conf_threshold if conf_threshold is not None else thresholds.conf_threshold,
+        iou_threshold if iou_threshold is not None else thresholds.iou_threshold,
+    )
+    typer.echo(json.dumps(asdict(result), indent=2, default=str))
+
+
+@app.command()
+@_friendly
+def export(
+    source: Annotated[Path, typer.Argument(help="Run folder (takes best.pth) or checkpoint file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write, NAME.bundle.")],
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the experiment's).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Export the ONNX model (dynamic batch, decode in graph, simplified) and bundle.json."""
+    from trainer.export.bundle import export_bundle
+
+    _setup_logging(verbose)
+    result = export_bundle(source, out, name)
+    typer.echo(json.dumps(asdict(result), indent=2))
+
+
+@app.command("build-engine")
+@_friendly
+def build_engine_cmd(
+    bundle: Annotated[Path, typer.Argument(help="Model bundle folder.")],
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp16",
+    max_batch: Annotated[int, typer.Option(min=1, max=64)] = 8,
+    calibration_data: Annotated[Optional[Path], typer.Option("--data", help="Experiment YAML; int8 calibrates on its train split.")] = None,
+    calibration_images: Annotated[int, typer.Option(min=8)] = 256,
+    verbose: Verbose = False,
+) -> None:
+    """Build a TensorRT engine for this GPU, cached beside the bundle (needs TensorRT and CUDA)."""
+    from trainer.export.engine import build_engine
+
+    _setup_logging(verbose)
+    result = build_engine(bundle, precision, max_batch, calibration_data, calibration_images)
+    typer.echo(json.dumps(asdict(result), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app()
