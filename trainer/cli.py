@@ -15,7 +15,7 @@ from rich.console import Console
 from streamd.errors import ConfigError, StreamdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error line stays one line
 
 
 def _friendly(fn):
@@ -63,6 +63,7 @@ def check_dataset_cmd(config: Path, verbose: Verbose = False) -> None:
 def train(
     config: Path,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last.pth at its saved epoch.")] = False,
+    stop_after_epochs: Annotated[Optional[int], typer.Option(min=1, help="End after N epochs of this call; continue later with --resume.")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Train YOLOX on the experiment's dataset; writes checkpoints, metrics.csv and curves.png."""
@@ -70,7 +71,7 @@ def train(
     from trainer.train import train as run_training
 
     _setup_logging(verbose)
-    result = run_training(load_experiment(config), resume=resume)
+    result = run_training(load_experiment(config), resume=resume, stop_after_epochs=stop_after_epochs)
     typer.echo(json.dumps(asdict(result), indent=2))
 
 

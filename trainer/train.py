@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,14 +79,29 @@ def evaluate_model(model, split: DatasetSplit, input_hw, device) -> dict:
     return {k: metrics[k] for k in ("voc_map50", "voc07_map50", "voc_map50_95")}
 
 
+def _rng_state() -> dict:
+    """Every random state the data pipeline draws from, so that a resumed run replays the same batches."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
 def _save(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
 
 
-def train(exp: Experiment, resume: bool = False) -> TrainResult:
-    """Train `exp`; return and write its TrainResult. DDP when started by torchrun with WORLD_SIZE > 1."""
+def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
+    """Train `exp`; return and write its TrainResult. DDP when started by torchrun with WORLD_SIZE > 1.
+
+    stop_after_epochs ends this call after that many epochs (the schedule is
+    still the experiment's): time-boxed training, continued with resume=True.
+    """
     started = time.time()
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     device = pick_device(exp.train.device)
@@ -142,6 +158,7 @@ def train(exp: Experiment, resume: bool = False) -> TrainResult:
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_map, best_epoch = state["epoch"], state["best_val_map50"], state["best_epoch"]
         ema_updates = state["ema_updates"]
+        _set_rng_state(state["rng"])
         log.info("resumed %s at epoch %d (iteration %d)", last_path, start_epoch, start_epoch * iters_per_epoch)
     ema = yx.build_ema(model, updates=ema_updates) if exp.train.ema else None
     if resume and ema is not None:
@@ -155,7 +172,8 @@ def train(exp: Experiment, resume: bool = False) -> TrainResult:
         with open(csv_path, "w", newline="") as handle:
             csv.writer(handle).writerow(fields)
 
-    for epoch in range(start_epoch, exp.train.epochs):
+    end_epoch = exp.train.epochs if stop_after_epochs is None else min(exp.train.epochs, start_epoch + stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
         epoch_started = time.time()
         if epoch >= exp.train.epochs - exp.train.no_aug_epochs:
             yx.set_no_aug(model, dataset)
@@ -194,7 +212,7 @@ def train(exp: Experiment, resume: bool = False) -> TrainResult:
         if main_process and ((epoch + 1) % exp.train.eval_interval == 0 or last_epoch):
             val = evaluate_model(eval_model, val_split, exp.model.input_hw, device)
             yx.unwrap(model).head.decode_in_inference = True
-            if val["voc_map50"] > best_map:
+            if val["voc_map50"] >= best_map:  # ties go to the later (longer-averaged) weights
                 best_map, best_epoch = val["voc_map50"], epoch + 1
         if main_process:
             state = {
@@ -211,6 +229,7 @@ def train(exp: Experiment, resume: bool = False) -> TrainResult:
                 "dataset_hash": train_split.file_list_hash(),
                 "val_metrics": val,
                 "trainer_version": __version__,
+                "rng": _rng_state(),
             }
             _save(last_path, state)
             if val and best_epoch == epoch + 1:
@@ -231,7 +250,7 @@ def train(exp: Experiment, resume: bool = False) -> TrainResult:
     if not best_path.is_file() and last_path.is_file():
         _save(best_path, torch.load(last_path, map_location="cpu", weights_only=False))
     result = TrainResult(
-        run_dir=str(run_dir), epochs=exp.train.epochs, best_epoch=best_epoch,
+        run_dir=str(run_dir), epochs=end_epoch, best_epoch=best_epoch,
         best_val_map50=best_map, last_checkpoint=str(last_path), best_checkpoint=str(best_path),
         seconds=round(time.time() - started, 1), dataset_hash=train_split.file_list_hash(),
     )

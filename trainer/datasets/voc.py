@@ -38,10 +38,13 @@ def _parse_xml(xml_path: Path, class_names: tuple[str, ...]) -> tuple[list, list
     """Objects [(label, class index or None, xyxy, difficult)] and the <size> of one XML file."""
     root = ElementTree.parse(xml_path).getroot()
     size = root.find("size")
-    wh = None
+    wh, objects, problems = None, [], []
     if size is not None and size.findtext("width") and size.findtext("height"):
-        wh = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
-    objects, problems = [], []
+        try:
+            wh = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
+        except ValueError:
+            # the image header gives the size anyway: a bad <size> is no reason to lose the boxes
+            problems.append(Problem(xml_path, f"non-numeric <size> {size.findtext('width')!r} x {size.findtext('height')!r} ignored"))
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         box = obj.find("bndbox")

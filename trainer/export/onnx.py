@@ -7,8 +7,11 @@ scores. The graph is simplified with onnxsim when it is installed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import sys
 import warnings
 
 import onnx
@@ -46,13 +49,32 @@ def export_onnx(model: torch.nn.Module, input_hw: tuple[int, int], opset: int = 
     return proto.SerializeToString()
 
 
+@contextlib.contextmanager
+def _quiet_native_output():
+    """Silence onnxsim's C++ shape-inference chatter (written straight to fds 1 and 2)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import onnxsim
     except ImportError:
         log.warning("onnxsim is not installed; exporting the unsimplified graph")
         return proto
-    simplified, ok = onnxsim.simplify(proto)
+    with _quiet_native_output():
+        simplified, ok = onnxsim.simplify(proto)
     if not ok:
         log.warning("onnxsim could not validate the simplified graph; keeping the original")
         return proto

@@ -1,0 +1,138 @@
+"""Training, resume, fine-tuning and export on a tiny synthetic VOC set (CPU, 96x96 input)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from streamd.model import load_bundle
+from synthetic import write_experiment
+from trainer.cli import app
+from trainer.config import load_experiment
+from trainer.export.bundle import export_bundle
+from trainer.train import train
+from trainer.yolox_adapter import build_model, inference_model, load_pretrained
+
+runner = CliRunner()
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def trained(voc_dataset, tmp_path_factory):
+    """Two epochs straight through: the reference run."""
+    config = write_experiment(tmp_path_factory.mktemp("straight") / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes, train={"epochs": 3})
+    exp = load_experiment(config)
+    return exp, train(exp)
+
+
+def test_training_writes_the_run_folder(trained):
+    exp, result = trained
+    run_dir = exp.run_dir
+    for name in ("last.pth", "best.pth", "metrics.csv", "curves.png", "train_result.json", "experiment.json"):
+        assert (run_dir / name).is_file(), name
+    rows = _rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["voc_map50"] for r in rows)  # eval_interval 1: every epoch validated
+    assert json.loads((run_dir / "train_result.json").read_text())["epochs"] == 3
+    assert result.best_epoch in (1, 2, 3)
+
+
+def test_resume_replays_the_exact_schedule(trained, voc_dataset, tmp_path):
+    """Stopped after 2 epochs and resumed, the run equals the one that went straight through (YOLOX #506)."""
+    exp, _ = trained
+    config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes, train={"epochs": 3})
+    resumed_exp = load_experiment(config)
+    train(resumed_exp, stop_after_epochs=2)
+    assert [int(r["epoch"]) for r in _rows(resumed_exp.run_dir)] == [1, 2]
+    train(resumed_exp, resume=True)
+    straight, resumed = _rows(exp.run_dir), _rows(resumed_exp.run_dir)
+    assert [r["epoch"] for r in resumed] == ["1", "2", "3"]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
+    assert resumed[-1]["total_loss"] == straight[-1]["total_loss"]
+    a = torch.load(exp.run_dir / "last.pth", weights_only=False)["model"]
+    b = torch.load(resumed_exp.run_dir / "last.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(voc_dataset, tmp_path):
+    config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes)
+    result = runner.invoke(app, ["train", str(config), "--resume"])
+    assert result.exit_code == 1
+    assert "nothing to resume from" in result.output
+
+
+def test_export_matches_pytorch_on_onnxruntime(trained, tmp_path):
+    exp, result = trained
+    export = export_bundle(exp.run_dir, tmp_path / "synthetic.bundle")
+    bundle = load_bundle(export.bundle)
+    assert bundle.meta.class_names == exp.classes
+    assert bundle.meta.provenance.epochs == result.best_epoch
+    assert "val_voc_map50" in bundle.meta.metrics
+    model = build_model(exp.model.architecture, len(exp.classes))
+    model.load_state_dict(torch.load(result.best_checkpoint, weights_only=False)["model"])
+    model = inference_model(model)
+    batch = np.random.default_rng(0).uniform(0, 255, (3, 3, 96, 96)).astype(np.float32)  # dynamic N
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(batch)).numpy()
+    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"images": batch})
+    assert actual.shape == expected.shape == (3, 12 * 12 + 6 * 6 + 3 * 3, 5 + 2)  # anchors at strides 8, 16, 32
+    max_abs = float(np.abs(actual - expected).max())
+    print(f"ORT vs PyTorch max abs difference: {max_abs:.2e}")
+    np.testing.assert_allclose(actual[..., :4], expected[..., :4], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(actual[..., 4:], expected[..., 4:], atol=1e-4)
+
+
+def test_export_cli_and_bad_source(trained, tmp_path):
+    exp, _ = trained
+    result = runner.invoke(app, ["export", str(exp.run_dir), "-o", str(tmp_path / "x.bundle")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sha256"] == load_bundle(tmp_path / "x.bundle").sha256
+    result = runner.invoke(app, ["export", str(tmp_path / "missing"), "-o", str(tmp_path / "y.bundle")])
+    assert result.exit_code == 1 and "no such checkpoint" in result.output
+
+
+def test_pretrained_checkpoint_with_other_class_count(tmp_path):
+    """A Megvii-format {"model": state_dict} with 80 classes fine-tunes a 2-class model."""
+    source = build_model("yolox_nano", 80)
+    torch.save({"model": source.state_dict()}, tmp_path / "yolox_nano.pth")
+    target = build_model("yolox_nano", 2)
+    skipped = load_pretrained(target, tmp_path / "yolox_nano.pth")
+    assert skipped and all(".cls_preds." in name for name in skipped)
+    loaded = target.state_dict()
+    stem = "backbone.backbone.stem.conv.conv.weight"
+    assert torch.equal(loaded[stem], source.state_dict()[stem])
+
+
+def test_pretrained_file_that_is_not_a_checkpoint(tmp_path):
+    torch.save({"weights": {}}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a YOLOX checkpoint"):
+        load_pretrained(build_model("yolox_nano", 2), tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize(
+    "classes, overrides, message",
+    [
+        (None, {"model": {"input_hw": [100, 96]}}, "input_hw"),
+        (None, {"model": {"architecture": "yolox_huge"}}, "architecture"),
+        (None, {"train": {"epochz": 3}}, "did you mean 'epochs'"),
+        (None, {"train": {"epochs": 2, "warmup_epochs": 2, "no_aug_epochs": 1}}, "exceed epochs"),
+        (("a", "a"), {}, "unique"),
+    ],
+)
+def test_bad_experiment_exits_2_with_file_and_line(voc_dataset, tmp_path, classes, overrides, message):
+    config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", classes or voc_dataset.classes, **overrides)
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 2
+    assert f"{config}:" in result.output and message in result.output
+    assert "Traceback" not in result.output

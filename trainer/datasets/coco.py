@@ -1,0 +1,165 @@
+"""COCO detection JSON (`images`, `annotations`, `categories`) read into the trainer's records.
+
+Categories are matched to the experiment's classes by name, so label order
+comes from the experiment, never from COCO's category ids (which are often
+sparse, 1-based, or in another order). Problems are reported against the JSON
+file, with the image named in the message, since that is the file to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from trainer.datasets.records import DatasetSplit, ImageRecord, Problem, clip_boxes
+from trainer.datasets.voc import image_size
+
+
+def _read_json(ann_file: Path) -> dict:
+    """The JSON object of the annotation file; FileNotFoundError or ValueError naming the file."""
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"{ann_file}: COCO annotation file not found")
+    try:
+        document = json.loads(ann_file.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ann_file}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{ann_file}: not UTF-8 text: {exc.reason}") from exc
+    if not isinstance(document, dict):
+        raise ValueError(f"{ann_file}: expected a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(document.get(key), list):
+            raise ValueError(f"{ann_file}: {key!r} is missing or not a list")
+    return document
+
+
+def _category_classes(
+    categories: list, class_names: tuple[str, ...], ann_file: Path
+) -> tuple[dict[int, int | None], dict[int, str], list[Problem]]:
+    """COCO category id -> class index (None for a category the experiment does not train), and id -> name."""
+    class_of, name_of, problems = {}, {}, []
+    for category in categories:
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int) or "name" not in category:
+            problems.append(Problem(ann_file, f"category {category!r} needs an integer id and a name; ignored", "error"))
+            continue
+        name = str(category["name"]).strip()
+        class_of[category["id"]] = class_names.index(name) if name in class_names else None
+        name_of[category["id"]] = name
+    known = ", ".join(sorted(set(name_of.values())))
+    problems.extend(
+        Problem(ann_file, f"class {name!r} has no COCO category (categories: {known})")
+        for name in class_names
+        if name not in name_of.values()
+    )
+    return class_of, name_of, problems
+
+
+def _parse_bbox(bbox) -> list[float] | None:
+    """COCO [x, y, width, height] to [x1, y1, x2, y2], or None when it is not four numbers."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y + h]
+
+
+def load_coco(
+    image_root: Path, ann_file: Path, class_names: tuple[str, ...], dataset: str = "coco", split: str | None = None
+) -> DatasetSplit:
+    """Read one split from a COCO JSON file; image `file_name`s are relative to `image_root`.
+
+    split names the result (default: the JSON file's stem, as VOC names a split by its list file).
+
+    Raises FileNotFoundError or ValueError, naming the file, when the JSON is
+    missing, not JSON, or lacks the three lists. Anything wrong inside it becomes
+    a Problem: an unreadable or missing image is skipped (error); an annotation
+    of a category not in `class_names`, or with a bad bbox, is dropped (warning);
+    boxes are clipped to the image (warning). An image with no annotation is a
+    background image. `iscrowd: 1` boxes are kept as difficult.
+    """
+    image_root, ann_file = Path(image_root), Path(ann_file)
+    document = _read_json(ann_file)
+    class_of, name_of, problems = _category_classes(document["categories"], tuple(class_names), ann_file)
+
+    annotations_of: dict[int | str, list[tuple[str, int, list[float], bool]]] = defaultdict(list)
+    annotated_ids: set[int | str] = set()  # any annotation at all, kept or dropped: such an image is not background
+    dropped_by_category: Counter[int] = Counter()
+    for annotation in document["annotations"]:
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("image_id"), (int, str)):
+            problems.append(Problem(ann_file, f"annotation {annotation!r} needs an image_id; dropped"))
+            continue
+        ann_id, category_id = annotation.get("id"), annotation.get("category_id")
+        annotated_ids.add(annotation["image_id"])
+        if not isinstance(category_id, int) or category_id not in class_of:
+            message = f"annotation {ann_id}: category_id {category_id!r} is not in categories; dropped"
+            problems.append(Problem(ann_file, message))
+            continue
+        if class_of[category_id] is None:
+            dropped_by_category[category_id] += 1
+            continue
+        xyxy = _parse_bbox(annotation.get("bbox"))
+        if xyxy is None:
+            message = f"annotation {ann_id}: bbox {annotation.get('bbox')!r} is not [x, y, w, h]; dropped"
+            problems.append(Problem(ann_file, message))
+            continue
+        difficult = annotation.get("iscrowd", 0) == 1
+        annotations_of[annotation["image_id"]].append((name_of[category_id], class_of[category_id], xyxy, difficult))
+    for category_id, count in sorted(dropped_by_category.items()):
+        problems.append(
+            Problem(
+                ann_file,
+                f"category {name_of[category_id]!r} (id {category_id}) is not one of the classes "
+                f"({', '.join(class_names)}): {count} annotation(s) dropped",
+            )
+        )
+
+    records, seen_ids = [], set()
+    for image in document["images"]:
+        valid = isinstance(image, dict) and isinstance(image.get("id"), (int, str)) and isinstance(image.get("file_name"), str)
+        if not valid:
+            problems.append(Problem(ann_file, f"image entry {image!r} needs an id and a file_name; skipped", "error"))
+            continue
+        image_id, file_name = image["id"], image["file_name"]
+        where = f"image {file_name!r} (id {image_id})"
+        if image_id in seen_ids:
+            problems.append(Problem(ann_file, f"{where}: image id {image_id} repeated; skipped", "error"))
+            continue
+        seen_ids.add(image_id)
+        image_path = image_root / file_name
+        if not image_path.is_file():
+            problems.append(Problem(ann_file, f"{where} not found under {image_root}; skipped", "error"))
+            continue
+        try:
+            width, height = image_size(image_path)
+        except OSError as exc:
+            problems.append(Problem(image_path, f"{exc}; skipped", "error"))
+            continue
+        json_wh = (image.get("width"), image.get("height"))
+        if json_wh != (None, None) and json_wh != (width, height):
+            message = f"{where}: width x height {json_wh[0]}x{json_wh[1]} differs from the file's {width}x{height}"
+            problems.append(Problem(ann_file, f"{message}; using the file's"))
+        objects = annotations_of.pop(image_id, [])
+        xyxy = np.asarray([o[2] for o in objects], dtype=np.float32).reshape(-1, 4)
+        clipped, keep, box_problems = clip_boxes(xyxy, width, height, ann_file, [o[0] for o in objects])
+        problems.extend(replace(p, message=f"{where}: {p.message}") for p in box_problems)
+        records.append(
+            ImageRecord(
+                str(image_id),
+                image_path,
+                width,
+                height,
+                clipped[keep],
+                np.asarray([o[1] for o in objects], dtype=np.int64)[keep],
+                np.asarray([o[3] for o in objects], dtype=bool)[keep],
+                background=image_id not in annotated_ids,
+            )
+        )
+    problems.extend(
+        Problem(ann_file, f"{len(objects)} annotation(s) of image id {image_id!r}, which is not in images; dropped")
+        for image_id, objects in annotations_of.items()
+        if image_id not in seen_ids
+    )
+    return DatasetSplit(dataset, split or ann_file.stem, tuple(class_names), tuple(records), tuple(problems))
