@@ -88,3 +88,23 @@ class EndOfStream:
     stream_id: str | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AnnotatedFrame:
+    """A frame result with its drawn copy, leaving the annotator for the recorder.
+
+    image: uint8 [H, W, 3] BGR, read-only, the same size as result.frame.image
+    (the annotator draws on a copy; result.frame.image stays the source pixels).
+    """
+
+    result: FrameResult
+    image: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.image.shape != self.result.frame.image.shape or self.image.dtype != np.uint8:
+            raise ValueError(
+                f"stream {self.result.frame.stream_id!r} frame {self.result.frame.seq}: annotated image is "
+                f"{self.image.dtype} {self.image.shape}, the frame is uint8 {self.result.frame.image.shape}"
+            )
+        self.image.setflags(write=False)

@@ -1,0 +1,320 @@
+"""Sources: demux and decode one video stream with PyAV into `Frame`s (uint8 BGR, pts in seconds).
+
+One class, `AVSource`, serves every kind of input; `open_source` picks the
+demuxer and its options from the URL:
+
+    kind    url                          live  options
+    file    clip.mp4 .mkv .ts .avi ...   no    realtime pacing, loop
+    rtsp    rtsp://host/path             yes   rtsp_transport tcp|udp, socket timeout (us)
+    udp     udp://@:5000 (MPEG-TS)       yes   timeout (us), fifo_size, overrun_nonfatal
+    rtp     rtp://host:5004 (MPEG-TS)    yes   timeout (us)
+    srt     srt://host:port              yes   timeout (us); needs an FFmpeg built with libsrt
+    v4l2    /dev/video0                  yes   video_size, framerate, input_format
+
+Timing: pts_s is the frame's own presentation time (frame.time). It is kept
+strictly increasing across loops, reconnects and timestamp resets by shifting
+the source's time line (never by dropping a frame), so that recorders and
+subscribers can trust it. seq counts frames per stream from 0 and goes on
+across open() calls.
+
+Failure: PyAV waits at most `timeout_s` for any open or read (its interrupt
+callback), so a dead source never hangs the thread; every av.error becomes a
+SourceError that names the stream and its URL. Packets the demuxer flags as
+corrupt, and packets the decoder rejects, are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import av
+import av.error
+
+from streamd.errors import ConfigError, FatalError, SourceError
+from streamd.types import Frame
+
+log = logging.getLogger(__name__)
+
+FILE_SUFFIXES = frozenset({".mp4", ".mkv", ".ts", ".avi", ".mov", ".m4v", ".m2ts", ".mts", ".webm"})
+DEFAULT_FPS = 30.0
+# Frames of slack before realtime pacing gives up catching up and restarts its clock (a stalled consumer
+# must not be followed by a burst of frames at full speed).
+_REALTIME_MAX_LAG_S = 0.5
+# UDP receive ring in 188-byte units (~19 MB): absorbs a few seconds of a high-rate feed while the
+# decoder is busy; with overrun_nonfatal a full ring loses packets (counted as corrupt) instead of failing.
+_UDP_FIFO_SIZE = 100_000
+
+
+def source_kind(url: str) -> str:
+    """"file", "rtsp", "udp", "rtp", "srt" or "v4l2" for a source URL; ConfigError for anything else."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in ("rtsp", "rtsps"):
+        return "rtsp"
+    if scheme in ("udp", "rtp", "srt"):
+        return scheme
+    if url.startswith("/dev/video"):
+        return "v4l2"
+    if scheme in ("", "file") and (Path(url).suffix.lower() in FILE_SUFFIXES or Path(url).is_file()):
+        return "file"
+    raise ConfigError(
+        f"unsupported source {url!r}: expected a video file ({', '.join(sorted(FILE_SUFFIXES))}), "
+        "rtsp://, udp://, rtp://, srt:// or /dev/videoN"
+    )
+
+
+def open_source(
+    stream_id: str,
+    url: str,
+    *,
+    realtime: bool = False,
+    loop: bool = False,
+    rtsp_transport: str = "tcp",
+    timeout_s: float = 5.0,
+    video_size: str | None = None,
+    framerate: float | None = None,
+    pixel_format: str | None = None,
+    live: bool | None = None,
+    options: dict[str, str] | None = None,
+    thread_type: str | None = None,
+) -> AVSource:
+    """The source for `url` (not opened yet: the runner calls open()).
+
+    realtime, loop: files only; realtime paces reads at the file's own frame
+    times, loop restarts at the end with seq and pts going on. timeout_s: the
+    longest wait for opening or for the next packet. video_size ("1280x720"),
+    framerate, pixel_format (V4L2 input_format: "mjpeg", "yuyv422", ...): V4L2
+    only. live: overrides the kind's default (files False, the rest True), e.g.
+    to give a realtime file the live drop policy. options: extra FFmpeg
+    options, applied last. thread_type: see AVSource.
+    """
+    kind = source_kind(url)
+    micros = str(int(timeout_s * 1_000_000))
+    fmt: str | None = None
+    opts: dict[str, str] = {}
+    if kind != "file" and (realtime or loop):
+        raise ConfigError(f"stream {stream_id!r} ({url}): realtime and loop apply to files only")
+    match kind:
+        case "file":
+            url = url.removeprefix("file://")
+        case "rtsp":
+            if rtsp_transport not in ("tcp", "udp"):
+                raise ConfigError(
+                    f"stream {stream_id!r} ({url}): rtsp_transport must be tcp or udp, not {rtsp_transport!r}"
+                )
+            # FFmpeg 5 renamed the RTSP socket timeout from stimeout to timeout (both in microseconds).
+            timeout_key = "timeout" if av.library_versions["libavformat"][0] >= 59 else "stimeout"
+            opts = {"rtsp_transport": rtsp_transport, timeout_key: micros}
+        case "udp":
+            opts = {"timeout": micros, "fifo_size": str(_UDP_FIFO_SIZE), "overrun_nonfatal": "1"}
+        case "rtp" | "srt":
+            opts = {"timeout": micros}
+        case "v4l2":
+            fmt = "v4l2"
+            if video_size:
+                opts["video_size"] = video_size
+            if framerate:
+                opts["framerate"] = f"{framerate:g}"
+            if pixel_format:
+                opts["input_format"] = pixel_format
+    opts.update(options or {})
+    return AVSource(
+        stream_id,
+        url,
+        kind=kind,
+        live=kind != "file" if live is None else live,
+        format=fmt,
+        options=opts,
+        realtime=realtime,
+        loop=loop,
+        timeout_s=timeout_s,
+        thread_type=thread_type,
+    )
+
+
+class AVSource:
+    """One stream read with PyAV; implements streamd.pipeline.stage.Source.
+
+    thread_type: the decoder's threading, default "AUTO" (frame + slice) for
+    files and "SLICE" for live sources, where frame threading would add a
+    frame of latency per thread.
+    Counters for metrics: frames (decoded), corrupt_packets (skipped),
+    opens (successful open() calls; > 1 means reconnects), loops (file restarts).
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        url: str,
+        *,
+        kind: str,
+        live: bool,
+        format: str | None = None,
+        options: dict[str, str] | None = None,
+        realtime: bool = False,
+        loop: bool = False,
+        timeout_s: float = 5.0,
+        thread_type: str | None = None,
+    ) -> None:
+        self.stream_id = stream_id
+        self.url = url
+        self.kind = kind
+        self.live = live
+        self.format = format
+        self.options = dict(options or {})
+        self.realtime = realtime
+        self.loop = loop
+        self.timeout_s = timeout_s
+        # Frame threading holds back one frame per extra thread (up to 16 on a big machine): fine for a
+        # file's throughput, not for a live feed that must be out within a frame's time. Live sources
+        # thread within a frame (slices) instead.
+        self.thread_type = thread_type or ("SLICE" if live else "AUTO")
+        self.frames = 0
+        self.corrupt_packets = 0
+        self.opens = 0
+        self.loops = 0
+        self.fps = DEFAULT_FPS
+        self._container: av.container.InputContainer | None = None
+        self._frames: Iterator[tuple[av.VideoFrame, float]] | None = None
+        self._last_pts_s: float | None = None
+        self._pts_offset_s = 0.0  # added to the source's time to keep pts_s increasing
+        self._clock: tuple[float, float] | None = None  # realtime pacing: (monotonic, pts_s) of the anchor frame
+
+    def __repr__(self) -> str:
+        return f"AVSource({self.stream_id!r}, {self.url!r}, kind={self.kind!r}, live={self.live})"
+
+    def _error(self, what: str, exc: BaseException | None = None) -> SourceError:
+        detail = f": {exc}" if exc is not None else ""
+        return SourceError(f"stream {self.stream_id!r} ({self.url}): {what}{detail}")
+
+    def open(self) -> None:
+        """Connect (or reopen after a failure); raises SourceError within about timeout_s."""
+        self.close()
+        started = time.monotonic()
+        try:
+            container = av.open(
+                self.url, format=self.format, container_options=self.options, timeout=(self.timeout_s, self.timeout_s)
+            )
+        except av.error.ProtocolNotFoundError as exc:
+            scheme = urlsplit(self.url).scheme
+            raise self._error(f"this FFmpeg build (PyAV {av.__version__}) has no {scheme}:// protocol", exc) from exc
+        except (av.error.ExitError, av.error.TimeoutError) as exc:
+            raise self._error(f"no data for {float(self.timeout_s)} s") from exc
+        except (av.error.FFmpegError, OSError) as exc:
+            if self.kind == "file":  # retrying cannot make a missing or broken file readable
+                raise FatalError(f"stream {self.stream_id!r} ({self.url}): cannot open: {exc}") from exc
+            if time.monotonic() - started >= self.timeout_s:
+                raise self._error(f"no data for {float(self.timeout_s)} s", exc) from exc
+            raise self._error("cannot open", exc) from exc
+        if not container.streams.video:
+            container.close()
+            error = self._error("has no video stream")
+            raise FatalError(str(error)) if self.kind == "file" else error
+        stream = container.streams.video[0]
+        stream.codec_context.thread_type = self.thread_type
+        rate = stream.average_rate or stream.guessed_rate
+        self.fps = float(rate) if rate and rate > 0 else DEFAULT_FPS
+        self._container = container
+        self._frames = self._decode(container, stream)
+        self._clock = None
+        self.opens += 1
+        log.info("stream %r: opened %s (%s %dx%d, %.3g fps)", self.stream_id, self.url,
+                 stream.codec_context.name, stream.codec_context.width, stream.codec_context.height, self.fps)
+
+    def _decode(
+        self, container: av.container.InputContainer, stream: av.VideoStream
+    ) -> Iterator[tuple[av.VideoFrame, float]]:
+        """Decoded frames with the monotonic time their packet left the demuxer; restarts when looping."""
+        while True:
+            for packet in container.demux(stream):
+                received = time.monotonic()
+                if packet.is_corrupt:
+                    self.corrupt_packets += 1
+                    continue
+                try:
+                    frames = packet.decode()  # the final empty packet flushes the decoder
+                except av.error.InvalidDataError as exc:
+                    self.corrupt_packets += 1
+                    log.debug("stream %r: skipped a corrupt packet: %s", self.stream_id, exc)
+                    continue
+                for frame in frames:
+                    yield frame, received
+            if not self.loop:
+                return
+            container.seek(0)
+            stream.codec_context.flush_buffers()  # leave the draining state the flush packet put it in
+            self.loops += 1
+
+    def read(self) -> Frame | None:
+        """The next frame; None at the end of a file; SourceError when a live stream fails or ends."""
+        if self._frames is None:
+            raise self._error("read() without a successful open()")
+        try:
+            av_frame, received = next(self._frames)
+            image = av_frame.to_ndarray(format="bgr24")
+        except StopIteration:
+            if self.live:
+                self._frames = None
+                raise self._error("the stream ended") from None
+            return None  # the exhausted generator keeps answering None
+        except (av.error.ExitError, av.error.TimeoutError) as exc:
+            self._frames = None
+            raise self._error(f"no data for {float(self.timeout_s)} s") from exc
+        except (av.error.FFmpegError, OSError) as exc:
+            self._frames = None
+            raise self._error("read failed", exc) from exc
+        decode_ms = (time.monotonic() - received) * 1000.0
+        pts_s = self._next_pts_s(av_frame.time)
+        if self.realtime:
+            self._pace(pts_s)
+        frame = Frame(
+            stream_id=self.stream_id,
+            seq=self.frames,
+            pts_s=pts_s,
+            image=image,
+            decoded_at=time.time(),
+            decode_ms=decode_ms,
+            fps=self.fps,
+        )
+        self.frames += 1
+        return frame
+
+    def _next_pts_s(self, source_pts_s: float | None) -> float:
+        """The frame's time on a strictly increasing line.
+
+        A missing pts is one frame after the last; a pts that does not move
+        forward (a loop, a reconnect, a timestamp reset) shifts the rest of the
+        source's time line to go on one frame after the last.
+        """
+        frame_s = 1.0 / self.fps
+        if source_pts_s is None:
+            pts_s = self._last_pts_s + frame_s if self._last_pts_s is not None else self.frames * frame_s
+        else:
+            pts_s = source_pts_s + self._pts_offset_s
+            if self._last_pts_s is not None and pts_s <= self._last_pts_s:
+                self._pts_offset_s += self._last_pts_s + frame_s - pts_s
+                pts_s = self._last_pts_s + frame_s
+        self._last_pts_s = pts_s
+        return pts_s
+
+    def _pace(self, pts_s: float) -> None:
+        """Sleep until the frame is due at the file's own rate (restart the clock when far behind)."""
+        now = time.monotonic()
+        if self._clock is None or now - (self._clock[0] + pts_s - self._clock[1]) > _REALTIME_MAX_LAG_S:
+            self._clock = (now, pts_s)
+            return
+        due = self._clock[0] + pts_s - self._clock[1]
+        if due > now:
+            time.sleep(due - now)
+
+    def close(self) -> None:
+        self._frames = None
+        if self._container is not None:
+            container, self._container = self._container, None
+            try:
+                container.close()
+            except (av.error.FFmpegError, OSError) as exc:
+                log.warning("stream %r: error closing %s: %s", self.stream_id, self.url, exc)

@@ -1,0 +1,301 @@
+"""Record: the annotated frames of one stream into H.264 segments that play even after a crash.
+
+Each segment is its own file and its own encoder, so that it starts on a
+keyframe and plays alone. MP4 segments are fragmented (empty moov, a fragment
+per keyframe or per `fragment_s`, each flushed to the OS as it is written):
+a file cut off at any moment, by kill -9 or a power cut, plays up to its
+last complete fragment. `fsync_s` bounds what a power cut can lose.
+
+Segments follow the source's time line, not the wall clock: a new segment
+starts on the first frame whose pts reaches the next multiple of segment_s
+after the first frame. `Segmenter` holds that rule and the file names, and is
+shared with the detection log, so that a recording and its log have the
+same base name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache
+from pathlib import Path
+
+import av
+import av.error
+import numpy as np
+
+from streamd.errors import OutputError
+from streamd.types import AnnotatedFrame, Frame, FrameResult
+
+log = logging.getLogger(__name__)
+
+TIME_BASE = Fraction(1, 90_000)  # the MPEG clock: exact for 24, 25, 30, 50, 60 and 29.97 fps
+_BOUNDARY_EPS_S = 1e-6  # float pts on a boundary (25 x 0.04 s) count as reaching it
+# x264 presets mapped onto NVENC's p1 (fastest) .. p7 (best) scale.
+_NVENC_PRESETS = {
+    "ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p4",
+    "medium": "p5", "slow": "p6", "slower": "p7", "veryslow": "p7",
+}  # fmt: skip
+_CONTAINERS = {"mp4": "mp4", "mkv": "matroska"}
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One segment of a stream's outputs: its number, its first frame's pts and wall-clock time, its file name stem."""
+
+    index: int
+    start_pts_s: float
+    started_at: float
+    base_name: str
+
+
+def segment_base_name(stream_id: str, started_at: float, index: int) -> str:
+    """"{stream_id}_{UTC YYYYmmddTHHMMSSZ}_{index:04d}", the stem of a segment's recording and log."""
+    return f"{stream_id}_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started_at))}_{index:04d}"
+
+
+class Segmenter:
+    """Where a stream's segments start, from the frames' pts; one rule for the recorder and the log.
+
+    Segment 0 starts on the first frame. Segment k+1 starts on the first frame
+    whose pts reaches first_pts + n * segment_s for the next n (so segments do
+    not drift, and a gap in the stream just makes one segment shorter); a
+    change of frame size also starts a segment. Its name carries the UTC wall
+    clock time of its first frame.
+    """
+
+    def __init__(self, stream_id: str, segment_s: float) -> None:
+        if segment_s <= 0:
+            raise ValueError(f"segment_s must be > 0, got {segment_s}")
+        self.stream_id = stream_id
+        self.segment_s = float(segment_s)
+        self.current: Segment | None = None
+        self._first_pts_s = 0.0
+        self._next_boundary_s = 0.0
+        self._size: tuple[int, int] | None = None
+
+    def advance(self, frame: Frame) -> Segment | None:
+        """The new segment when `frame` starts one, else None (the frame belongs to `current`)."""
+        size = (frame.width, frame.height)
+        if self.current is None:
+            index = 0
+            self._first_pts_s = frame.pts_s
+        elif frame.pts_s >= self._next_boundary_s - _BOUNDARY_EPS_S or size != self._size:
+            index = self.current.index + 1
+        else:
+            return None
+        elapsed_s = frame.pts_s - self._first_pts_s
+        self._next_boundary_s = self._first_pts_s + (elapsed_s // self.segment_s + 1) * self.segment_s
+        if self._next_boundary_s - frame.pts_s <= _BOUNDARY_EPS_S:  # the frame sits on a boundary: it opens it
+            self._next_boundary_s += self.segment_s
+        self._size = size
+        name = segment_base_name(self.stream_id, frame.decoded_at, index)
+        self.current = Segment(index, frame.pts_s, frame.decoded_at, name)
+        return self.current
+
+
+@cache
+def nvenc_opens() -> bool:
+    """True when this PyAV has h264_nvenc and it actually opens (a GPU, a driver, a free session)."""
+    if "h264_nvenc" not in av.codecs_available:
+        return False
+    try:
+        context = av.CodecContext.create("h264_nvenc", "w")
+        context.width, context.height, context.pix_fmt = 256, 256, "yuv420p"
+        context.time_base = Fraction(1, 30)
+        context.open()
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        log.info("h264_nvenc is built in but does not open (%s): recording with libx264", exc)
+        return False
+    return True
+
+
+def choose_codec(codec: str) -> str:
+    """"auto" -> h264_nvenc when it opens here, else libx264; any other name as given."""
+    if codec != "auto":
+        return codec
+    return "h264_nvenc" if nvenc_opens() else "libx264"
+
+
+def _encoder_options(codec: str, preset: str, crf: int) -> dict[str, str]:
+    if codec == "h264_nvenc":
+        # Constant quality (cq ~ crf) on NVENC's own preset scale; no B-frames keeps latency and timestamps simple.
+        return {"preset": _NVENC_PRESETS.get(preset, preset), "rc": "vbr", "cq": str(crf), "bf": "0"}
+    if codec == "libx264":
+        return {"preset": preset, "crf": str(crf)}
+    return {}
+
+
+class RecordStage:
+    """AnnotatedFrame -> H.264 segments `{stream_id}_{UTC start}_{index:04d}.mp4|.mkv` in `directory`.
+
+    Also accepts a FrameResult or a Frame (records the source pixels). Frame
+    rate and timestamps follow the source: pts is the frame's pts_s relative to
+    the segment's first frame, on a 1/90000 time base, bumped by one tick when
+    a frame does not move forward. Odd frame sizes are cropped by one pixel to
+    the even size yuv420p needs. Yields its input unchanged, so it can end a
+    chain or sit inside one.
+
+    codec: "auto" (h264_nvenc if it opens here, else libx264), "libx264",
+    "h264_nvenc". preset/crf: x264 names and scale (mapped for NVENC).
+    fps: the nominal rate given to the encoder (default: the first frame's).
+    keyframe_s: GOP length. fragment_s: longest MP4 fragment, the most a crash
+    loses. fsync_s: how often the file is forced to disk (None: never).
+    on_segment: called with each segment and its path when its file opens.
+    """
+
+    name = "record"
+
+    def __init__(
+        self,
+        stream_id: str,
+        directory: Path,
+        segment_s: float = 600,
+        codec: str = "auto",
+        preset: str = "veryfast",
+        crf: int = 23,
+        container: str = "mp4",
+        fps: float | None = None,
+        *,
+        keyframe_s: float = 2.0,
+        fragment_s: float = 1.0,
+        fsync_s: float | None = 5.0,
+        on_segment: Callable[[Segment, Path], None] | None = None,
+    ) -> None:
+        if container not in _CONTAINERS:
+            raise ValueError(f"container must be one of {sorted(_CONTAINERS)}, got {container!r}")
+        self.stream_id = stream_id
+        self.directory = Path(directory)
+        self.segmenter = Segmenter(stream_id, segment_s)
+        self.codec = codec
+        self.preset = preset
+        self.crf = crf
+        self.container_format = container
+        self.fps = fps
+        self.keyframe_s = keyframe_s
+        self.fragment_s = fragment_s
+        self.fsync_s = fsync_s
+        self.on_segment = on_segment
+        self.segments: list[Path] = []
+        self.frames_written = 0
+        self._container: av.container.OutputContainer | None = None
+        self._stream: av.VideoStream | None = None
+        self._last_pts = -1
+        self._last_fsync = 0.0
+        self._codec_name: str | None = None
+
+    @property
+    def codec_name(self) -> str | None:
+        """The encoder in use (after the first frame)."""
+        return self._codec_name
+
+    def setup(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def process(self, item: AnnotatedFrame | FrameResult | Frame) -> Iterator[AnnotatedFrame | FrameResult | Frame]:
+        match item:
+            case AnnotatedFrame():
+                frame, image = item.result.frame, item.image
+            case FrameResult():
+                frame, image = item.frame, item.frame.image
+            case Frame():
+                frame, image = item, item.image
+            case _:
+                raise TypeError(
+                    f"{self.name}: expected AnnotatedFrame, FrameResult or Frame, got {type(item).__name__}"
+                )
+        if frame.stream_id != self.stream_id:
+            raise OutputError(f"recorder of stream {self.stream_id!r} got a frame of stream {frame.stream_id!r}")
+        segment = self.segmenter.advance(frame)
+        if segment is not None:
+            self._close_segment()
+            self._open_segment(segment, frame)
+        self._encode(frame, image)
+        yield item
+
+    def _open_segment(self, segment: Segment, frame: Frame) -> None:
+        path = self.directory / f"{segment.base_name}.{self.container_format}"
+        fps = self.fps or frame.fps
+        codec = choose_codec(self.codec)
+        options = {"flush_packets": "1"}  # hand each fragment/cluster to the OS as soon as it is complete
+        if self.container_format == "mp4":
+            options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+            options["frag_duration"] = str(int(self.fragment_s * 1_000_000))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            container = av.open(
+                str(path), mode="w", format=_CONTAINERS[self.container_format], container_options=options
+            )
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = frame.width & ~1, frame.height & ~1
+            stream.pix_fmt = "yuv420p"
+            stream.time_base = TIME_BASE
+            stream.codec_context.time_base = TIME_BASE
+            stream.codec_context.gop_size = max(1, round(self.keyframe_s * fps))
+            # No B-frames: no reordering, so every packet is muxed (and survives a crash) as soon as it is encoded.
+            stream.codec_context.max_b_frames = 0
+            stream.options = _encoder_options(codec, self.preset, self.crf)
+            container.start_encoding()
+        except (av.error.FFmpegError, OSError) as exc:
+            raise OutputError(f"stream {self.stream_id!r}: cannot start recording {path} with {codec}: {exc}") from exc
+        self._container, self._stream, self._codec_name = container, stream, codec
+        self._last_pts = -1
+        self.segments.append(path)
+        self._fsync(path, directory_too=True)
+        log.info("stream %r: recording segment %d to %s (%s, %dx%d, %.3g fps)",
+                 self.stream_id, segment.index, path, codec, stream.width, stream.height, fps)
+        if self.on_segment is not None:
+            self.on_segment(segment, path)
+
+    def _encode(self, frame: Frame, image: np.ndarray) -> None:
+        stream, container = self._stream, self._container
+        height, width = stream.height, stream.width
+        if image.shape[0] != height or image.shape[1] != width:  # odd size: drop the last row/column
+            image = np.ascontiguousarray(image[:height, :width])
+        video_frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+        start_s = self.segmenter.current.start_pts_s
+        pts = max(round((frame.pts_s - start_s) / TIME_BASE), self._last_pts + 1)
+        video_frame.pts = pts
+        video_frame.time_base = TIME_BASE
+        self._last_pts = pts
+        try:
+            container.mux(stream.encode(video_frame))
+        except (av.error.FFmpegError, OSError) as exc:
+            raise OutputError(f"stream {self.stream_id!r}: cannot write {self.segments[-1]}: {exc}") from exc
+        self.frames_written += 1
+        if self.fsync_s is not None and time.monotonic() - self._last_fsync >= self.fsync_s:
+            self._fsync(self.segments[-1])
+
+    def _fsync(self, path: Path, directory_too: bool = False) -> None:
+        """Force the file (and its directory entry) to disk: what the muxer flushed survives a power cut."""
+        if self.fsync_s is None:
+            return
+        self._last_fsync = time.monotonic()
+        for target in (path, path.parent) if directory_too else (path,):
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _close_segment(self) -> None:
+        container, stream = self._container, self._stream
+        if container is None:
+            return
+        self._container = self._stream = None
+        try:
+            try:
+                container.mux(stream.encode(None))  # drain the encoder's delayed frames
+            finally:
+                container.close()
+        except (av.error.FFmpegError, OSError) as exc:
+            raise OutputError(f"stream {self.stream_id!r}: cannot finish {self.segments[-1]}: {exc}") from exc
+        self._fsync(self.segments[-1])
+
+    def close(self) -> None:
+        """Flush the encoder and finish the current segment."""
+        self._close_segment()

@@ -1,0 +1,272 @@
+"""streamd.stages.decode: real files, a live UDP feed and an RTSP server on 127.0.0.1, decoded with PyAV."""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamd.errors import ConfigError, FatalError, SourceError
+from streamd.stages.decode import AVSource, open_source, source_kind
+from streamd.types import Frame
+from tests.streamd import media
+
+FPS = 25
+FRAMES = 30
+SIZE = (160, 120)  # width, height
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One FRAMES-frame clip per container (mpeg4 in AVI, H.264 elsewhere)."""
+    folder = tmp_path_factory.mktemp("clips")
+    codecs = {"mp4": "libx264", "mkv": "libx264", "ts": "libx264", "avi": "mpeg4"}
+    return {
+        suffix: media.make_video(folder / f"clip.{suffix}", size=SIZE, fps=FPS, frames=FRAMES, codec=codec, gop=10)
+        for suffix, codec in codecs.items()
+    }
+
+
+def read_all(source: AVSource, limit: int = 1000) -> list[Frame]:
+    frames = []
+    while len(frames) < limit and (frame := source.read()) is not None:
+        frames.append(frame)
+    return frames
+
+
+def read_n(source: AVSource, count: int) -> list[Frame]:
+    frames = [source.read() for _ in range(count)]
+    assert all(frame is not None for frame in frames)
+    return frames
+
+
+def assert_well_formed(frames: list[Frame], stream_id: str, size: tuple[int, int], first_seq: int = 0) -> None:
+    width, height = size
+    assert [f.seq for f in frames] == list(range(first_seq, first_seq + len(frames)))
+    pts = np.array([f.pts_s for f in frames])
+    assert np.all(np.diff(pts) > 0), f"pts not strictly increasing: {pts}"
+    for frame in frames:
+        assert frame.stream_id == stream_id
+        assert frame.image.shape == (height, width, 3) and frame.image.dtype == np.uint8
+        assert not frame.image.flags.writeable
+        assert frame.decode_ms >= 0 and abs(frame.decoded_at - time.time()) < 60
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("clip.mp4", "file"),
+        ("/data/CASE.MKV", "file"),
+        ("file:///data/a.ts", "file"),
+        ("old.avi", "file"),
+        ("rtsp://10.0.0.5/live", "rtsp"),
+        ("udp://@:5000", "udp"),
+        ("rtp://127.0.0.1:5004", "rtp"),
+        ("srt://10.0.0.5:9000?mode=caller", "srt"),
+        ("/dev/video0", "v4l2"),
+    ],
+)
+def test_source_kind(url: str, kind: str) -> None:
+    assert source_kind(url) == kind
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs", "expected"),
+    [
+        ("notes.txt", {}, "unsupported source"),
+        ("http://example.com/a.m3u8", {}, "unsupported source"),
+        ("udp://127.0.0.1:5000", {"loop": True}, "files only"),
+        ("rtsp://127.0.0.1/a", {"realtime": True}, "files only"),
+        ("rtsp://127.0.0.1/a", {"rtsp_transport": "http"}, "tcp or udp"),
+    ],
+)
+def test_open_source_rejects(url: str, kwargs: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        open_source("eus-1", url, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs", "live", "format", "options"),
+    [
+        ("a.mp4", {}, False, None, {}),
+        ("a.mp4", {"realtime": True, "live": True}, True, None, {}),
+        ("rtsp://h/a", {}, True, None, {"rtsp_transport": "tcp", "timeout": "5000000"}),
+        (
+            "rtsp://h/a",
+            {"rtsp_transport": "udp", "timeout_s": 2},
+            True,
+            None,
+            {"rtsp_transport": "udp", "timeout": "2000000"},
+        ),
+        ("udp://@:5000", {}, True, None, {"timeout": "5000000", "overrun_nonfatal": "1"}),
+        ("rtp://h:5004", {"timeout_s": 0.5}, True, None, {"timeout": "500000"}),
+        (
+            "/dev/video2",
+            {"video_size": "1280x720", "framerate": 30, "pixel_format": "mjpeg"},
+            True,
+            "v4l2",
+            {"video_size": "1280x720", "framerate": "30", "input_format": "mjpeg"},
+        ),
+        ("udp://@:5000", {"options": {"fifo_size": "10"}}, True, None, {"fifo_size": "10"}),
+    ],
+)
+def test_open_source_options(url: str, kwargs: dict, live: bool, format: str | None, options: dict) -> None:
+    source = open_source("eus-1", url, **kwargs)
+    assert (source.live, source.format) == (live, format)
+    assert options.items() <= source.options.items()
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv", "ts", "avi"])
+def test_file_gives_every_frame_once(clips: dict[str, Path], suffix: str) -> None:
+    source = open_source("file-1", str(clips[suffix]))
+    source.open()
+    try:
+        frames = read_all(source)
+        assert source.read() is None  # stays at the end
+    finally:
+        source.close()
+    assert len(frames) == FRAMES and not source.live
+    assert_well_formed(frames, "file-1", SIZE)
+    assert frames[0].fps == pytest.approx(FPS)
+    assert np.diff([f.pts_s for f in frames]) == pytest.approx(1 / FPS, abs=1e-3)
+    assert not np.array_equal(frames[0].image, frames[1].image)  # the box moves
+
+
+def test_loop_continues_seq_and_pts(clips: dict[str, Path]) -> None:
+    source = open_source("loop-1", str(clips["mp4"]), loop=True)
+    source.open()
+    try:
+        frames = read_n(source, FRAMES * 2 + 5)
+    finally:
+        source.close()
+    assert source.loops == 2
+    assert_well_formed(frames, "loop-1", SIZE)
+    assert np.diff([f.pts_s for f in frames]) == pytest.approx(1 / FPS, abs=1e-3)  # no jump back, no gap
+    np.testing.assert_array_equal(frames[0].image, frames[FRAMES].image)  # the second pass is the same video
+
+
+def test_realtime_paces_at_the_file_rate(clips: dict[str, Path]) -> None:
+    source = open_source("rt-1", str(clips["mkv"]), realtime=True)
+    source.open()
+    started = time.monotonic()
+    try:
+        frames = read_all(source)
+    finally:
+        source.close()
+    elapsed_s = time.monotonic() - started
+    content_s = frames[-1].pts_s - frames[0].pts_s  # 29 frame intervals = 1.16 s
+    assert len(frames) == FRAMES
+    assert 0.8 * content_s <= elapsed_s < content_s + 10  # paced, loosely: the machine is busy
+
+
+def test_corrupt_packets_are_skipped_and_counted(clips: dict[str, Path], tmp_path: Path) -> None:
+    data = bytearray(clips["ts"].read_bytes())
+    rng = random.Random(0)
+    start = len(data) // 3 // 188 * 188
+    for offset in range(start, start + 188 * 20, 3):  # 20 TS packets, sync bytes and continuity counters included
+        data[offset] = rng.randrange(256)
+    damaged = tmp_path / "damaged.ts"
+    damaged.write_bytes(bytes(data))
+    source = open_source("bad-1", str(damaged))
+    source.open()
+    try:
+        frames = read_all(source)
+    finally:
+        source.close()
+    assert source.corrupt_packets >= 1
+    assert 0 < len(frames) <= FRAMES
+    assert_well_formed(frames, "bad-1", SIZE)
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("{tmp}/missing.mp4", FatalError),  # a file cannot come back: fatal, not retried
+        ("{tmp}/not-a-video.mp4", FatalError),
+        ("{tmp}/audio-only.mkv", FatalError),
+        ("/dev/video99", SourceError),  # the V4L2 path, without a device
+    ],
+)
+def test_open_failures_name_the_stream(tmp_path: Path, url: str, error: type[Exception]) -> None:
+    (tmp_path / "not-a-video.mp4").write_text("hello")
+    if "audio-only" in url:
+        audio = ["-f", "lavfi", "-i", "sine=duration=0.2", str(tmp_path / "audio-only.mkv")]
+        subprocess.run([media.FFMPEG, "-loglevel", "error", *audio], check=True, timeout=60)
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(error, match=re.escape(f"stream 'cam-9' ({url})")):
+        open_source("cam-9", url).open()
+
+
+def test_dead_udp_port_times_out() -> None:
+    url = f"udp://127.0.0.1:{media.free_port()}"
+    source = open_source("eus-1", url, timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=re.escape(f"stream 'eus-1' ({url}): no data for 1.0 s")):
+        source.open()
+    assert time.monotonic() - started < 5
+
+
+def test_srt_fails_clearly() -> None:
+    """PyAV's own FFmpeg may lack libsrt: either way a SourceError naming the stream, not a hang."""
+    source = open_source("srt-1", f"srt://127.0.0.1:{media.free_port()}?mode=caller", timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="stream 'srt-1'"):
+        source.open()
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_live_udp_mpegts_and_reconnect() -> None:
+    port = media.free_port()
+    url = f"udp://127.0.0.1:{port}"
+    source = open_source("eus-1", url, timeout_s=3.0)
+    sender = media.udp_sender(port)
+    try:
+        source.open()
+        frames = read_n(source, 15)
+        assert source.live
+        assert_well_formed(frames, "eus-1", (320, 240))
+        assert frames[0].fps == pytest.approx(25)
+
+        media.stop(sender)  # the feed dies: a SourceError within the read timeout, not a hang
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="no data for 3.0 s"):
+            read_n(source, 1000)
+        assert time.monotonic() - started < 10
+
+        sender = media.udp_sender(port)  # the runner reopens: seq and pts go on
+        source.open()
+        more = read_n(source, 5)
+        assert source.opens == 2
+        assert more[0].seq > frames[-1].seq and more[0].pts_s > frames[-1].pts_s
+        assert_well_formed(more, "eus-1", (320, 240), first_seq=more[0].seq)
+    finally:
+        source.close()
+        media.stop(sender)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_rtsp_from_a_real_server(transport: str) -> None:
+    if reason := media.rtsp_available():
+        pytest.skip(reason)
+    port = media.free_port("tcp")
+    server = media.rtsp_server(port, size=(320, 240), fps=25)
+    url = f"rtsp://127.0.0.1:{port}/test"
+    source = open_source("rtsp-1", url, rtsp_transport=transport, timeout_s=5.0)
+    try:
+        source.open()
+        frames = read_n(source, 10)
+        assert source.live
+        assert_well_formed(frames, "rtsp-1", (320, 240))
+        media.stop(server)  # the server goes away: the stream ends or times out, as a SourceError
+        with pytest.raises(SourceError, match=re.escape(f"stream 'rtsp-1' ({url})")):
+            read_n(source, 1000)
+    finally:
+        source.close()
+        media.stop(server)

@@ -1,0 +1,197 @@
+"""streamd.stages.record: H.264 segments checked with ffprobe, segment rules, and a recorder killed with SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamd.errors import OutputError
+from streamd.stages.annotate import AnnotateStage
+from streamd.stages.decode import open_source
+from streamd.stages.record import RecordStage, Segmenter, choose_codec, nvenc_opens, segment_base_name
+from streamd.types import Frame
+from tests.streamd import media
+
+FPS = 25
+
+
+def record(frames: list[Frame], directory: Path, **kwargs) -> RecordStage:
+    """Frames -> results -> annotate -> record, the way the pipeline chains them."""
+    annotate = AnnotateStage(media.MODEL.class_names)
+    recorder = RecordStage("eus-1", directory, **kwargs)
+    recorder.setup()
+    try:
+        for frame in frames:
+            for annotated in annotate.process(media.frame_result(frame)):
+                assert list(recorder.process(annotated)) == [annotated]  # passes its input on
+    finally:
+        recorder.close()
+    return recorder
+
+
+def assert_segment(path: Path, frames: int, size: tuple[int, int], fps: float = FPS) -> None:
+    stream = media.probe_stream(path)
+    assert (stream["codec_name"], stream["pix_fmt"]) == ("h264", "yuv420p")
+    assert (stream["width"], stream["height"]) == size
+    assert Fraction(stream["avg_frame_rate"]) == pytest.approx(fps, rel=0.01)
+    assert media.probe_frame_count(path) == frames
+    pts = media.probe_pts(path)
+    assert len(pts) == frames and pts[0] == pytest.approx(0, abs=1e-3)
+    assert np.all(np.diff(pts) > 0)
+    assert media.probe_duration(path) == pytest.approx(frames / fps, abs=1.5 / fps)
+
+
+@pytest.mark.parametrize(
+    ("segment_s", "frames", "expected"),
+    [
+        (1.0, [0.0, 0.5, 0.99, 1.0, 1.5, 2.0], [0, None, None, 1, None, 2]),  # the crossing frame opens a segment
+        (1.0, [10.0, 10.9, 11.02, 11.5, 15.3, 15.4, 16.0], [0, None, 1, None, 2, None, 3]),  # gaps: one step each
+        (0.04 * 3, [n * 0.04 for n in range(7)], [0, None, None, 1, None, None, 2]),  # float boundaries
+        (600, [0.0, 1.0, 599.99], [0, None, None]),
+    ],
+)
+def test_segmenter_boundaries(segment_s: float, frames: list[float], expected: list[int | None]) -> None:
+    segmenter = Segmenter("eus-1", segment_s)
+    starts = [segmenter.advance(f) for f in media.synthetic_frames(len(frames), pts_s=frames)]
+    assert [s.index if s else None for s in starts] == expected
+    for segment, pts in zip(starts, frames):
+        if segment:
+            assert segment.start_pts_s == pts
+            assert segment.base_name == segment_base_name("eus-1", segment.started_at, segment.index)
+
+
+def test_segmenter_starts_a_segment_when_the_size_changes() -> None:
+    segmenter = Segmenter("eus-1", 600)
+    small = list(media.synthetic_frames(2, size=(160, 120)))
+    large = next(media.synthetic_frames(1, size=(320, 240), pts_s=[0.08]))
+    assert [s.index if s else None for s in map(segmenter.advance, [*small, large])] == [0, None, 1]
+
+
+def test_segment_name() -> None:
+    assert segment_base_name("eus-1", 1_800_000_000.9, 7) == "eus-1_20270115T080000Z_0007"
+
+
+def test_file_source_n_frames_give_n_recorded_frames(tmp_path: Path) -> None:
+    clip = media.make_video(tmp_path / "clip.mp4", size=(320, 240), fps=FPS, frames=40)
+    source = open_source("eus-1", str(clip))
+    source.open()
+    frames = []
+    while (frame := source.read()) is not None:
+        frames.append(frame)
+    source.close()
+    recorder = record(frames, tmp_path / "rec")
+    assert recorder.codec_name == ("h264_nvenc" if nvenc_opens() else "libx264")
+    assert len(recorder.segments) == 1 and recorder.frames_written == 40
+    assert recorder.segments[0].name.startswith("eus-1_") and recorder.segments[0].suffix == ".mp4"
+    assert_segment(recorder.segments[0], 40, (320, 240))
+
+
+@pytest.mark.parametrize(
+    ("container", "segment_s", "count", "expected_frames"),
+    [
+        ("mp4", 1.0, 60, [25, 25, 10]),
+        ("mkv", 0.8, 50, [20, 20, 10]),
+        ("mp4", 600, 30, [30]),
+    ],
+)
+def test_segments_split_on_source_time(
+    tmp_path: Path, container: str, segment_s: float, count: int, expected_frames: list[int]
+) -> None:
+    segments: list[tuple[int, Path]] = []
+    recorder = record(
+        list(media.synthetic_frames(count, fps=FPS)),
+        tmp_path,
+        segment_s=segment_s,
+        container=container,
+        codec="libx264",
+        on_segment=lambda segment, path: segments.append((segment.index, path)),
+    )
+    assert [p.suffix for p in recorder.segments] == [f".{container}"] * len(expected_frames)
+    assert segments == list(enumerate(recorder.segments))
+    assert sorted(tmp_path.iterdir()) == sorted(recorder.segments)
+    for path, frames in zip(recorder.segments, expected_frames):
+        assert_segment(path, frames, (160, 120))
+
+
+def test_odd_size_and_stalled_pts(tmp_path: Path) -> None:
+    """161x121 is cropped to 160x120; pts that repeat or go back are bumped, never dropped."""
+    pts = [0.0, 0.04, 0.04, 0.03, 0.16, 0.2]
+    recorder = record(list(media.synthetic_frames(len(pts), size=(161, 121), pts_s=pts)), tmp_path, codec="libx264")
+    path = recorder.segments[0]
+    assert media.probe_frame_count(path) == len(pts)
+    stream = media.probe_stream(path)
+    assert (stream["width"], stream["height"]) == (160, 120)
+    probed = media.probe_pts(path)
+    assert np.all(np.diff(probed) > 0)
+    assert probed[-1] == pytest.approx(0.2, abs=1e-3)  # the source time line is kept
+
+
+def test_recorder_rejects_other_streams_and_types(tmp_path: Path) -> None:
+    recorder = RecordStage("eus-1", tmp_path)
+    recorder.setup()
+    with pytest.raises(OutputError, match="stream 'eus-2'"):
+        list(recorder.process(next(media.synthetic_frames(1, stream_id="eus-2"))))
+    with pytest.raises(TypeError, match="AnnotatedFrame"):
+        list(recorder.process("frame"))
+    recorder.close()
+    assert recorder.segments == []
+
+
+@pytest.mark.parametrize(("codec", "expected"), [("libx264", "libx264"), ("h264_nvenc", "h264_nvenc")])
+def test_choose_codec(codec: str, expected: str) -> None:
+    assert choose_codec(codec) == expected
+    assert choose_codec("auto") in ("h264_nvenc", "libx264")
+
+
+# Records synthetic 25 fps frames as fast as it can and reports its progress, until killed.
+_ENDLESS_RECORDER = """
+import sys
+from pathlib import Path
+import numpy as np
+from streamd.stages.record import RecordStage
+from streamd.types import Frame
+
+recorder = RecordStage("eus-1", Path(sys.argv[1]), container=sys.argv[2], codec="libx264", fragment_s=0.5)
+recorder.setup()
+seq = 0
+while True:
+    image = np.full((120, 160, 3), seq % 256, np.uint8)
+    list(recorder.process(Frame("eus-1", seq, seq / 25, image, decoded_at=1.8e9 + seq / 25, fps=25)))
+    seq += 1
+    if seq % 25 == 0:
+        print(seq, flush=True)
+"""
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_sigkill_leaves_a_playable_file(tmp_path: Path, container: str) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _ENDLESS_RECORDER, str(tmp_path), container],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if int(line) >= 100:  # 4 s of video: several complete fragments on disk
+                break
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        process.stdout.close()
+        stderr = process.stderr.read()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, stderr
+    (path,) = tmp_path.iterdir()
+    assert path.suffix == f".{container}"
+    assert media.probe_codec(path) == "h264"
+    assert media.probe_frame_count(path) > 0
