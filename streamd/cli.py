@@ -1,0 +1,201 @@
+"""The `streamd` command: validate a config, run the daemon, listen to its messages, print the schema.
+
+Exit codes: 0 done; 1 a fatal error while loading or running (one line on
+stderr); 2 an invalid config (every problem, each with file:line: field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import zmq
+from rich.console import Console
+
+from streamd.config import StreamdConfig, load_config
+from streamd.errors import ConfigError, StreamdError
+from streamd.messages import schema as message_schema
+from streamd.model.bundle import load_bundle
+from streamd.ops.logging import setup_logging
+from streamd.ops.metrics import summary_table
+from streamd.ops.systemd import SystemdNotifier
+
+app = typer.Typer(
+    name="streamd",
+    help="Real-time YOLOX detection on live video: recordings, detection logs and ZeroMQ messages.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+log = logging.getLogger("streamd")
+
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    """Print the error without a traceback and return the Exit to raise."""
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n"))
+
+
+def _load(config_path: Path) -> StreamdConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+
+
+@app.command()
+def validate(config: Annotated[Path, typer.Argument(help="The daemon's YAML config.")]) -> None:
+    """Check a config (and the model bundle it names); list every problem with its YAML line and field."""
+    cfg = _load(config)
+    try:
+        bundle = load_bundle(cfg.model)
+    except StreamdError as exc:
+        raise _fail(f"{config}: model: {_one_line(exc)}", EXIT_CONFIG) from None
+    outputs = [
+        f"{s.id} ({s.source_kind}{', record' if s.recording else ''}{', log' if s.detection_log else ''})"
+        for s in cfg.streams
+    ]
+    publish = cfg.publish.bind if cfg.publish and cfg.publish.enabled else "off"
+    typer.echo(
+        f"{config}: OK: model {bundle.meta.name} ({bundle.sha256[:12]}), backend {cfg.backend.type}, "
+        f"{len(cfg.streams)} stream(s): {', '.join(outputs)}; publish {publish}"
+    )
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="The daemon's YAML config.")],
+    max_frames: Annotated[Optional[int], typer.Option(min=1, help="Stop each stream after N frames.")] = None,
+    duration_s: Annotated[Optional[float], typer.Option(min=0.0, help="Stop after S seconds.")] = None,
+) -> None:
+    """Run the pipeline until the sources end, a limit is reached, or SIGINT/SIGTERM (then drain and exit 0)."""
+    cfg = _load(config)
+    from streamd.pipeline.runner import run_pipeline  # after validation: it imports the media stack
+    setup_logging(cfg.logging.level)
+    notifier = SystemdNotifier()
+    stop = threading.Event()
+    signals: list[str] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if signals:
+            log.warning("%s: already stopping (draining in-flight frames)", name)
+            return
+        signals.append(name)
+        log.info("%s: stopping", name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    notifier.status("loading the model")
+    try:
+        summary = run_pipeline(cfg, stop, max_frames=max_frames, duration_s=duration_s, notifier=notifier)
+    except ConfigError as exc:
+        notifier.stopping()
+        raise _fail(str(exc), EXIT_CONFIG) from None
+    except StreamdError as exc:
+        notifier.stopping()
+        raise _fail(f"streamd: {_one_line(exc)}", EXIT_FATAL) from None
+    if signals and summary.stopped_by == "stop":
+        summary = dataclasses.replace(summary, stopped_by=signals[0])
+    notifier.stopping(f"stopped by {summary.stopped_by}")
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(summary_table(summary))
+    if summary.error:
+        raise _fail(f"streamd: {_one_line(summary.error)}", EXIT_FATAL)
+
+
+@app.command()
+def listen(
+    endpoint: Annotated[str, typer.Argument(help="Where the daemon publishes, e.g. tcp://127.0.0.1:5555.")],
+    stream: Annotated[Optional[list[str]], typer.Option("--stream", help="Only this stream id (repeatable).")] = None,
+    raw_json: Annotated[bool, typer.Option("--json", help="Print each message as its raw JSON line.")] = False,
+    count: Annotated[Optional[int], typer.Option(min=1, help="Exit after N messages.")] = None,
+    timeout_s: Annotated[Optional[float], typer.Option(min=0.0, help="Exit after S seconds without a message.")] = None,
+) -> None:
+    """Subscribe to a daemon's detections: one line per message, and the missed seq numbers per stream.
+
+    Exits 0 after --count messages, after --timeout-s of silence (1 if nothing
+    came at all), or on Ctrl-C; a summary of received/missed goes to stderr.
+    """
+    wanted = set(stream or ())
+    context = zmq.Context()
+    socket = context.socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, 100_000)
+    socket.setsockopt(zmq.RECONNECT_IVL, 50)  # join a daemon that starts after us quickly
+    for topic in sorted(wanted) or [""]:
+        socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    socket.connect(endpoint)
+    received: Counter[str] = Counter()
+    missed: Counter[str] = Counter()
+    last_seq: dict[str, int] = {}
+    timed_out = False
+    try:
+        while count is None or sum(received.values()) < count:
+            if not socket.poll(None if timeout_s is None else int(timeout_s * 1000)):
+                timed_out = True
+                break
+            parts = socket.recv_multipart()
+            if len(parts) != 2:
+                typer.echo(f"skipped a message of {len(parts)} frames (expected [topic, json])", err=True)
+                continue
+            topic = parts[0].decode(errors="replace")
+            if wanted and topic not in wanted:  # SUBSCRIBE matches prefixes: "room1" also gets "room10"
+                continue
+            message = json.loads(parts[1])
+            seq = int(message["seq"])
+            previous = last_seq.get(topic)
+            if previous is not None and seq > previous + 1:
+                missed[topic] += seq - previous - 1
+                typer.echo(f"{topic}: missed {seq - previous - 1} message(s), seq {previous + 1}..{seq - 1}", err=True)
+            elif previous is not None and seq <= previous:
+                typer.echo(f"{topic}: seq went back from {previous} to {seq} (daemon restarted?)", err=True)
+            last_seq[topic] = seq
+            received[topic] += 1
+            typer.echo(parts[1].decode() if raw_json else _message_line(message))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        socket.close()
+        context.term()
+    for topic in sorted(received):
+        typer.echo(f"{topic}: received {received[topic]}, missed {missed[topic]}", err=True)
+    if timed_out and not received:
+        raise _fail(f"no message from {endpoint} within {timeout_s} s", EXIT_FATAL)
+
+
+def _message_line(message: dict) -> str:
+    """eus-1 #12 pts 0.480 s  2 det: lesion 0.91, landmark 0.72  total 12.3 ms"""
+    detections = ", ".join(f"{d['label']} {d['score']:.2f}" for d in message["detections"])
+    return (
+        f"{message['stream']} #{message['seq']} pts {message['pts']:.3f} s  "
+        f"{len(message['detections'])} det{': ' + detections if detections else ''}  "
+        f"total {message['latency_ms']['total']:.1f} ms"
+    )
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the detection message (streamd.detections/1)."""
+    typer.echo(json.dumps(message_schema(), indent=2))
+
+
+if __name__ == "__main__":  # python -m streamd.cli
+    app()

@@ -1,0 +1,308 @@
+"""The daemon's configuration (DESIGN contract 3): one YAML file per instance, loaded once, frozen.
+
+Every field is described and bounded; unknown keys are errors (with a "did you
+mean" from `streamd.yamlconfig`). Relative paths (the model bundle, file
+sources, recording and log folders, the engine cache) are relative to the
+config file, so a config and its data can move together. Validators are
+small and read-only: they may look at the file system, never change it.
+
+    model: models/bccd-nano.bundle
+    backend: auto                       # or {type: onnxruntime, threads: 2}
+    batch: {max_batch: 8, max_wait_ms: 5}
+    thresholds: {conf_threshold: 0.3, iou_threshold: 0.45}
+    streams:
+      - id: eus-room-1
+        source: rtsp://10.0.0.5/live
+        record: {dir: /var/lib/streamd/recordings, segment_s: 600}
+    publish: {bind: tcp://127.0.0.1:5555}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from streamd.yamlconfig import load_yaml_model
+
+# Network schemes the decoder (streamd.stages.decode) reads; a path without "://" (or file://) is a file.
+NETWORK_SCHEMES = ("rtsp", "rtsps", "udp", "rtp", "srt")
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """A path relative to the config file's folder (the validation context's base_dir)."""
+    base_dir = Path((info.context or {}).get("base_dir", "."))
+    return Path(os.path.abspath(base_dir / value))
+
+
+def source_kind(source: str) -> Literal["device", "network", "file"]:
+    """What a `source` string names: a V4L2 device, a network stream, or a file; ValueError for other URLs."""
+    if source.startswith("/dev/video"):
+        return "device"
+    scheme, sep, _ = source.partition("://")
+    if not sep or scheme.lower() == "file":
+        return "file"
+    if scheme.lower() in NETWORK_SCHEMES:
+        return "network"
+    raise ValueError(
+        f"unsupported source {source!r}: expected {', '.join(s + '://' for s in NETWORK_SCHEMES)}, /dev/videoN or a file"
+    )
+
+
+# --- inference -------------------------------------------------------------------------------------
+
+
+class OnnxRuntimeConfig(_Strict):
+    """ONNX Runtime on the CPU: runs everywhere, the default for demos, tests and CI."""
+
+    type: Literal["onnxruntime"]
+    threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 lets ONNX Runtime use one per core.")
+
+
+class TensorRTConfig(_Strict):
+    """TensorRT on an NVIDIA GPU; the engine is built on first start and cached."""
+
+    type: Literal["tensorrt"]
+    precision: Literal["fp16", "fp32", "int8"] = Field(
+        "fp16", description="Engine precision; int8 needs a model exported with Q/DQ nodes."
+    )
+    device: int = Field(0, ge=0, le=63, description="CUDA device index.")
+    engine_cache_dir: Path | None = Field(
+        None, description="Where built engines are cached (relative to this file); default: BUNDLE/engines."
+    )
+    workspace_mb: int = Field(2048, ge=64, le=262144, description="TensorRT builder workspace limit, MiB.")
+
+    @field_validator("engine_cache_dir")
+    @classmethod
+    def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+
+class AutoBackendConfig(_Strict):
+    """TensorRT when it is importable and a CUDA GPU is present, else ONNX Runtime (default settings)."""
+
+    type: Literal["auto"]
+
+
+BackendConfig = Annotated[
+    Union[OnnxRuntimeConfig, TensorRTConfig, AutoBackendConfig], Field(discriminator="type")
+]
+
+
+class BatchConfig(_Strict):
+    """How the inference worker batches frames across streams."""
+
+    max_batch: int = Field(8, ge=1, le=64, description="Most frames in one batch.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="Longest wait for more frames after the first one of a batch, ms."
+    )
+
+
+class ThresholdsConfig(_Strict):
+    """Detection thresholds; an omitted one comes from the bundle's defaults.
+
+    DESIGN's sketch writes `confidence` / `nms_iou`; the project spells them
+    `conf_threshold` / `iou_threshold` everywhere (bundle, trainer, here).
+    """
+
+    conf_threshold: float | None = Field(
+        None, ge=0, le=1, description="Minimum objectness x class score (DESIGN's `confidence`); default: bundle."
+    )
+    iou_threshold: float | None = Field(
+        None, gt=0, le=1, description="Class-aware NMS IoU threshold (DESIGN's `nms_iou`); default: bundle."
+    )
+
+
+# --- streams ---------------------------------------------------------------------------------------
+
+
+class ReconnectConfig(_Strict):
+    """Exponential back-off between attempts to reopen a lost live source."""
+
+    initial_s: float = Field(0.5, gt=0, le=60, description="First wait after a loss, seconds.")
+    max_s: float = Field(30.0, gt=0, le=3600, description="Longest wait between attempts, seconds.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReconnectConfig:
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s ({self.max_s}) must be >= initial_s ({self.initial_s})")
+        return self
+
+
+class QueueConfig(_Strict):
+    """The bounded queue between a source and the inference worker (and before its outputs)."""
+
+    size: int = Field(8, ge=1, le=1024, description="Frames held at most.")
+    policy: Literal["auto", "drop_oldest", "block"] = Field(
+        "auto",
+        description="When full: drop_oldest (live: never stall the camera), block (files: lose no frame); "
+        "auto picks drop_oldest for live sources and block for files.",
+    )
+
+
+class V4L2Config(_Strict):
+    """Capture-card options, passed to the V4L2 demuxer (only for /dev/videoN sources)."""
+
+    video_size: str | None = Field(None, pattern=r"^\d{2,5}x\d{2,5}$", description="WIDTHxHEIGHT, e.g. 1920x1080.")
+    framerate: float | None = Field(None, gt=0, le=480, description="Frames per second to request.")
+    pixel_format: str | None = Field(None, min_length=1, max_length=32, description="e.g. yuyv422, mjpeg.")
+
+
+class RecordConfig(_Strict):
+    """The annotated recording of a stream, in segments that stay playable after a crash."""
+
+    enabled: bool = Field(True, description="Write the recording (false keeps the settings but records nothing).")
+    dir: Path = Field(description="Folder of the recordings (relative to this file); created at start.")
+    segment_s: float = Field(600, gt=0, le=86400, description="Length of one file, seconds.")
+    codec: str = Field("auto", min_length=1, max_length=32, description="Encoder name, or auto (GPU if present).")
+    preset: str = Field("veryfast", min_length=1, max_length=32, description="Encoder speed preset.")
+    crf: int = Field(23, ge=0, le=51, description="Constant rate factor: lower is better and bigger.")
+    container: Literal["mp4", "mkv"] = Field("mp4", description="File format of the segments (mp4 is fragmented).")
+
+    @field_validator("dir")
+    @classmethod
+    def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+
+class DetectionLogConfig(_Strict):
+    """The JSON-lines detection log of a stream, segmented like the recording."""
+
+    enabled: bool = Field(True, description="Write the log (false keeps the settings but logs nothing).")
+    dir: Path = Field(description="Folder of the logs (relative to this file); created at start.")
+    segment_s: float = Field(600, gt=0, le=86400, description="Length of one log file, seconds.")
+
+    @field_validator("dir")
+    @classmethod
+    def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+
+class StreamConfig(_Strict):
+    """One video stream: where it comes from and where its results go."""
+
+    id: str = Field(pattern=STREAM_ID_PATTERN, description="Unique name: ZeroMQ topic, file-name prefix, log tag.")
+    source: str = Field(
+        min_length=1, description="rtsp://, udp://, rtp://, ... URL, /dev/videoN, or a file path (relative to this file)."
+    )
+    realtime: bool = Field(False, description="Files only: pace reading at the file's frame rate, like a camera.")
+    loop: bool = Field(False, description="Files only: start again at the end instead of ending the stream.")
+    rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport.")
+    timeout_s: float = Field(5.0, gt=0, le=120, description="Open/read timeout of a network or device source, s.")
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig, description="Back-off of live reconnects.")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="The stream's bounded queues.")
+    v4l2: V4L2Config = Field(default_factory=V4L2Config, description="Capture-card options.")
+    record: RecordConfig | None = Field(None, description="Annotated recording; omitted: none.")
+    log: DetectionLogConfig | None = Field(None, description="Detection log; omitted: none.")
+
+    @field_validator("source")
+    @classmethod
+    def _supported_and_present(cls, value: str, info: ValidationInfo) -> str:
+        if source_kind(value) != "file":
+            return value
+        path = _resolve(Path(value.removeprefix("file://")), info)
+        if not path.is_file():
+            stream = info.data.get("id", "?")
+            raise ValueError(f"stream {stream!r}: no such file: {path}")
+        return str(path)
+
+    @model_validator(mode="after")
+    def _file_only_options(self) -> StreamConfig:
+        if self.source_kind != "file" and (self.loop or self.realtime):
+            raise ValueError(f"stream {self.id!r}: loop and realtime apply to file sources only")
+        has_v4l2 = any(v is not None for v in (self.v4l2.video_size, self.v4l2.framerate, self.v4l2.pixel_format))
+        if has_v4l2 and self.source_kind != "device":
+            raise ValueError(f"stream {self.id!r}: v4l2 options apply to /dev/videoN sources only")
+        return self
+
+    @property
+    def source_kind(self) -> Literal["device", "network", "file"]:
+        return source_kind(self.source)
+
+    @property
+    def recording(self) -> RecordConfig | None:
+        """The recording settings when recording is on."""
+        return self.record if self.record is not None and self.record.enabled else None
+
+    @property
+    def detection_log(self) -> DetectionLogConfig | None:
+        """The detection-log settings when logging is on."""
+        return self.log if self.log is not None and self.log.enabled else None
+
+
+# --- outputs and process ---------------------------------------------------------------------------
+
+
+class PublishConfig(_Strict):
+    """The daemon's one ZeroMQ PUB socket (DESIGN contract 2)."""
+
+    enabled: bool = Field(True, description="Publish detections (false keeps the settings but binds nothing).")
+    bind: str = Field(
+        "tcp://127.0.0.1:5555",
+        pattern=r"^(tcp|ipc|inproc)://.+$",
+        description="Endpoint to bind, e.g. tcp://127.0.0.1:5555 (loopback) or ipc:///run/streamd/room1.sock.",
+    )
+    sndhwm: int = Field(
+        1000, ge=1, le=1_000_000, description="ZMQ_SNDHWM: messages queued per subscriber before PUB drops them."
+    )
+    linger_ms: int = Field(
+        100, ge=0, le=60_000, description="ZMQ_LINGER: how long unsent messages may delay shutdown, ms."
+    )
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
+
+
+class StreamdConfig(_Strict):
+    """One daemon instance: a model, its backend, the streams and the outputs."""
+
+    model: Path = Field(description="Model bundle folder (NAME.bundle), relative to this file.")
+    backend: BackendConfig = Field(
+        default_factory=lambda: AutoBackendConfig(type="auto"),
+        description="auto | onnxruntime | tensorrt, or a mapping with `type` and that backend's options.",
+    )
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="Batching across streams.")
+    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="Detection thresholds.")
+    streams: list[StreamConfig] = Field(min_length=1, max_length=64, description="The video streams.")
+    publish: PublishConfig | None = Field(None, description="ZeroMQ publishing; omitted: none.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log settings.")
+    drain_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="On stop, how long in-flight frames may take to drain before giving up, s."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _bundle_folder(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve(value, info)
+        if not path.is_dir():
+            raise ValueError(f"no model bundle folder at {path}")
+        return path
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_shorthand(cls, value: object) -> object:
+        """`backend: auto` is short for `backend: {type: auto}`."""
+        return {"type": value} if isinstance(value, str) else value
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_ids(cls, value: list[StreamConfig]) -> list[StreamConfig]:
+        seen: set[str] = set()
+        for stream in value:
+            if stream.id in seen:
+                raise ValueError(f"stream id {stream.id!r} is used twice; ids must be unique")
+            seen.add(stream.id)
+        return value
+
+
+def load_config(path: str | Path) -> StreamdConfig:
+    """Read and validate a daemon config; raise ConfigError listing every problem with file:line: field."""
+    return load_yaml_model(path, StreamdConfig)

@@ -1,0 +1,1 @@
+"""Threads, bounded queues and the wiring that runs the stages."""

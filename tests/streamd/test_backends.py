@@ -1,0 +1,403 @@
+"""streamd.backends: make_backend's one match, ONNX Runtime on the CPU, TensorRT on a GPU (marked gpu)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamd import backends as backends_module
+from streamd.backends import make_backend, tensorrt_usable
+from streamd.backends.onnxruntime import OnnxRuntimeBackend
+from streamd.backends.tensorrt import build_engine, engine_key, engine_path
+from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TensorRTConfig
+from streamd.errors import BackendError
+
+REPO = Path(__file__).parents[2]
+ORT = OnnxRuntimeConfig(type="onnxruntime", threads=1)
+
+
+def _tensorrt_and_gpu() -> str | None:
+    """None when TensorRT can run here, else the skip reason (checked without importing torch needlessly)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+GPU_SKIP = _tensorrt_and_gpu()
+
+
+def images(count: int, value: float = 0.0) -> np.ndarray:
+    return np.full((count, 3, 64, 64), value, np.float32)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_onnxruntime_runs_the_bundle(tiny_bundle, count):
+    backend = make_backend(tiny_bundle, ORT, max_batch=4)
+    assert isinstance(backend, OnnxRuntimeBackend) and backend.max_batch == 4
+    output = backend.infer(images(count, 255.0))
+    assert output.shape == (count, 2, 8) and output.dtype == np.float32
+    np.testing.assert_allclose(output[:, 0, 4], 1.0, rtol=1e-6)  # objectness = mean / 255
+    np.testing.assert_allclose(output[:, 1, :5], [[44, 40, 20, 24, 0.9]] * count, rtol=1e-6)
+    backend.close()
+
+
+def test_auto_takes_onnxruntime_when_tensorrt_is_not_usable(tiny_bundle, monkeypatch):
+    monkeypatch.setattr(backends_module, "tensorrt_usable", lambda: (False, "tensorrt is not installed"))
+    assert make_backend(tiny_bundle, AutoBackendConfig(type="auto")).name == "onnxruntime"
+
+
+def test_auto_falls_back_to_onnxruntime_when_tensorrt_fails(tiny_bundle, monkeypatch, caplog):
+    monkeypatch.setattr(backends_module, "tensorrt_usable", lambda: (True, "pretend"))
+    import streamd.backends.tensorrt as trt_module
+
+    def broken(*_args, **_kwargs):
+        raise BackendError("engine build failed")
+
+    monkeypatch.setattr(trt_module, "TensorRTBackend", broken)
+    assert make_backend(tiny_bundle, AutoBackendConfig(type="auto")).name == "onnxruntime"
+    assert "engine build failed" in caplog.text
+
+
+def test_tensorrt_usable_says_why_not():
+    usable, why = tensorrt_usable()
+    assert isinstance(usable, bool) and why
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_without_tensorrt_is_a_clear_backend_error(tiny_bundle):
+    with pytest.raises(BackendError, match="tensorrt Python package is not installed"):
+        make_backend(tiny_bundle, TensorRTConfig(type="tensorrt"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_build_engine_without_tensorrt_is_a_clear_backend_error(tiny_bundle):
+    with pytest.raises(BackendError, match="tensorrt Python package is not installed"):
+        build_engine(tiny_bundle, precision="fp16", max_batch=8, calibrator=None)
+
+
+def test_engine_path_defaults_to_the_bundles_engines_folder(tiny_bundle, tmp_path):
+    default = engine_path(tiny_bundle, "NVIDIA L4", "10.3.0", "fp16", 8)
+    assert default.parent == tiny_bundle.path / "engines" and default.suffix == ".engine"
+    assert engine_path(tiny_bundle, "NVIDIA L4", "10.3.0", "fp16", 8, tmp_path).parent == tmp_path
+
+
+def test_engine_key_names_every_part_of_the_cache_key():
+    base = dict(onnx_sha256="a" * 64, gpu_name="NVIDIA H100 80GB HBM3", trt_version="10.3.0", precision="fp16", max_batch=8)
+    key = engine_key(**base)
+    assert key.startswith("aaaaaaaaaaaa-nvidia-h100-80gb-hbm3-trt10.3.0-fp16-b8-")
+    assert "/" not in key and " " not in key
+    assert engine_key(**base) == key  # stable
+    for field, other in [("onnx_sha256", "b" * 64), ("gpu_name", "NVIDIA L4"), ("trt_version", "10.4.0"),
+                         ("precision", "fp32"), ("max_batch", 4)]:  # fmt: skip
+        assert engine_key(**{**base, field: other}) != key, field
+
+
+def test_streamd_never_imports_torch_outside_its_gpu_backends(tiny_bundle, tmp_path):
+    """Loading everything the daemon loads, and running a batch on the CPU, leaves torch unimported."""
+    code = f"""
+import sys, time
+import numpy as np
+import streamd.cli, streamd.pipeline.runner, streamd.pipeline.graph, streamd.backends, streamd.backends.tensorrt
+from streamd.backends import make_backend
+from streamd.config import AutoBackendConfig
+from streamd.model import load_bundle
+from streamd.stages.batch import Batch, BatchInferStage
+from streamd.types import Frame
+bundle = load_bundle({str(tiny_bundle.path)!r})
+stage = BatchInferStage(bundle, make_backend(bundle, AutoBackendConfig(type="auto"), 2))
+stage.setup()
+list(stage.process(Batch((Frame("s", 0, 0.0, np.zeros((48, 64, 3), np.uint8), time.time()),), time.time())))
+assert "torch" not in sys.modules, "streamd imported torch"
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+# --- TensorRT on a GPU ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trt_config(tmp_path: Path):
+    def make(precision: str = "fp32") -> TensorRTConfig:
+        return TensorRTConfig(type="tensorrt", precision=precision, engine_cache_dir=tmp_path / "engines", workspace_mb=256)
+
+    return make
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("fp16", 0.05)])
+@pytest.mark.parametrize("count", [1, 3, 4])
+def test_tensorrt_matches_onnxruntime(tiny_bundle, trt_config, precision, atol, count):
+    batch = np.random.default_rng(count).uniform(0, 255, (count, 3, 64, 64)).astype(np.float32)
+    expected = make_backend(tiny_bundle, ORT, 4).infer(batch)
+    backend = make_backend(tiny_bundle, trt_config(precision), max_batch=4)
+    np.testing.assert_allclose(backend.infer(batch), expected, atol=atol, rtol=1e-3)
+    backend.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+def test_tensorrt_engine_is_cached_under_its_key_and_reused(tiny_bundle, trt_config, caplog):
+    first = make_backend(tiny_bundle, trt_config(), max_batch=2)
+    engine_path = first.engine_path
+    assert engine_path.is_file() and engine_path.with_suffix(".json").is_file()
+    assert "-fp32-b2-" in engine_path.name and engine_path.name.startswith(tiny_bundle.sha256[:12])
+    first.close()
+    caplog.clear()
+    caplog.set_level("INFO")
+    second = make_backend(tiny_bundle, trt_config(), max_batch=2)
+    assert second.engine_path == engine_path and "loaded TensorRT engine" in caplog.text
+    second.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+def test_an_engine_built_ahead_of_time_is_loaded_by_the_daemon(tiny_bundle, trt_config, caplog):
+    config = trt_config("fp16")
+    built = build_engine(tiny_bundle, precision="fp16", max_batch=4, engine_cache_dir=config.engine_cache_dir, workspace_mb=256)
+    assert built.is_file()
+    caplog.set_level("INFO")
+    backend = make_backend(tiny_bundle, config, max_batch=4)
+    assert backend.engine_path == built and "loaded TensorRT engine" in caplog.text
+    assert build_engine(tiny_bundle, precision="fp16", max_batch=4, engine_cache_dir=config.engine_cache_dir) == built
+    backend.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+def test_tensorrt_two_batches_in_flight_overlap_and_stay_correct(tiny_bundle, trt_config):
+    backend = make_backend(tiny_bundle, trt_config(), max_batch=4)
+    a, b, c = images(4, 255.0), images(2, 0.0), images(3, 127.5)
+    pending_a = backend.submit(a)
+    pending_b = backend.submit(b)  # copies in while a computes
+    pending_c = backend.submit(c)  # reuses a's slot: a's output must survive
+    assert pending_a.wait()[:, 0, 4] == pytest.approx(1.0)
+    assert pending_b.wait()[:, 0, 4] == pytest.approx(0.0)
+    assert pending_c.wait()[:, 0, 4] == pytest.approx(0.5, abs=1e-3)
+    assert pending_a.wait().shape == (4, 2, 8) and pending_b.wait().shape == (2, 2, 8)
+    with pytest.raises(BackendError, match="1..4"):
+        backend.submit(images(5))
+    backend.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+def test_tensorrt_int8_without_qdq_nodes_is_refused(tiny_bundle, trt_config):
+    with pytest.raises(BackendError, match="trainer build-engine"):
+        make_backend(tiny_bundle, trt_config("int8"))
+
+
+# --- The TensorRT backend's own code, against fakes of tensorrt and torch (no GPU needed) ----------
+# These check streamd's use of the two APIs (build, cache, bind, two slots, copies, events) and run
+# the model through ONNX Runtime where the engine would run; the real API is checked by the gpu tests.
+
+
+class FakeTensor:
+    """A numpy array that hands out a data_ptr() the fake engine can resolve."""
+
+    memory: dict[int, np.ndarray] = {}
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    def __getitem__(self, index) -> FakeTensor:
+        return FakeTensor(self.array[index])
+
+    def copy_(self, other, non_blocking: bool = False) -> FakeTensor:
+        self.array[...] = other.array if isinstance(other, FakeTensor) else other
+        return self
+
+    def data_ptr(self) -> int:
+        address = self.array.__array_interface__["data"][0]
+        FakeTensor.memory[address] = self.array
+        return address
+
+    def numpy(self) -> np.ndarray:
+        return self.array
+
+
+def fake_torch():
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True, set_device=lambda device: None, get_device_name=lambda device: "Fake GPU 80GB",
+        Stream=lambda device=None: types.SimpleNamespace(cuda_stream=7, wait_event=lambda event: None),
+        Event=lambda: types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None),
+        stream=lambda stream: contextlib.nullcontext(),
+    )  # fmt: skip
+    return types.SimpleNamespace(
+        cuda=cuda, device=lambda name: name, from_numpy=FakeTensor,
+        empty=lambda shape, dtype, pin_memory=False, device=None: FakeTensor(np.zeros(shape, dtype)),
+    )  # fmt: skip
+
+
+class FakeTRT:
+    """The part of the tensorrt module streamd uses; the 'engine' runs the ONNX model with ONNX Runtime."""
+
+    __version__ = "10.0.1"
+    builds: list[dict] = []
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    class MemoryPoolType:
+        WORKSPACE = "workspace"
+
+    class BuilderFlag:
+        FP16, INT8 = "fp16", "int8"
+
+    class LayerType:
+        QUANTIZE = "quantize"
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    nptype = staticmethod(lambda dtype: dtype)
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 0
+
+        def parse_from_file(self, path: str) -> bool:
+            self.network["onnx"] = path
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return FakeNetwork(flags=flags)
+
+        def create_builder_config(self):
+            config = types.SimpleNamespace(flags=set(), profiles=[], int8_calibrator=None)
+            config.set_memory_pool_limit = lambda pool, size: setattr(config, "workspace", size)
+            config.set_flag = config.flags.add
+            config.add_optimization_profile = config.profiles.append
+            config.set_calibration_profile = lambda profile: None
+            return config
+
+        def create_optimization_profile(self):
+            shapes = {}
+            return types.SimpleNamespace(shapes=shapes, set_shape=lambda name, *mmo: shapes.__setitem__(name, mmo))
+
+        def build_serialized_network(self, network, config):
+            FakeTRT.builds.append({"flags": set(config.flags), "profiles": config.profiles, "calibrator": config.int8_calibrator})
+            return json.dumps({"onnx": network["onnx"], "max": config.profiles[0].shapes["images"][2][0]}).encode()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes):
+            return FakeEngine(json.loads(data))
+
+
+class FakeNetwork(dict):
+    num_layers = 0  # no Q/DQ layers: int8 needs a calibrator
+
+    def get_layer(self, index: int):
+        raise IndexError(index)
+
+
+class FakeEngine:
+    num_io_tensors = 2
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def get_tensor_name(self, index: int) -> str:
+        return ("images", "output")[index]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "input" if name == "images" else "output"
+
+    def get_tensor_dtype(self, name: str):
+        return np.dtype(np.float32)
+
+    def create_execution_context(self):
+        return FakeContext(self.spec)
+
+
+class FakeContext:
+    def __init__(self, spec: dict):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
+        self.max_batch, self.shapes, self.addresses = spec["max"], {}, {}
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        self.shapes[name] = tuple(shape)
+        return 1 <= shape[0] <= self.max_batch
+
+    def get_tensor_shape(self, name: str):
+        return (self.shapes["images"][0], 2, 8)
+
+    def set_tensor_address(self, name: str, address: int) -> None:
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        count = self.shapes["images"][0]
+        images = FakeTensor.memory[self.addresses["images"]][:count]
+        (output,) = self.session.run(None, {"images": images})
+        FakeTensor.memory[self.addresses["output"]][:count] = output
+        return stream_handle == 7
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTRT)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch())
+    FakeTRT.builds.clear()
+    return FakeTRT
+
+
+def test_fake_gpu_backend_builds_caches_binds_and_matches_onnxruntime(tiny_bundle, tmp_path, fake_gpu):
+    config = TensorRTConfig(type="tensorrt", precision="fp16", engine_cache_dir=tmp_path, workspace_mb=64)
+    backend = make_backend(tiny_bundle, config, max_batch=4)
+    (build,) = fake_gpu.builds
+    assert build["flags"] == {"fp16"} and build["profiles"][0].shapes["images"] == ((1, 3, 64, 64), (4, 3, 64, 64), (4, 3, 64, 64))
+    assert backend.engine_path.parent == tmp_path and "fake-gpu-80gb-trt10.0.1-fp16-b4" in backend.engine_path.name
+    assert json.loads(backend.engine_path.with_suffix(".json").read_text())["gpu_name"] == "Fake GPU 80GB"
+    reference = make_backend(tiny_bundle, ORT, 4)
+    batches = [np.random.default_rng(i).uniform(0, 255, (n, 3, 64, 64)).astype(np.float32) for i, n in enumerate((4, 1, 3))]
+    pending = [backend.submit(b) for b in batches]  # three in flight over two slots: the first is collected on reuse
+    for handle, batch in zip(pending, batches):
+        np.testing.assert_allclose(handle.wait(), reference.infer(batch), rtol=1e-5)
+    with pytest.raises(BackendError, match="1..4"):
+        backend.submit(images(5))
+    backend.close()
+    again = make_backend(tiny_bundle, config, max_batch=4)  # from the cache: no second build
+    assert len(fake_gpu.builds) == 1 and again.engine_path == backend.engine_path
+
+
+def test_fake_gpu_int8_needs_a_calibrator_and_build_engine_uses_it(tiny_bundle, tmp_path, fake_gpu):
+    config = TensorRTConfig(type="tensorrt", precision="int8", engine_cache_dir=tmp_path)
+    with pytest.raises(BackendError, match="trainer build-engine"):
+        make_backend(tiny_bundle, config, max_batch=2)
+    calibrator = object()
+    path = build_engine(tiny_bundle, precision="int8", max_batch=2, engine_cache_dir=tmp_path, calibrator=calibrator)
+    assert fake_gpu.builds[-1]["calibrator"] is calibrator and fake_gpu.builds[-1]["flags"] == {"fp16", "int8"}
+    backend = make_backend(tiny_bundle, config, max_batch=2)  # the daemon loads the calibrated engine
+    assert backend.engine_path == path and len(fake_gpu.builds) == 1
+    assert backend.infer(images(2, 255.0))[:, 0, 4] == pytest.approx(1.0)

@@ -1,0 +1,148 @@
+"""streamd.cli in-process: validate, schema and listen (run is exercised as a real process in test_pipeline_e2e)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from typer.testing import CliRunner
+
+from streamd.cli import app
+from streamd.messages import encode, schema
+from tests.streamd import media
+
+runner = CliRunner()
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "streamd.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+@pytest.fixture
+def good_config(tmp_path: Path, tiny_bundle, clip) -> Path:
+    return write(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: onnxruntime
+        streams:
+          - id: room-1
+            source: {clip}
+            record: {{dir: rec}}
+          - id: room-2
+            source: udp://127.0.0.1:5000
+        publish: {{bind: "tcp://127.0.0.1:5555"}}
+        """,
+    )
+
+
+def test_validate_ok(good_config: Path, tiny_bundle):
+    result = runner.invoke(app, ["validate", str(good_config)])
+    assert result.exit_code == 0, result.output
+    assert f"OK: model tiny-test ({tiny_bundle.sha256[:12]})" in result.stdout
+    assert "room-1 (file, record), room-2 (network)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model: {bundle}\nstreams:\n  - id: a\n    source: nowhere.mp4\n", ":4: streams.0.source: Value error, stream 'a': no such file"),
+        ("model: {bundle}\nbatch: {{max_bach: 2}}\nstreams: [{{id: a, source: 'udp://@:5000'}}]\n", ":2: batch.max_bach: unknown field; did you mean 'max_batch'?"),
+        ("model: {bundle}\nstreams: [{{id: a, source: 'udp://@:5000'}}\n", ":3: not valid YAML"),
+    ],
+)
+def test_validate_bad_config_exits_2_with_line_and_field_and_no_traceback(tmp_path: Path, tiny_bundle, text, expected):
+    path = write(tmp_path, text.format(bundle=tiny_bundle.path))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}{expected}" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_validate_reports_a_broken_bundle(tmp_path: Path):
+    (tmp_path / "empty.bundle").mkdir()
+    path = write(tmp_path, "model: empty.bundle\nstreams: [{id: a, source: 'udp://@:5000'}]\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert f"{path}: model: " in result.stderr and "bundle.json: missing" in result.stderr
+
+
+def test_validate_a_missing_file(tmp_path: Path):
+    result = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "cannot read config" in result.stderr
+
+
+def test_schema_prints_the_message_schema():
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == schema()
+
+
+def message(stream: str, seq: int) -> dict:
+    return {
+        "schema": "streamd.detections/1", "stream": stream, "seq": seq, "pts": seq / 25,
+        "captured_at": "2026-11-22T18:00:00.123456Z", "model": {"name": "m", "sha256": "a" * 64},
+        "frame": {"width": 160, "height": 120},
+        "detections": [{"label": "lesion", "class_id": 0, "score": 0.91, "box": [1, 2, 3, 4]}],
+        "latency_ms": {"decode": 1, "queue": 2, "infer": 3, "total": 6.5},
+    }  # fmt: skip
+
+
+class Publisher(threading.Thread):
+    """An XPUB that sends `messages` once the listener's subscription has arrived (no slow-joiner race)."""
+
+    def __init__(self, messages: list[dict], extra_topics: tuple[str, ...] = ()):
+        super().__init__(daemon=True)
+        self.endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
+        self.messages, self.extra_topics = messages, extra_topics
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.XPUB)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.bind(self.endpoint)
+
+    def run(self) -> None:
+        if self.socket.poll(10_000):
+            self.socket.recv()  # the subscription
+            for topic in self.extra_topics:
+                self.socket.send_multipart([topic.encode(), encode(message(topic, 0))])
+            for m in self.messages:
+                self.socket.send_multipart([m["stream"].encode(), encode(m)])
+        time.sleep(0.5)
+        self.socket.close()
+        self.context.term()
+
+
+def test_listen_prints_lines_and_reports_missed_seq_numbers():
+    publisher = Publisher([message("room1", s) for s in (0, 1, 4, 5)], extra_topics=("room10",))
+    publisher.start()
+    result = runner.invoke(app, ["listen", publisher.endpoint, "--stream", "room1", "--count", "4", "--timeout-s", "10"])
+    publisher.join()
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "room1 #0 pts 0.000 s  1 det: lesion 0.91  total 6.5 ms"
+    assert [line.split()[1] for line in lines] == ["#0", "#1", "#4", "#5"]  # room10 filtered out despite the prefix
+    assert "room1: missed 2 message(s), seq 2..3" in result.stderr
+    assert "room1: received 4, missed 2" in result.stderr
+
+
+def test_listen_json_prints_the_raw_messages():
+    sent = [message("a", 0), message("a", 1)]
+    publisher = Publisher(sent)
+    publisher.start()
+    result = runner.invoke(app, ["listen", publisher.endpoint, "--json", "--count", "2", "--timeout-s", "10"])
+    publisher.join()
+    assert result.exit_code == 0
+    assert [json.loads(line) for line in result.stdout.splitlines()] == sent
+
+
+def test_listen_times_out_with_exit_1_when_nothing_comes():
+    endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
+    result = runner.invoke(app, ["listen", endpoint, "--timeout-s", "0.2"])
+    assert result.exit_code == 1 and "no message" in result.stderr

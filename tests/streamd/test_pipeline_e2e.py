@@ -1,0 +1,219 @@
+"""`streamd run` as a real process: two streams, a real subscriber process, SIGTERM mid-stream, bad configs.
+
+Everything listens on 127.0.0.1. Each test stops only the processes it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from streamd.messages import schema
+from tests.streamd import media
+
+pytestmark = pytest.mark.slow
+
+STREAMD = Path(sys.executable).with_name("streamd")
+
+
+def streamd(*args: str, env: dict | None = None) -> subprocess.Popen:
+    command = [str(STREAMD)] if STREAMD.exists() else [sys.executable, "-m", "streamd.cli"]
+    return subprocess.Popen(
+        [*command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "streamd.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+class NotifyReader(threading.Thread):
+    """systemd's side of $NOTIFY_SOCKET: reads every datagram as it comes."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[str] = []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def close(self) -> list[str]:
+        self.done.set()
+        self.join()
+        self.sock.close()
+        return self.messages
+
+
+def jsonl(paths: list[Path]) -> list[dict]:
+    return [json.loads(line) for path in sorted(paths) for line in path.read_text().splitlines()]
+
+
+def test_two_streams_to_a_subscriber_process_a_recording_and_a_log(tmp_path: Path, tiny_bundle, clip):
+    endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
+    config = write(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: {{type: onnxruntime, threads: 1}}
+        batch: {{max_batch: 4, max_wait_ms: 5}}
+        streams:
+          - id: fast                      # as fast as it decodes
+            source: {clip}
+            record: {{dir: rec, segment_s: 600, preset: ultrafast}}
+            log: {{dir: log}}
+          - id: camera-like               # paced at 25 fps
+            source: {clip}
+            realtime: true
+            log: {{dir: log}}
+        publish: {{bind: "{endpoint}", sndhwm: 1000, linger_ms: 500}}
+        """,
+    )
+    listener = streamd("listen", endpoint, "--json")  # a separate process with a real SUB socket
+    try:
+        time.sleep(0.3)
+        daemon = streamd("run", str(config))
+        out, err = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0, err
+        time.sleep(0.5)  # the last messages reach the subscriber
+        listener.send_signal(signal.SIGINT)
+        received, listen_err = listener.communicate(timeout=10)
+    finally:
+        media.stop(listener)
+    assert listener.returncode == 0, listen_err
+    # the summary table names both streams with all 40 frames processed
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
+    assert set(rows) == {"fast", "camera-like"}
+    assert all(row.split("│")[3].strip() == "40" for row in rows.values())
+    # every message is valid; per stream the seq numbers have no gap (the first ones may precede the subscription)
+    messages = [json.loads(line) for line in received.splitlines()]
+    validator = jsonschema.Draft202012Validator(schema())
+    for m in messages:
+        validator.validate(m)
+    by_stream = {sid: [m["seq"] for m in messages if m["stream"] == sid] for sid in ("fast", "camera-like")}
+    for sid, seqs in by_stream.items():
+        if seqs:
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), sid
+    assert len(by_stream["camera-like"]) >= 30 and by_stream["camera-like"][-1] == 39
+    assert {m["model"]["sha256"] for m in messages} == {tiny_bundle.sha256}
+    assert "missed" not in listen_err.replace("missed 0", "")
+    # the detection logs are complete and the recording plays with every frame
+    logs = jsonl(list((tmp_path / "log").glob("*.jsonl")))
+    for sid in ("fast", "camera-like"):
+        assert [m["seq"] for m in logs if m["stream"] == sid] == list(range(40))
+    (recording,) = (tmp_path / "rec").glob("fast_*.mp4")
+    assert media.probe_frame_count(recording) == 40
+
+
+def test_sigterm_mid_stream_drains_closes_and_exits_0(tmp_path: Path, tiny_bundle, long_clip):
+    notify = NotifyReader(tmp_path / "notify")
+    config = write(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: {{type: onnxruntime, threads: 1}}
+        streams:
+          - id: eus-1
+            source: {long_clip}
+            realtime: true
+            record: {{dir: rec, segment_s: 2, preset: ultrafast}}
+            log: {{dir: log, segment_s: 2}}
+        """,
+    )
+    daemon = streamd("run", str(config), env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"})
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(jsonl(list((tmp_path / "log").glob("*.jsonl")))) < 60:
+            time.sleep(0.1)  # well into the second segment
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+    finally:
+        media.stop(daemon)
+    assert daemon.returncode == 0, err
+    assert "SIGTERM: stopping" in err and "Traceback" not in err
+    lines = jsonl(list((tmp_path / "log").glob("*.jsonl")))
+    assert 60 <= len(lines) < 150  # stopped mid-stream
+    assert [m["seq"] for m in lines] == list(range(len(lines)))  # nothing lost while draining
+    for m in lines:
+        jsonschema.validate(m, schema())
+    recordings = sorted((tmp_path / "rec").glob("eus-1_*.mp4"))
+    assert len(recordings) >= 2
+    assert sum(media.probe_frame_count(r) for r in recordings) == len(lines)  # every segment closed and playable
+    kinds = [message.split("\n")[0].split("=")[0] for message in notify.close()]
+    assert kinds[0] == "STATUS" and "READY" in kinds  # "loading the model", then READY after warm-up
+    assert kinds.index("READY") < kinds.index("WATCHDOG") < kinds.index("STOPPING")
+
+
+@pytest.mark.parametrize(
+    "text, code, expected",
+    [
+        ("model: {bundle}\nstreams:\n  - id: a\n    source: {clip}\n    queue: {{size: 0}}\n", 2,
+         ":5: streams.0.queue.size: Input should be greater than or equal to 1"),
+        ("model: {bundle}\nstreams:\n  - id: a\n    source: {clip}\n    recrod: {{dir: x}}\n", 2,
+         ":5: streams.0.recrod: unknown field; did you mean 'record'?"),
+        ("model: {broken}\nstreams:\n  - id: a\n    source: {clip}\n", 1, "streamd: "),
+    ],
+)  # fmt: skip
+def test_bad_configs_exit_with_one_message_and_no_traceback(tmp_path: Path, tiny_bundle, clip, text, code, expected):
+    (tmp_path / "broken.bundle").mkdir()
+    config = write(tmp_path, text.format(bundle=tiny_bundle.path, clip=clip, broken=tmp_path / "broken.bundle"))
+    daemon = streamd("run", str(config))
+    _, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == code
+    assert "Traceback" not in err
+    if code == 2:
+        assert f"{config}{expected}" in err
+    else:
+        (line,) = [line for line in err.splitlines() if line.startswith("streamd: ")]
+        assert "bundle.json: missing" in line
+
+
+def test_a_live_udp_stream_for_a_fixed_duration(tmp_path: Path, tiny_bundle):
+    port = media.free_port("udp")
+    sender = media.udp_sender(port, size=(160, 120), fps=25)
+    config = write(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: {{type: onnxruntime, threads: 1}}
+        streams:
+          - id: live
+            source: "udp://127.0.0.1:{port}"
+            timeout_s: 3
+            queue: {{size: 2}}
+            log: {{dir: log}}
+        """,
+    )
+    try:
+        daemon = streamd("run", str(config), "--duration-s", "3")
+        out, err = daemon.communicate(timeout=60)
+    finally:
+        media.stop(sender)
+    assert daemon.returncode == 0, err
+    assert "[live]" in err and "connected" in err and "stopped by duration" in out
+    lines = jsonl(list((tmp_path / "log").glob("*.jsonl")))
+    assert len(lines) >= 25  # about 2 s of 25 fps after the decoder found a keyframe
+    seqs = [m["seq"] for m in lines]
+    assert seqs == sorted(seqs)  # live: drops allowed (and counted), order never broken
