@@ -38,37 +38,51 @@ def _node_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
 def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the sub-model that `loc` (minus its last part) points into."""
     current: type | None = model
-    for part in loc[:-1]:
-        if current is None or not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        if isinstance(part, int):
+    parts = list(loc[:-1])
+    for index, part in enumerate(parts):
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or isinstance(part, int):
             continue
         field = current.model_fields.get(str(part))
         if field is None:
-            # a tagged-union branch name in the location: stay on the same model
-            continue
-        current = _inner_model(field.annotation)
+            continue  # a tagged-union branch name in the location: already resolved below
+        following = parts[index + 1] if index + 1 < len(parts) else None
+        current = _inner_model(field.annotation, following)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
 
 
-def _inner_model(annotation) -> type | None:
+def _models_in(annotation) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
+        return [annotation]
+    return [m for arg in (getattr(annotation, "__args__", ()) or ()) for m in _models_in(arg)]
+
+
+def _inner_model(annotation, tag=None) -> type | None:
+    """The model inside an annotation; for a tagged union, the member whose Literal tag is `tag`."""
+    models = _models_in(annotation)
+    for candidate in models:
+        for field in candidate.model_fields.values():
+            if tag is not None and tag in (getattr(field.annotation, "__args__", ()) or ()):
+                return candidate
+    return models[0] if models else None
+
+
+def _yaml_path(loc: tuple, lines: dict[tuple, int]) -> tuple:
+    """The location as YAML keys: union tags dropped, a missing last field kept."""
+    path: tuple = ()
+    for index, part in enumerate(loc):
+        if (*path, part) in lines or index == len(loc) - 1:
+            path = (*path, part)
+    return path
 
 
 def format_errors(path: Path, model: type[BaseModel], exc: ValidationError, lines: dict[tuple, int]) -> str:
     out = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"])
-        yaml_loc = tuple(p for p in loc if isinstance(p, int) or p in _keys_at(lines, loc))
-        line = lines.get(yaml_loc) or _nearest_line(lines, yaml_loc)
+        loc = tuple(err["loc"])
+        yaml_loc = _yaml_path(loc, lines)
+        line = _nearest_line(lines, yaml_loc)
         field = ".".join(str(p) for p in yaml_loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             choices = _allowed_fields(model, loc)
@@ -80,10 +94,6 @@ def format_errors(path: Path, model: type[BaseModel], exc: ValidationError, line
             got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
             out.append(f"{path}:{line}: {field}: {err['msg']}{got_text}")
     return "\n".join(out)
-
-
-def _keys_at(lines: dict[tuple, int], loc: tuple) -> set:
-    return {k[-1] for k in lines if k}
 
 
 def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int:

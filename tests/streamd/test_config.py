@@ -131,7 +131,7 @@ BAD = [
     (MINIMAL + "publish: {sndhwm: 0}\n", ":5: publish.sndhwm: Input should be greater than or equal to 1"),
     (MINIMAL + "logging: {level: LOUD}\n", ":5: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
     ("model: models/tiny.bundle\nstreams: []\n", ":2: streams: List should have at least 1 item"),
-    ("streams: [{id: a, source: clip.mp4}]\n", ":1: (top level): Field required"),
+    ("streams: [{id: a, source: clip.mp4}]\n", ":1: model: Field required"),
 ]
 
 
