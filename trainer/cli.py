@@ -28,7 +28,7 @@ def _friendly(fn):
         except ConfigError as exc:
             console.print(f"[red]invalid config[/red]\n{exc}", highlight=False)
             raise typer.Exit(2) from None
-        except (StreamdError, FileNotFoundError, ValueError, OSError) as exc:
+        except (StreamdError, FileNotFoundError, ValueError, OSError, FloatingPointError, RuntimeError) as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False)
             raise typer.Exit(1) from None
 
@@ -157,13 +157,15 @@ def build_engine_cmd(
     max_batch: Annotated[int, typer.Option(min=1, max=64)] = 8,
     calibration_data: Annotated[Optional[Path], typer.Option("--data", help="Experiment YAML; int8 calibrates on its train split.")] = None,
     calibration_images: Annotated[int, typer.Option(min=8)] = 256,
+    engine_cache_dir: Annotated[Optional[Path], typer.Option(help="The daemon's backend.engine_cache_dir (default: BUNDLE/engines).")] = None,
+    device: Annotated[int, typer.Option(min=0, help="CUDA device index.")] = 0,
     verbose: Verbose = False,
 ) -> None:
     """Build a TensorRT engine for this GPU, cached beside the bundle (needs TensorRT and CUDA)."""
     from trainer.export.engine import build_engine
 
     _setup_logging(verbose)
-    result = build_engine(bundle, precision, max_batch, calibration_data, calibration_images)
+    result = build_engine(bundle, precision, max_batch, calibration_data, calibration_images, engine_cache_dir, device)
     typer.echo(json.dumps(asdict(result), indent=2, default=str))
 
 

@@ -71,7 +71,6 @@ class AugmentConfig(_Strict):
     shear: float = Field(2.0, ge=0, le=45)
     mosaic_scale: tuple[float, float] = (0.5, 1.5)
     mixup_scale: tuple[float, float] = (0.5, 1.5)
-    multiscale_range: int = Field(0, ge=0, le=10, description="Random input size +/- this many 32-px steps.")
 
 
 class TrainConfig(_Strict):

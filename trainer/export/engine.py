@@ -69,12 +69,28 @@ def make_int8_calibrator(batches, batch_size: int, cache_path: Path):
     return Calibrator()
 
 
-def build_engine(bundle_path: Path, precision: str, max_batch: int, calibration_data: Path | None, calibration_images: int) -> EngineResult:
-    """Build (or find cached) the engine of `bundle_path` for this GPU."""
+def build_engine(
+    bundle_path: Path,
+    precision: str,
+    max_batch: int,
+    calibration_data: Path | None,
+    calibration_images: int,
+    engine_cache_dir: Path | None = None,
+    device: int = 0,
+) -> EngineResult:
+    """Build (or find cached) the engine of `bundle_path` for this GPU, where the daemon will look for it.
+
+    engine_cache_dir and max_batch must be the daemon config's (backend.engine_cache_dir,
+    batch.max_batch): both select the cached file.
+    """
     import time
 
     from streamd.backends.tensorrt import build_engine as build_cached_engine
 
+    try:
+        import tensorrt  # noqa: F401  (the calibrator subclasses one of its classes)
+    except ImportError as exc:
+        raise BackendError(f"TensorRT is not installed here ({exc}); build engines on the GPU machine that runs them") from exc
     if precision not in ("fp32", "fp16", "int8"):
         raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
     bundle = load_bundle(bundle_path)
@@ -94,8 +110,7 @@ def build_engine(bundle_path: Path, precision: str, max_batch: int, calibration_
             bundle.path / f"calibration-{bundle.sha256[:12]}.cache",
         )
     started = time.time()
-    try:
-        engine_path = build_cached_engine(bundle, precision=precision, max_batch=max_batch, calibrator=calibrator)
-    except ImportError as exc:
-        raise BackendError(f"TensorRT is not installed here ({exc}); build engines on the GPU machine that runs them") from exc
+    engine_path = build_cached_engine(
+        bundle, precision=precision, max_batch=max_batch, device=device, engine_cache_dir=engine_cache_dir, calibrator=calibrator
+    )
     return EngineResult(str(bundle.path), str(engine_path), precision, max_batch, round(time.time() - started, 1))
