@@ -39,8 +39,14 @@ $(DEMO_OUT)/bccd-test.mp4: | sysdeps
 
 sample: $(DEMO_OUT)/bccd-test.mp4
 
+# The main job: streamd on the sample video with the shipped model, a ZeroMQ subscriber beside it,
+# then the shipped model's BCCD test-split metrics.
 demo: sysdeps venv sample
-	$(VENV)/bin/streamd run configs/streamd/demo.yaml
+	rm -rf $(DEMO_OUT)/recordings $(DEMO_OUT)/detections
+	$(VENV)/bin/streamd listen tcp://127.0.0.1:5555 --stream bccd-file --count 5 --timeout-s 60 & \
+	$(VENV)/bin/streamd run configs/streamd/demo.yaml; status=$$?; wait; exit $$status
+	@echo; echo "annotated recordings:"; ls -l $(DEMO_OUT)/recordings
+	@echo "detection logs (one JSON line per frame):"; ls -l $(DEMO_OUT)/detections
 	$(VENV)/bin/trainer eval $(BUNDLE) --data configs/trainer/bccd-nano.yaml --split test --out $(DEMO_OUT)/eval
 
 test: sysdeps venv

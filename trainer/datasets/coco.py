@@ -13,9 +13,8 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
-from trainer.datasets.records import DatasetSplit, ImageRecord, Problem, clip_boxes
+from trainer.datasets.records import DatasetSplit, Problem, record_from_objects
 from trainer.datasets.voc import image_size
 
 
@@ -142,21 +141,11 @@ def load_coco(
             message = f"{where}: width x height {json_wh[0]}x{json_wh[1]} differs from the file's {width}x{height}"
             problems.append(Problem(ann_file, f"{message}; using the file's"))
         objects = annotations_of.pop(image_id, [])
-        xyxy = np.asarray([o[2] for o in objects], dtype=np.float32).reshape(-1, 4)
-        clipped, keep, box_problems = clip_boxes(xyxy, width, height, ann_file, [o[0] for o in objects])
-        problems.extend(replace(p, message=f"{where}: {p.message}") for p in box_problems)
-        records.append(
-            ImageRecord(
-                str(image_id),
-                image_path,
-                width,
-                height,
-                clipped[keep],
-                np.asarray([o[1] for o in objects], dtype=np.int64)[keep],
-                np.asarray([o[3] for o in objects], dtype=bool)[keep],
-                background=image_id not in annotated_ids,
-            )
+        record, box_problems = record_from_objects(
+            str(image_id), image_path, width, height, objects, ann_file, background=image_id not in annotated_ids
         )
+        problems.extend(replace(p, message=f"{where}: {p.message}") for p in box_problems)
+        records.append(record)
     problems.extend(
         Problem(ann_file, f"{len(objects)} annotation(s) of image id {image_id!r}, which is not in images; dropped")
         for image_id, objects in annotations_of.items()

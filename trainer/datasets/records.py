@@ -91,3 +91,25 @@ def clip_boxes(
         elif not np.allclose(clipped[i], xyxy[i]):
             problems.append(Problem(source, f"box {box} ({labels[i]}) outside the {width}x{height} image, clipped"))
     return clipped, keep, problems
+
+
+def record_from_objects(
+    image_id: str, path: Path, width: int, height: int, objects: list[tuple], source: Path, background: bool = False
+) -> tuple[ImageRecord, list[Problem]]:
+    """An ImageRecord from parsed objects [(label, class index, xyxy, difficult)], boxes clipped or dropped.
+
+    source is the annotation file the problems name.
+    """
+    xyxy = np.asarray([o[2] for o in objects], dtype=np.float32).reshape(-1, 4)
+    clipped, keep, problems = clip_boxes(xyxy, width, height, source, [o[0] for o in objects])
+    record = ImageRecord(
+        image_id,
+        path,
+        width,
+        height,
+        clipped[keep],
+        np.asarray([o[1] for o in objects], dtype=np.int64).reshape(-1)[keep],
+        np.asarray([o[3] for o in objects], dtype=bool).reshape(-1)[keep],
+        background=background,
+    )
+    return record, problems

@@ -8,7 +8,7 @@ import numpy as np
 from defusedxml import ElementTree
 from PIL import Image, UnidentifiedImageError
 
-from trainer.datasets.records import DatasetSplit, ImageRecord, Problem, clip_boxes
+from trainer.datasets.records import DatasetSplit, ImageRecord, Problem, record_from_objects
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -97,18 +97,7 @@ def load_voc(root: Path, split: str, class_names: tuple[str, ...], dataset: str 
         problems.extend(xml_problems)
         if xml_wh is not None and xml_wh != (width, height):
             problems.append(Problem(xml_path, f"<size> {xml_wh[0]}x{xml_wh[1]} differs from the image's {width}x{height}; using the image's"))
-        xyxy = np.asarray([o[2] for o in objects], dtype=np.float32).reshape(-1, 4)
-        clipped, keep, box_problems = clip_boxes(xyxy, width, height, xml_path, [o[0] for o in objects])
+        record, box_problems = record_from_objects(image_id, image_path, width, height, objects, xml_path)
         problems.extend(box_problems)
-        records.append(
-            ImageRecord(
-                image_id,
-                image_path,
-                width,
-                height,
-                clipped[keep],
-                np.asarray([o[1] for o in objects], dtype=np.int64)[keep],
-                np.asarray([o[3] for o in objects], dtype=bool)[keep],
-            )
-        )
+        records.append(record)
     return DatasetSplit(dataset, split, tuple(class_names), tuple(records), tuple(problems))
