@@ -80,13 +80,22 @@ def evaluate_model(model, split: DatasetSplit, input_hw, device) -> dict:
 
 
 def _rng_state() -> dict:
-    """Every random state the data pipeline draws from, so that a resumed run replays the same batches."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random state the data pipeline draws from, so that a resumed run replays the same batches.
+
+    Tensors, ints and tuples only, so that `torch.load(weights_only=True)` still reads the checkpoint.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -136,3 +137,13 @@ def test_bad_experiment_exits_2_with_file_and_line(voc_dataset, tmp_path, classe
     assert result.exit_code == 2
     assert f"{config}:" in result.output and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_checkpoint_evaluates_and_loads_weights_only(trained):
+    """A checkpoint (RNG state included) stays loadable with torch.load(weights_only=True)."""
+    from trainer.evaluate import load_detector
+
+    exp, result = trained
+    torch.load(result.last_checkpoint, weights_only=True)
+    detector = load_detector(Path(result.best_checkpoint), exp)
+    assert detector.class_names == exp.classes

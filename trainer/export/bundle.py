@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from streamd.model.bundle import Bundle, write_bundle
 from trainer import __version__
 from trainer.config import Experiment
 from trainer.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
 from trainer.yolox_adapter import build_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,25 @@ def load_checkpoint(path: Path) -> tuple[dict, Experiment]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or "model" not in state or "experiment" not in state:
         raise ValueError(f"{path}: not a trainer checkpoint (needs 'model' and 'experiment'; was it written by `trainer train`?)")
-    return state, Experiment.model_validate(state["experiment"])
+    return state, stored_experiment(state["experiment"], path)
+
+
+def stored_experiment(raw: dict, source: Path) -> Experiment:
+    """The experiment saved in a checkpoint; settings this trainer version no longer has are dropped with a warning."""
+    raw = copy.deepcopy(raw)
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as exc:
+        unknown = [err["loc"] for err in exc.errors() if err["type"] == "extra_forbidden"]
+        if len(unknown) != len(exc.errors()):
+            raise ValueError(f"{source}: the experiment stored in the checkpoint is not valid: {exc}") from exc
+    for loc in unknown:
+        parent = raw
+        for part in loc[:-1]:
+            parent = parent[part]
+        parent.pop(loc[-1])
+        log.warning("%s: dropped setting %s, unknown to this trainer version", source, ".".join(map(str, loc)))
+    return Experiment.model_validate(raw)
 
 
 def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> ExportResult:
