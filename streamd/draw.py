@@ -70,6 +70,9 @@ def draw_detections(
     # Line width and text size follow the frame size so that tags stay legible from 320p to 4K.
     thickness = max(1, round(min(canvas.shape[:2]) / 360))
     scale = max(0.35, min(canvas.shape[:2]) / 1000)
+    if timestamp_text:
+        # First, so that a detection's tag at the top edge is drawn over the timestamp, never under it.
+        _tag(canvas, timestamp_text, 0, 0, (0, 0, 0), scale, thickness)  # pushed down to sit at the top edge
     for (x1, y1, x2, y2), score, class_id in zip(
         np.rint(detections.xyxy).astype(np.int32), detections.confidence, detections.class_id
     ):
@@ -77,6 +80,4 @@ def draw_detections(
         cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), color, thickness)
         label = class_names[class_id] if 0 <= class_id < len(class_names) else str(int(class_id))
         _tag(canvas, f"{label} {score:.2f}", int(x1), int(y1), color, scale, thickness)
-    if timestamp_text:
-        _tag(canvas, timestamp_text, 0, 0, (0, 0, 0), scale, thickness)  # pushed down to sit at the top edge
     return canvas
