@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -96,8 +96,7 @@ def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> Expor
         "metrics": {f"val_{k}": v for k, v in val.items()},
     }
     bundle: Bundle = write_bundle(out, onnx_bytes, meta)
-    result = ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), int(state.get("epoch", 0)), meta["metrics"])
-    return result
+    return ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), int(state.get("epoch", 0)), meta["metrics"])
 
 
 def add_metrics(bundle_path: Path, metrics: dict[str, float]) -> None:
@@ -108,4 +107,4 @@ def add_metrics(bundle_path: Path, metrics: dict[str, float]) -> None:
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-__all__ = ["ExportResult", "add_metrics", "export_bundle", "load_checkpoint", "resolve_checkpoint", "asdict"]
+__all__ = ["ExportResult", "add_metrics", "export_bundle", "load_checkpoint", "resolve_checkpoint", "stored_experiment"]
