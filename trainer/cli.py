@@ -93,7 +93,7 @@ def eval_cmd(
     _setup_logging(verbose)
     exp = load_experiment(data)
     if source.is_dir() and not (source / "bundle.json").is_file():
-        from trainer.export.bundle import resolve_checkpoint
+        from trainer.checkpoint import resolve_checkpoint
 
         source = resolve_checkpoint(source)
     detector = load_detector(source, exp)

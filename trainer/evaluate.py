@@ -30,7 +30,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from rich.console import Console
@@ -335,24 +334,12 @@ def load_detector(path: str | Path, exp: Experiment) -> Detector:
 
 
 def _checkpoint_detector(path: Path, exp: Experiment) -> Detector:
+    from trainer.checkpoint import model_from_state, read_checkpoint
     from trainer.train import pick_device
-    from trainer.yolox_adapter import build_model
 
-    try:
-        # weights_only: a checkpoint is tensors and plain values, and nothing in it should run code.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors for a bad file
-        raise ValueError(f"{path}: not a readable torch checkpoint: {exc}") from exc
-    try:
-        trained = checkpoint["experiment"]
-        architecture, input_hw = trained["model"]["architecture"], tuple(trained["model"]["input_hw"])
-        class_names, name, state = tuple(trained["classes"]), trained["name"], checkpoint["model"]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a checkpoint written by `trainer train` (missing {exc})") from exc
-    model = build_model(architecture, len(class_names))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit a {architecture} with {len(class_names)} classes: {exc}") from exc
-    detector = torch_detector(model, input_hw, class_names, str(pick_device(exp.train.device)))
-    return dataclasses.replace(detector, name=name, sha256=sha256_file(path))
+    state = read_checkpoint(path)
+    model = model_from_state(state, path)
+    trained = state["experiment"]
+    input_hw, classes = tuple(trained["model"]["input_hw"]), tuple(trained["classes"])
+    detector = torch_detector(model, input_hw, classes, str(pick_device(exp.train.device)))
+    return dataclasses.replace(detector, name=trained.get("name", path.stem), sha256=sha256_file(path))

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from trainer import __version__
+from trainer.checkpoint import read_checkpoint
 from trainer.config import Experiment
 from trainer.datasets import load_split
 from trainer.datasets.records import DatasetSplit
@@ -161,7 +163,7 @@ def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None =
     if resume:
         if not last_path.is_file():
             raise FileNotFoundError(f"{last_path}: nothing to resume from")
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        state = read_checkpoint(last_path)
         model.load_state_dict(state["raw_model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -257,7 +259,7 @@ def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None =
     if distributed:
         torch.distributed.destroy_process_group()
     if not best_path.is_file() and last_path.is_file():
-        _save(best_path, torch.load(last_path, map_location="cpu", weights_only=False))
+        shutil.copyfile(last_path, best_path)  # never validated (no eval epoch ran): the last weights stand in
     result = TrainResult(
         run_dir=str(run_dir), epochs=end_epoch, best_epoch=best_epoch,
         best_val_map50=best_map, last_checkpoint=str(last_path), best_checkpoint=str(best_path),
