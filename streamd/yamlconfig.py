@@ -5,10 +5,19 @@ both report a bad file the same way:
 
     configs/room1.yaml:7: streams.0.record.segment_s: Input should be greater than 0 (got -5)
     configs/room1.yaml:3: batch.max_batchh: unknown field; did you mean 'max_batch'?
+    configs/room1.yaml:9: duplicate key 'batch' (first at line 3)
+
+Before validation a document is refused when it is not UTF-8, repeats a key
+(YAML would keep the last value without a word), nests deeper than MAX_DEPTH,
+or expands through aliases to more than MAX_EXPANDED_NODES nodes (a "billion
+laughs" bomb: 720 bytes that expand to 10^9 nodes). After validation, a YAML
+boolean that a field took as a number (pydantic's lax mode reads `true` as 1)
+is an error too, for every model, without a per-field strict flag.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +28,84 @@ from pydantic import BaseModel, ValidationError
 from streamd.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+
+# A config holds hundreds of nodes; 10,000 leaves room for any real one and refuses a bomb at its fifth level.
+MAX_EXPANDED_NODES = 10_000
+MAX_DEPTH = 64  # the composer recurses once per level: refuse long before Python's recursion limit
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a file that must be UTF-8 (a leading BOM dropped).
+
+    Raises OSError when it cannot be read, ValueError naming the file and the
+    offset of the first byte that is not UTF-8.
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}): {exc.reason}"
+        ) from exc
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A document that parses but is refused before it is built; `problem` says why, `problem_mark` where."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses repeated keys, deep nesting and alias expansion beyond MAX_EXPANDED_NODES.
+
+    An alias shares its anchor's node in the composed graph, so composing and
+    constructing a bomb is cheap; what explodes is every walk over the result
+    (the line map, pydantic). The composer therefore counts each node's size
+    with its aliases expanded (memoised, so counting is linear in the text).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._expanded_size: dict[int, int] = {}  # id(node) -> its node count with aliases expanded
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        alias = self.peek_event() if self.check_event(yaml.AliasEvent) else None
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(problem=f"nested deeper than {MAX_DEPTH} levels", problem_mark=self.peek_event().start_mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if alias is not None:
+            if id(node) not in self._expanded_size:
+                raise _Refused(problem=f"alias *{alias.anchor} refers to a node that contains it", problem_mark=alias.start_mark)
+            return node
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        size = 1 + sum(self._expanded_size[id(child)] for child in children)
+        if size > MAX_EXPANDED_NODES:
+            problem = f"aliases expand this node to {size:,} nodes, more than the {MAX_EXPANDED_NODES:,} a config may hold"
+            raise _Refused(problem=problem, problem_mark=node.start_mark)
+        self._expanded_size[id(node)] = size
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        """Refuse a key given twice; keys brought in by a merge (`<<: *base`) may be overridden, as YAML intends."""
+        first_line: dict = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if not isinstance(key, collections.abc.Hashable):
+                break  # the base class refuses it with its own message
+            if key in first_line:
+                problem = f"duplicate key {key_node.value!r} (first at line {first_line[key]})"
+                raise _Refused(problem=problem, problem_mark=key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _node_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
@@ -102,24 +189,73 @@ def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int:
     return lines.get(loc, 1)
 
 
-def load_yaml_model(path: str | Path, model: type[M], context: dict | None = None) -> M:
-    """Parse and validate `path` as `model`; raise ConfigError with every problem listed."""
-    path = Path(path)
+def _member(value: object, key: object) -> object:
+    """The field, or dict entry, of a validated value that the YAML key `key` set; _MISSING when there is none."""
+    if isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            if key in (name, field.alias):
+                return getattr(value, name)
+    elif isinstance(value, dict):
+        return value.get(key, _MISSING)
+    return _MISSING
+
+
+_MISSING = object()
+
+
+def _booleans_read_as_numbers(data: object, value: object, loc: tuple = ()) -> list[tuple]:
+    """Locations where the YAML holds a boolean and the validated model a number (pydantic's lax int and float)."""
+    if isinstance(data, bool):
+        return [loc] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+    if isinstance(data, dict):
+        return [found for key, item in data.items() for found in _booleans_read_as_numbers(item, _member(value, key), (*loc, key))]
+    if isinstance(data, list) and isinstance(value, (list, tuple)) and len(data) == len(value):
+        return [found for i, item in enumerate(data) for found in _booleans_read_as_numbers(item, value[i], (*loc, i))]
+    return []
+
+
+def _parse(path: Path, text: str) -> tuple[yaml.Node | None, object]:
+    """The composed document (for line numbers) and its Python value; ConfigError naming file and line."""
+    loader = None
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = _BoundedLoader(text)
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"{path}:{line}: not valid YAML: character U+{exc.character:04X} is not allowed") from exc
+    except _Refused as exc:
+        raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def load_yaml_model(path: str | Path, model: type[M], context: dict | None = None) -> M:
+    """Parse and validate `path` as `model`; raise ConfigError with every problem listed."""
+    path = Path(path)
+    try:
+        text = read_utf8(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    node, data = _parse(path, text)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of settings at the top level")
     try:
-        return model.model_validate(data, context={"base_dir": path.parent, **(context or {})})
+        loaded = model.model_validate(data, context={"base_dir": path.parent, **(context or {})})
     except ValidationError as exc:
-        lines = _node_lines(node) if node is not None else {}
-        raise ConfigError(format_errors(path, model, exc, lines)) from exc
+        raise ConfigError(format_errors(path, model, exc, _node_lines(node))) from exc
+    booleans = _booleans_read_as_numbers(data, loaded)
+    if booleans:
+        lines = _node_lines(node)
+        raise ConfigError("\n".join(
+            f"{path}:{_nearest_line(lines, loc)}: {'.'.join(map(str, loc))}: Input should be a number, not a boolean"
+            for loc in booleans
+        ))
+    return loaded
