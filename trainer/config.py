@@ -6,6 +6,7 @@ can be run from anywhere.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,8 @@ from streamd.yamlconfig import load_yaml_model
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan pass `ge=0` (weight_decay: .inf) and poison a run hours later: refuse them here
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -84,7 +86,7 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     ema: bool = True
     amp: bool = Field(True, description="Mixed precision; only takes effect on CUDA.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds Python, NumPy (which takes 0 to 2**32 - 1) and torch.")
     workers: int = Field(2, ge=0, le=64, description="Data loader worker processes.")
     eval_interval: int = Field(5, ge=1, description="Validate (mAP on the val split) every N epochs.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -106,7 +108,7 @@ class ExportConfig(_Strict):
 
 
 class Experiment(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="Run and bundle name.")
+    name: str = Field(min_length=1, max_length=128, description="Run and bundle name; the run folder is output_dir/name.")
     classes: tuple[str, ...] = Field(min_length=1, description="Class names in label order.")
     dataset: DatasetConfig
     model: ModelConfig = ModelConfig()
@@ -114,6 +116,14 @@ class Experiment(_Strict):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     output_dir: Path = Field(Path("runs"), description="Runs go to output_dir/name/, relative to the working directory.")
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        """One plain folder name: '..', 'a/b' or '/abs' would put the run outside output_dir."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("must be one folder name under output_dir: letters, digits, '.', '_', '-', not starting with '.'")
+        return value
 
     @field_validator("classes")
     @classmethod
