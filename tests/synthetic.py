@@ -357,3 +357,32 @@ def write_experiment(path: Path, root: Path, format: str, classes: tuple[str, ..
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(_merge(experiment, overrides), sort_keys=False))
     return path
+
+
+def truncate(path: Path, keep: float = 0.5) -> Path:
+    """Cut a file to the first `keep` of its bytes, as an interrupted copy leaves it; return the path.
+
+    A JPEG cut this way still opens and passes PIL's verify(); OpenCV decodes its missing part as grey.
+    """
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+    return Path(path)
+
+
+def assert_sound(split, root: Path) -> None:
+    """What any loaded split must hold, however bad its files: each problem names a file under root,
+    each box is finite, inside its image and of positive area, each class id is a class.
+
+    split: a trainer.datasets.records.DatasetSplit.
+    """
+    root = Path(root).resolve()
+    for problem in split.problems:
+        assert problem.severity in ("error", "warning") and problem.message
+        assert Path(problem.file).resolve().is_relative_to(root), problem
+    for record in split.records:
+        assert Path(record.path).resolve().is_relative_to(root), record.path
+        xyxy = record.xyxy
+        assert np.isfinite(xyxy).all(), record
+        assert (xyxy[:, [0, 1]] >= 0).all() and (xyxy[:, 2] <= record.width).all() and (xyxy[:, 3] <= record.height).all()
+        assert (xyxy[:, 2] > xyxy[:, 0]).all() and (xyxy[:, 3] > xyxy[:, 1]).all()
+        assert ((record.class_id >= 0) & (record.class_id < len(split.class_names))).all()

@@ -75,6 +75,12 @@ class DatasetSplit:
         return digest.hexdigest()
 
 
+def leaves_root(name: str) -> bool:
+    """Whether a file name from a dataset (a split id, a COCO file_name) points outside its folder: absolute or with '..'."""
+    path = Path(name)
+    return path.is_absolute() or ".." in path.parts
+
+
 def clip_boxes(
     xyxy: np.ndarray, width: int, height: int, source: Path, labels: list[str]
 ) -> tuple[np.ndarray, np.ndarray, list[Problem]]:
