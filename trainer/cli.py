@@ -25,6 +25,8 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:
+            raise  # a command's own exit status (typer's Exit is a RuntimeError): not an error to report
         except ConfigError as exc:
             console.print(f"[red]invalid config[/red]\n{exc}", highlight=False)
             raise typer.Exit(2) from None
@@ -49,11 +51,11 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 def check_dataset_cmd(config: Path, verbose: Verbose = False) -> None:
     """Per-class counts, image sizes, background images and every problem with its file."""
     from trainer.config import load_experiment
-    from trainer.datasets.check import check_dataset, print_report
+    from trainer.datasets.check import check_dataset, print_report, report_console
 
     _setup_logging(verbose)
     report = check_dataset(load_experiment(config))
-    print_report(report, Console())
+    print_report(report, report_console())
     if report.num_errors:
         raise typer.Exit(1)
 

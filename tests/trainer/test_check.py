@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
-from synthetic import FLAWS, SPLITS, SyntheticDataset, make_coco, make_voc, write_experiment
+from synthetic import FLAWS, SPLITS, SyntheticDataset, make_coco, make_voc, truncate, write_experiment
+from trainer.cli import app
 from trainer.config import Experiment, load_experiment
 from trainer.datasets.check import BoxSizeStats, DatasetReport, SplitStats, check_dataset, print_report, split_source
 from trainer.datasets.records import Problem
@@ -195,3 +197,48 @@ def test_bccd_has_three_classes_two_zero_area_boxes_and_no_errors(bccd_root: Pat
         ("warning", "BloodImage_00338.xml", "zero-area box [504.0, 337.0, 504.0, 337.0] (RBC) dropped"),
     ]
 
+
+
+@pytest.mark.parametrize(("format", "image"), [("voc", "JPEGImages/img_001.jpg"), ("coco", "img_001.jpg")])
+def test_truncated_image_is_an_error(tmp_path: Path, format: str, image: str) -> None:
+    """PIL's verify() passes a cut JPEG; training would then learn from its grey half."""
+    ds = MAKE[format](tmp_path / "data", n_images=10, background=0)
+    path = truncate(ds.root / image)
+    report = check_dataset(experiment(tmp_path, ds))
+    assert [(p.severity, p.file) for p in report.problems] == [("error", path)]
+    assert report.problems[0].message.startswith("unreadable image: image file is truncated")
+
+
+def test_background_images_are_counted_and_a_misnamed_annotation_is_a_warning(tmp_path: Path) -> None:
+    ds = make_voc(tmp_path / "data", n_images=10, background=2)
+    renamed = (ds.root / "Annotations" / "img_000.xml").rename(ds.root / "Annotations" / "img_000.XML")
+    report = check_dataset(experiment(tmp_path, ds))
+    assert [s.num_background for s in report.splits] == [2, 1, 0]  # img_000 (train) and the two generated ones
+    assert report.problems == (
+        Problem(renamed, "not read: the annotation of image 'img_000' must be named 'img_000.xml'; read as background"),
+    )
+    assert "3 background image(s) without annotation (train 2, val 1): trained as images with no objects" in rendered(report)
+
+
+runner = CliRunner()
+
+
+def test_cli_exits_1_on_errors_without_a_stray_error_line_and_never_cuts_a_line(tmp_path: Path) -> None:
+    """Output to a log or pipe (not a terminal) was cut at 80 columns, and `error: 1` followed the report."""
+    ds = make_voc(tmp_path / "data", n_images=10, background=0, extras=("missing_image",))
+    (ds.root / "Annotations" / "img_000.xml").rename(ds.root / "Annotations" / "img_000.XML")
+    result = runner.invoke(app, ["check-dataset", str(write_experiment(tmp_path / "exp.yaml", ds.root, "voc", ds.classes))])
+    assert result.exit_code == 1
+    assert "error:" not in result.stderr
+    for line in (
+        "not read: the annotation of image 'img_000' must be named 'img_000.xml'; read as background",
+        "image 'flaw_missing_image' listed but not found in JPEGImages/",
+        "errors: 1 error(s), 1 warning(s)",
+    ):
+        assert line in result.stdout
+
+
+def test_cli_exits_0_for_a_clean_dataset(tmp_path: Path, voc_dataset: SyntheticDataset) -> None:
+    result = runner.invoke(app, ["check-dataset", str(write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes))])
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert "ok: 0 error(s), 0 warning(s)" in result.stdout

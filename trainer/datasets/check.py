@@ -22,6 +22,8 @@ from trainer.datasets.records import DatasetSplit, Problem
 
 SPLITS = ("train", "val", "test")
 MAX_SIZES_SHOWN = 4
+# Columns when the report goes to a file or a pipe (a log): rich would cut every table at 80.
+UNCUT_WIDTH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,12 @@ def _show_sizes(sizes: tuple[tuple[int, int, int], ...]) -> str:
     )
 
 
+def report_console() -> Console:
+    """Standard output: the terminal's width on a terminal, else wide enough that no table is cut."""
+    console = Console()
+    return console if console.is_terminal else Console(width=UNCUT_WIDTH)
+
+
 def print_report(report: DatasetReport, console: Console) -> None:
     """Print the report as tables: images and boxes per split and class, sizes, then every problem."""
     console.print(f"[bold]{escape(report.dataset)}[/bold] ({report.format}, {escape(str(report.root))})")
@@ -211,5 +219,9 @@ def print_report(report: DatasetReport, console: Console) -> None:
             style = "red" if p.severity == "error" else "yellow"
             problems.add_row(f"[{style}]{p.severity}[/{style}]", _show_path(p.file, report.root), escape(p.message))
         console.print(problems)
+    num_background = sum(s.num_background for s in report.splits)
+    if num_background:
+        per_split = ", ".join(f"{s.split} {s.num_background}" for s in report.splits if s.num_background)
+        console.print(f"{num_background} background image(s) without annotation ({per_split}): trained as images with no objects")
     verdict = "[red]errors[/red]" if report.num_errors else "[green]ok[/green]"
     console.print(f"{verdict}: {report.num_errors} error(s), {report.num_warnings} warning(s)")
