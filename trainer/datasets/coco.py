@@ -9,12 +9,13 @@ file, with the image named in the message, since that is the file to fix.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-
-from trainer.datasets.records import DatasetSplit, Problem, record_from_objects
+from streamd.yamlconfig import read_utf8
+from trainer.datasets.records import DatasetSplit, Problem, leaves_root, record_from_objects
 from trainer.datasets.voc import image_size
 
 
@@ -22,12 +23,13 @@ def _read_json(ann_file: Path) -> dict:
     """The JSON object of the annotation file; FileNotFoundError or ValueError naming the file."""
     if not ann_file.is_file():
         raise FileNotFoundError(f"{ann_file}: COCO annotation file not found")
+    text = read_utf8(ann_file)
     try:
-        document = json.loads(ann_file.read_bytes())
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{ann_file}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{ann_file}: not UTF-8 text: {exc.reason}") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; arrays nested thousands deep
+        raise ValueError(f"{ann_file}: unreadable JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise ValueError(f"{ann_file}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
@@ -36,16 +38,34 @@ def _read_json(ann_file: Path) -> dict:
     return document
 
 
+def _is_int(value: object) -> bool:
+    """An integer, not a boolean (which Python counts as one: `true` would be id 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id(value: object) -> bool:
+    """A COCO image id: an integer or a string."""
+    return _is_int(value) or isinstance(value, str)
+
+
 def _category_classes(
     categories: list, class_names: tuple[str, ...], ann_file: Path
 ) -> tuple[dict[int, int | None], dict[int, str], list[Problem]]:
-    """COCO category id -> class index (None for a category the experiment does not train), and id -> name."""
+    """COCO category id -> class index (None for a category the experiment does not train), and id -> name.
+
+    Raises ValueError for a category id listed twice: every annotation of it would be ambiguous.
+    """
     class_of, name_of, problems = {}, {}, []
     for category in categories:
-        if not isinstance(category, dict) or not isinstance(category.get("id"), int) or "name" not in category:
+        if not isinstance(category, dict) or not _is_int(category.get("id")) or "name" not in category:
             problems.append(Problem(ann_file, f"category {category!r} needs an integer id and a name; ignored", "error"))
             continue
         name = str(category["name"]).strip()
+        if category["id"] in name_of:
+            raise ValueError(
+                f"{ann_file}: category id {category['id']} is listed twice ({name_of[category['id']]!r} and {name!r}); "
+                "its annotations cannot be told apart"
+            )
         class_of[category["id"]] = class_names.index(name) if name in class_names else None
         name_of[category["id"]] = name
     known = ", ".join(sorted(set(name_of.values())))
@@ -58,10 +78,13 @@ def _category_classes(
 
 
 def _parse_bbox(bbox) -> list[float] | None:
-    """COCO [x, y, width, height] to [x1, y1, x2, y2], or None when it is not four numbers."""
-    if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+    """COCO [x, y, width, height] to [x1, y1, x2, y2] (maybe not finite), or None when it is not four numbers."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_int(v) or isinstance(v, float) for v in bbox):
         return None
-    x, y, w, h = (float(v) for v in bbox)
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except OverflowError:  # an integer beyond the float range
+        return [math.inf] * 4
     return [x, y, x + w, y + h]
 
 
@@ -74,10 +97,12 @@ def load_coco(
 
     Raises FileNotFoundError or ValueError, naming the file, when the JSON is
     missing, not JSON, or lacks the three lists. Anything wrong inside it becomes
-    a Problem: an unreadable or missing image is skipped (error); an annotation
-    of a category not in `class_names`, or with a bad bbox, is dropped (warning);
-    boxes are clipped to the image (warning). An image with no annotation is a
-    background image. `iscrowd: 1` boxes are kept as difficult.
+    a Problem: an unreadable or missing image, or a file_name that leaves
+    `image_root`, is skipped (error); an annotation of a category not in
+    `class_names`, or with a bad bbox, is dropped (warning; error when the bbox
+    is not finite); boxes are clipped to the image (warning). An image with no
+    annotation is a background image. `iscrowd: 1` boxes are kept as difficult.
+    A boolean is never taken for a number (`true` would be id 1).
     """
     image_root, ann_file = Path(image_root), Path(ann_file)
     document = _read_json(ann_file)
@@ -86,13 +111,16 @@ def load_coco(
     annotations_of: dict[int | str, list[tuple[str, int, list[float], bool]]] = defaultdict(list)
     annotated_ids: set[int | str] = set()  # any annotation at all, kept or dropped: such an image is not background
     dropped_by_category: Counter[int] = Counter()
+    file_name_of = {  # for messages about an annotation
+        image["id"]: image.get("file_name") for image in document["images"] if isinstance(image, dict) and _is_id(image.get("id"))
+    }
     for annotation in document["annotations"]:
-        if not isinstance(annotation, dict) or not isinstance(annotation.get("image_id"), (int, str)):
+        if not isinstance(annotation, dict) or not _is_id(annotation.get("image_id")):
             problems.append(Problem(ann_file, f"annotation {annotation!r} needs an image_id; dropped"))
             continue
         ann_id, category_id = annotation.get("id"), annotation.get("category_id")
         annotated_ids.add(annotation["image_id"])
-        if not isinstance(category_id, int) or category_id not in class_of:
+        if not _is_int(category_id) or category_id not in class_of:
             message = f"annotation {ann_id}: category_id {category_id!r} is not in categories; dropped"
             problems.append(Problem(ann_file, message))
             continue
@@ -103,6 +131,11 @@ def load_coco(
         if xyxy is None:
             message = f"annotation {ann_id}: bbox {annotation.get('bbox')!r} is not [x, y, w, h]; dropped"
             problems.append(Problem(ann_file, message))
+            continue
+        if not all(map(math.isfinite, xyxy)):  # clipping would turn inf into a full-width box
+            image_id = annotation["image_id"]
+            where = f"annotation {ann_id} of image {file_name_of.get(image_id)!r} (id {image_id!r})"
+            problems.append(Problem(ann_file, f"{where}: bbox {annotation['bbox']!r} is not finite; dropped", "error"))
             continue
         difficult = annotation.get("iscrowd", 0) == 1
         annotations_of[annotation["image_id"]].append((name_of[category_id], class_of[category_id], xyxy, difficult))
@@ -117,7 +150,7 @@ def load_coco(
 
     records, seen_ids = [], set()
     for image in document["images"]:
-        valid = isinstance(image, dict) and isinstance(image.get("id"), (int, str)) and isinstance(image.get("file_name"), str)
+        valid = isinstance(image, dict) and _is_id(image.get("id")) and isinstance(image.get("file_name"), str)
         if not valid:
             problems.append(Problem(ann_file, f"image entry {image!r} needs an id and a file_name; skipped", "error"))
             continue
@@ -127,6 +160,9 @@ def load_coco(
             problems.append(Problem(ann_file, f"{where}: image id {image_id} repeated; skipped", "error"))
             continue
         seen_ids.add(image_id)
+        if leaves_root(file_name):
+            problems.append(Problem(ann_file, f"{where}: file_name points outside {image_root}; skipped", "error"))
+            continue
         image_path = image_root / file_name
         if not image_path.is_file():
             problems.append(Problem(ann_file, f"{where} not found under {image_root}; skipped", "error"))
