@@ -68,7 +68,7 @@ NASTY = [
 ]
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_experiment_yaml_is_loaded_or_refused_naming_the_file(data: st.DataObject) -> None:
     """Any mutation of a valid experiment: an Experiment, or a ConfigError whose every line starts with the file."""
