@@ -189,6 +189,9 @@ def _nearest_line(lines: dict[tuple, int], loc: tuple) -> int:
     return lines.get(loc, 1)
 
 
+_MISSING = object()
+
+
 def _member(value: object, key: object) -> object:
     """The field, or dict entry, of a validated value that the YAML key `key` set; _MISSING when there is none."""
     if isinstance(value, BaseModel):
@@ -198,9 +201,6 @@ def _member(value: object, key: object) -> object:
     elif isinstance(value, dict):
         return value.get(key, _MISSING)
     return _MISSING
-
-
-_MISSING = object()
 
 
 def _booleans_read_as_numbers(data: object, value: object, loc: tuple = ()) -> list[tuple]:
