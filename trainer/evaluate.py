@@ -30,6 +30,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from rich.console import Console
@@ -38,15 +39,23 @@ from tqdm import tqdm
 
 from streamd.model import sha256_file
 from streamd.model.detections import Detections
+from trainer.checkpoint import read_checkpoint
 from trainer.config import Experiment
 from trainer.datasets.records import DatasetSplit
 from trainer.detect import Detector, bundle_detector, torch_detector
+from trainer.device import pick_device
 from trainer.metrics import PrCurve, voc_metrics
 
 REPORT_FILE = "report.json"
 PR_CURVES_FILE = "pr_curves.png"
 # COCOeval.stats indices of the summary numbers we keep (area "all", 100 detections per image).
 COCO_STATS = {"coco_ap": 0, "coco_ap50": 1, "coco_ap75": 2, "coco_ap_small": 3, "coco_ap_medium": 4, "coco_ap_large": 5}
+# Detection thresholds for AP: a low conf_threshold keeps the low-score tail that AP integrates over (YOLOX
+# evaluates at 0.001 too); the NMS IoU is YOLOX's evaluation one.
+AP_CONF_THRESHOLD = 0.001
+AP_IOU_THRESHOLD = 0.65
+# What validation during training measures (best.pth is picked by voc_map50), in metrics.csv's column order.
+VAL_KEYS = ("voc_map50", "voc07_map50", "voc_map50_95")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,18 +207,29 @@ def detect_split(
     return predictions
 
 
+def validation_metrics(
+    model: torch.nn.Module, split: DatasetSplit, input_hw: tuple[int, int], device: torch.device
+) -> dict[str, float]:
+    """VAL_KEYS of a torch YOLOX model on a split, at evaluate's low thresholds (VOC only: no COCOeval per epoch).
+
+    The model is put in eval mode (trainer.yolox_adapter.inference_model).
+    """
+    detector = torch_detector(model, input_hw, split.class_names, str(device))
+    metrics = voc_metrics(split, detect_split(detector, split, AP_CONF_THRESHOLD, AP_IOU_THRESHOLD))
+    return {key: metrics[key] for key in VAL_KEYS}
+
+
 def evaluate(
     detector: Detector,
     split: DatasetSplit,
-    conf_threshold: float = 0.001,
-    iou_threshold: float = 0.65,
+    conf_threshold: float = AP_CONF_THRESHOLD,
+    iou_threshold: float = AP_IOU_THRESHOLD,
     batch_size: int = 8,
     out_dir: Path | None = None,
 ) -> EvalReport:
     """Score `detector` on `split`; with `out_dir`, also write report.json and pr_curves.png there.
 
-    The low default conf_threshold keeps the low-score tail that AP integrates
-    over (YOLOX evaluates at 0.001 too); iou_threshold is the NMS IoU.
+    iou_threshold is the NMS IoU; the defaults are AP's (AP_CONF_THRESHOLD, AP_IOU_THRESHOLD).
     """
     started = time.time()
     predictions = detect_split(detector, split, conf_threshold, iou_threshold, batch_size)
@@ -334,12 +354,9 @@ def load_detector(path: str | Path, exp: Experiment) -> Detector:
 
 
 def _checkpoint_detector(path: Path, exp: Experiment) -> Detector:
-    from trainer.checkpoint import model_from_state, read_checkpoint
-    from trainer.train import pick_device
-
-    state = read_checkpoint(path)
-    model = model_from_state(state, path)
-    trained = state["experiment"]
+    checkpoint = read_checkpoint(path)
+    model = checkpoint.load_model(path)
+    trained = checkpoint.experiment
     input_hw, classes = tuple(trained["model"]["input_hw"]), tuple(trained["classes"])
     detector = torch_detector(model, input_hw, classes, str(pick_device(exp.train.device)))
     return dataclasses.replace(detector, name=trained.get("name", path.stem), sha256=sha256_file(path))

@@ -1,28 +1,29 @@
 """Train YOLOX on an experiment: `train(exp) -> TrainResult`, written as JSON in the run folder.
 
-Run folder (output_dir/name/):
-    last.pth, best.pth    checkpoints (best by val VOC mAP@0.5)
-    metrics.csv           one row per epoch: losses, lr, val metrics when evaluated
-    curves.png            losses and val AP over epochs
-    train_result.json     the TrainResult
-    experiment.json       the validated experiment
+    train(exp)
+      init_process      device, DDP process group, seeds
+      checkpoint_to_resume (trainer.runs) when resuming
+      setup             splits, model, optimizer, data loader, schedule, AMP scaler, EMA
+      resume_from       a checkpoint's weights, optimizer, scaler, EMA, RNG and progress
+      per epoch:
+        train_one_epoch
+        validation_metrics (trainer.evaluate), every eval_interval epochs and at the last
+        save_epoch        last.pth, and best.pth when this epoch is the best validated
 
 Resuming (`resume=True`) reloads last.pth and continues at the saved epoch
 and iteration, so the learning-rate schedule, the no-aug tail and the EMA
 pick up where they stopped (YOLOX issue #506: AP collapses after a resume
-that restarts the schedule).
+that restarts the schedule). The run folder's files are listed in trainer.runs.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +32,16 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from trainer import __version__
-from trainer.checkpoint import read_checkpoint
+from trainer import yolox_adapter as yx
+from trainer.checkpoint import Checkpoint, RngState, save_checkpoint
 from trainer.config import Experiment
 from trainer.datasets import load_split
 from trainer.datasets.records import DatasetSplit
-from trainer import yolox_adapter as yx
+from trainer.device import pick_device
+from trainer.evaluate import validation_metrics
+from trainer.runs import BEST, LAST, MetricsLog, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
-
-LOSS_KEYS = ("total_loss", "iou_loss", "conf_loss", "cls_loss", "l1_loss")
 
 
 @dataclass(frozen=True)
@@ -55,56 +57,66 @@ class TrainResult:
     trainer_version: str = __version__
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class Process:
+    """This process's place in a (possibly DDP) run."""
+
+    device: torch.device
+    distributed: bool
+    rank: int
+    world_size: int
+
+    @property
+    def main(self) -> bool:
+        """Only the main process validates and writes the run folder."""
+        return self.rank == 0
 
 
-def _collate(batch):
-    images = torch.from_numpy(np.stack([b[0] for b in batch]))
-    targets = torch.from_numpy(np.stack([b[1] for b in batch]))
-    return images, targets
+@dataclass
+class Training:
+    """Everything one epoch of training reads and updates."""
+
+    exp: Experiment
+    process: Process
+    train_split: DatasetSplit
+    val_split: DatasetSplit
+    dataset_hash: str  # of the train split, recorded in every checkpoint
+    model: torch.nn.Module  # DistributedDataParallel-wrapped under DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    ema: yx.ModelEMA | None
+    dataset: yx.MosaicDetection
+    sampler: DistributedSampler | RandomSampler
+    loader: DataLoader
+    scheduler: yx.LRScheduler
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, best.pth and export use: the EMA weights, or the trained ones without EMA."""
+        return self.ema.ema if self.ema is not None else yx.unwrap(self.model)
 
 
-def evaluate_model(model, split: DatasetSplit, input_hw, device) -> dict:
-    """VOC mAP of a torch model on a split (low confidence threshold, as for any mAP)."""
-    from trainer.detect import torch_detector
-    from trainer.evaluate import detect_split
-    from trainer.metrics import voc_metrics
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands: epochs done and the best validation so far (-1.0 and epoch 0 before any)."""
 
-    detector = torch_detector(model, input_hw, split.class_names, str(device))
-    metrics = voc_metrics(split, detect_split(detector, split, conf_threshold=0.001, iou_threshold=0.65))
-    return {k: metrics[k] for k in ("voc_map50", "voc07_map50", "voc_map50_95")}
+    epoch: int = 0
+    best_val_map50: float = -1.0
+    best_epoch: int = 0
 
-
-def _rng_state() -> dict:
-    """Every random state the data pipeline draws from, so that a resumed run replays the same batches.
-
-    Tensors, ints and tuples only, so that `torch.load(weights_only=True)` still reads the checkpoint.
-    """
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
+    def after_epoch(self, val: dict[str, float]) -> Progress:
+        """One more epoch done, validated with `val` (empty: not validated); ties go to the later epoch."""
+        epoch = self.epoch + 1
+        if val and val["voc_map50"] >= self.best_val_map50:  # the later weights are averaged over longer
+            return Progress(epoch, val["voc_map50"], epoch)
+        return replace(self, epoch=epoch)
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-
-
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
+@dataclass(frozen=True)
+class EpochStats:
+    lr: float  # the learning rate of the epoch's last iteration
+    losses: dict[str, float]  # mean of each of yx.LOSS_KEYS over the epoch's iterations
 
 
 def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
@@ -114,20 +126,69 @@ def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None =
     still the experiment's): time-boxed training, continued with resume=True.
     """
     started = time.time()
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    process = init_process(exp)
+    run_dir = exp.run_dir
+    checkpoint = checkpoint_to_resume(exp) if resume else None
+    if process.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "experiment.json").write_text(exp.model_dump_json(indent=2))
+
+    training = setup(exp, process, fine_tune=checkpoint is None)
+    progress = resume_from(training, checkpoint) if checkpoint is not None else Progress()
+    if process.distributed:
+        device_ids = [process.device] if process.device.type == "cuda" else None
+        training.model = torch.nn.parallel.DistributedDataParallel(training.model, device_ids=device_ids)
+    metrics = MetricsLog(run_dir, append=checkpoint is not None) if process.main else None
+
+    end_epoch = exp.train.epochs if stop_after_epochs is None else min(exp.train.epochs, progress.epoch + stop_after_epochs)
+    try:
+        for epoch in range(progress.epoch, end_epoch):
+            epoch_started = time.time()
+            stats = train_one_epoch(training, epoch)
+            val = {}
+            if process.main and ((epoch + 1) % exp.train.eval_interval == 0 or epoch + 1 == exp.train.epochs):
+                val = validation_metrics(training.eval_model, training.val_split, exp.model.input_hw, process.device)
+            progress = progress.after_epoch(val)
+            if process.main:
+                save_epoch(training, progress, val, run_dir)
+                _report_epoch(metrics, exp, progress.epoch, stats, val, time.time() - epoch_started)
+    finally:
+        if process.distributed:
+            torch.distributed.destroy_process_group()
+
+    last_path, best_path = run_dir / LAST, run_dir / BEST
+    if process.main and not best_path.is_file() and last_path.is_file():
+        shutil.copyfile(last_path, best_path)  # never validated (no eval epoch ran): the last weights stand in
+    result = TrainResult(
+        run_dir=str(run_dir), epochs=end_epoch, best_epoch=progress.best_epoch,
+        best_val_map50=progress.best_val_map50, last_checkpoint=str(last_path), best_checkpoint=str(best_path),
+        seconds=round(time.time() - started, 1), dataset_hash=training.dataset_hash,
+    )
+    if process.main:
+        (run_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def init_process(exp: Experiment) -> Process:
+    """The device, the DDP process group when torchrun started WORLD_SIZE > 1 processes, and the seeds (seed + rank)."""
     device = pick_device(exp.train.device)
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if distributed:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
     rank = torch.distributed.get_rank() if distributed else 0
-    main_process = rank == 0
+    world_size = torch.distributed.get_world_size() if distributed else 1
     yx.seed_everything(exp.train.seed + rank)
+    return Process(device, distributed, rank, world_size)
 
-    run_dir = exp.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "experiment.json").write_text(exp.model_dump_json(indent=2))
 
+def setup(exp: Experiment, process: Process, fine_tune: bool) -> Training:
+    """The splits, the model (from `model.pretrained` when fine_tune), optimizer, loader, schedule, scaler and EMA.
+
+    The order is part of the run's reproducibility: the model's initialisation
+    draws from the torch RNG that init_process seeded.
+    """
     train_split = load_split(exp, "train")
     val_split = load_split(exp, "val")
     for problem in train_split.problems:
@@ -136,163 +197,118 @@ def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None =
         "train: %d images (%d background), val: %d images, classes: %s",
         len(train_split), train_split.num_background, len(val_split), ", ".join(exp.classes),
     )
-
+    device = process.device
     model = yx.build_model(exp.model.architecture, len(exp.classes))
-    if exp.model.pretrained is not None and not resume:
+    if fine_tune and exp.model.pretrained is not None:
         yx.load_pretrained(model, exp.model.pretrained)
     model.to(device)
     optimizer = yx.build_optimizer(exp, model)
 
     dataset = yx.build_train_dataset(exp, train_split)
-    world = torch.distributed.get_world_size() if distributed else 1
-    per_process_batch = max(1, exp.train.batch_size // world)
-    sampler = DistributedSampler(dataset, seed=exp.train.seed) if distributed else RandomSampler(dataset)
+    per_process_batch = max(1, exp.train.batch_size // process.world_size)
+    sampler = DistributedSampler(dataset, seed=exp.train.seed) if process.distributed else RandomSampler(dataset)
     loader = DataLoader(
         dataset, batch_size=per_process_batch, sampler=sampler, num_workers=exp.train.workers,
         collate_fn=_collate, drop_last=len(dataset) >= per_process_batch * 2,
         worker_init_fn=yx.worker_init, persistent_workers=False, pin_memory=device.type == "cuda",
     )
-    iters_per_epoch = len(loader)
-    scheduler = yx.build_scheduler(exp, iters_per_epoch)
     use_amp = exp.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, best_map, best_epoch = 0, -1.0, 0
-    ema_updates = 0
-    last_path, best_path = run_dir / "last.pth", run_dir / "best.pth"
-    if resume:
-        if not last_path.is_file():
-            raise FileNotFoundError(f"{last_path}: nothing to resume from")
-        state = read_checkpoint(last_path)
-        model.load_state_dict(state["raw_model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_map, best_epoch = state["epoch"], state["best_val_map50"], state["best_epoch"]
-        ema_updates = state["ema_updates"]
-        _set_rng_state(state["rng"])
-        log.info("resumed %s at epoch %d (iteration %d)", last_path, start_epoch, start_epoch * iters_per_epoch)
-    ema = yx.build_ema(model, updates=ema_updates) if exp.train.ema else None
-    if resume and ema is not None:
-        ema.ema.load_state_dict(state["model"])
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    csv_path = run_dir / "metrics.csv"
-    fields = ["epoch", "lr", *LOSS_KEYS, "voc_map50", "voc07_map50", "voc_map50_95", "seconds"]
-    if not resume or not csv_path.is_file():
-        with open(csv_path, "w", newline="") as handle:
-            csv.writer(handle).writerow(fields)
-
-    end_epoch = exp.train.epochs if stop_after_epochs is None else min(exp.train.epochs, start_epoch + stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        epoch_started = time.time()
-        if epoch >= exp.train.epochs - exp.train.no_aug_epochs:
-            yx.set_no_aug(model, dataset)
-        if distributed:
-            sampler.set_epoch(epoch)
-        model.train()
-        sums = dict.fromkeys(LOSS_KEYS, 0.0)
-        lr = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{exp.train.epochs}", disable=not main_process, leave=False, dynamic_ncols=True)
-        for i, (images, targets) in enumerate(bar):
-            iteration = epoch * iters_per_epoch + i + 1
-            lr = scheduler.update_lr(iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True).float()
-            targets = targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                losses = model(images, targets)
-            loss = losses["total_loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1} iteration {i + 1}: loss is {loss.item()}; lower lr_per_image")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            for key in LOSS_KEYS:
-                value = losses[key]
-                sums[key] += float(value.item() if torch.is_tensor(value) else value)
-            bar.set_postfix({k.replace("_loss", ""): f"{sums[k] / (i + 1):.3f}" for k in LOSS_KEYS} | {"lr": f"{lr:.2e}"})
-        means = {k: sums[k] / max(iters_per_epoch, 1) for k in LOSS_KEYS}
-        eval_model = ema.ema if ema is not None else yx.unwrap(model)
-        val = {}
-        last_epoch = epoch + 1 == exp.train.epochs
-        if main_process and ((epoch + 1) % exp.train.eval_interval == 0 or last_epoch):
-            val = evaluate_model(eval_model, val_split, exp.model.input_hw, device)
-            yx.unwrap(model).head.decode_in_inference = True
-            if val["voc_map50"] >= best_map:  # ties go to the later (longer-averaged) weights
-                best_map, best_epoch = val["voc_map50"], epoch + 1
-        if main_process:
-            state = {
-                "model": eval_model.state_dict(),
-                "raw_model": yx.unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema_updates": ema.updates if ema is not None else 0,
-                "epoch": epoch + 1,
-                "iteration": (epoch + 1) * iters_per_epoch,
-                "best_val_map50": best_map,
-                "best_epoch": best_epoch,
-                "experiment": exp.model_dump(mode="json"),
-                "dataset_hash": train_split.file_list_hash(),
-                "val_metrics": val,
-                "trainer_version": __version__,
-                "rng": _rng_state(),
-            }
-            _save(last_path, state)
-            if val and best_epoch == epoch + 1:
-                _save(best_path, state)
-            seconds = time.time() - epoch_started
-            with open(csv_path, "a", newline="") as handle:
-                csv.writer(handle).writerow(
-                    [epoch + 1, f"{lr:.6g}", *(f"{means[k]:.5f}" for k in LOSS_KEYS),
-                     *(f"{val[k]:.5f}" if val else "" for k in ("voc_map50", "voc07_map50", "voc_map50_95")), f"{seconds:.1f}"]
-                )
-            summary = " ".join(f"{k.replace('_loss', '')}={means[k]:.3f}" for k in LOSS_KEYS)
-            val_text = f" val mAP50={val['voc_map50']:.4f} mAP50:95={val['voc_map50_95']:.4f}" if val else ""
-            tqdm.write(f"epoch {epoch + 1}/{exp.train.epochs} {summary} lr={lr:.2e}{val_text} ({seconds:.0f}s)")
-            if val:
-                plot_curves(csv_path, run_dir / "curves.png")
-    if distributed:
-        torch.distributed.destroy_process_group()
-    if not best_path.is_file() and last_path.is_file():
-        shutil.copyfile(last_path, best_path)  # never validated (no eval epoch ran): the last weights stand in
-    result = TrainResult(
-        run_dir=str(run_dir), epochs=end_epoch, best_epoch=best_epoch,
-        best_val_map50=best_map, last_checkpoint=str(last_path), best_checkpoint=str(best_path),
-        seconds=round(time.time() - started, 1), dataset_hash=train_split.file_list_hash(),
+    return Training(
+        exp=exp, process=process, train_split=train_split, val_split=val_split,
+        dataset_hash=train_split.file_list_hash(), model=model, optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp), use_amp=use_amp,
+        ema=yx.build_ema(model) if exp.train.ema else None, dataset=dataset, sampler=sampler, loader=loader,
+        scheduler=yx.build_scheduler(exp, len(loader)),
     )
-    if main_process:
-        (run_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
 
 
-def plot_curves(csv_path: Path, png_path: Path) -> None:
-    """Loss terms and val AP over epochs, side by side."""
-    import matplotlib
+def resume_from(training: Training, checkpoint: Checkpoint) -> Progress:
+    """Put the checkpoint's weights, optimizer, scaler, EMA and RNG state back; its progress continues."""
+    training.model.load_state_dict(checkpoint.raw_model)
+    training.optimizer.load_state_dict(checkpoint.optimizer)
+    training.scaler.load_state_dict(checkpoint.scaler)
+    if training.ema is not None:
+        yx.load_ema(training.ema, checkpoint.model, checkpoint.ema_updates)
+    checkpoint.rng.restore()
+    log.info("resumed %s at epoch %d (iteration %d)", training.exp.run_dir / LAST, checkpoint.epoch, checkpoint.iteration)
+    return Progress(checkpoint.epoch, checkpoint.best_val_map50, checkpoint.best_epoch)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    with open(csv_path) as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        return
-    epochs = [int(r["epoch"]) for r in rows]
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in LOSS_KEYS:
-        ax_loss.plot(epochs, [float(r[key]) for r in rows], label=key)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="training losses", yscale="log")
-    ax_loss.legend()
-    for key in ("voc_map50", "voc_map50_95"):
-        points = [(int(r["epoch"]), float(r[key])) for r in rows if r[key]]
-        if points:
-            ax_ap.plot(*zip(*points), marker="o", label=key)
-    ax_ap.set(xlabel="epoch", ylabel="AP", title="validation", ylim=(0, 1))
-    ax_ap.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+def train_one_epoch(training: Training, epoch: int) -> EpochStats:
+    """One pass over the training data (epoch counted from 0), the learning rate set per iteration.
+
+    Raises FloatingPointError when the loss is not finite.
+    """
+    exp, model, device = training.exp, training.model, training.process.device
+    if epoch >= exp.train.epochs - exp.train.no_aug_epochs:
+        yx.set_no_aug(model, training.dataset)
+    if training.process.distributed:
+        training.sampler.set_epoch(epoch)
+    model.train()
+    iters_per_epoch = len(training.loader)
+    sums = dict.fromkeys(yx.LOSS_KEYS, 0.0)
+    lr = 0.0
+    bar = tqdm(training.loader, desc=f"epoch {epoch + 1}/{exp.train.epochs}", disable=not training.process.main,
+               leave=False, dynamic_ncols=True)
+    for i, (images, targets) in enumerate(bar):
+        lr = training.scheduler.update_lr(epoch * iters_per_epoch + i + 1)
+        for group in training.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(device, non_blocking=True).float()
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=training.use_amp):
+            losses = model(images, targets)
+        loss = losses["total_loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch + 1} iteration {i + 1}: loss is {loss.item()}; lower lr_per_image")
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
+        if training.ema is not None:
+            training.ema.update(model)
+        for key in yx.LOSS_KEYS:
+            value = losses[key]
+            sums[key] += float(value.item() if torch.is_tensor(value) else value)
+        bar.set_postfix({k.replace("_loss", ""): f"{sums[k] / (i + 1):.3f}" for k in yx.LOSS_KEYS} | {"lr": f"{lr:.2e}"})
+    return EpochStats(lr, {key: sums[key] / max(iters_per_epoch, 1) for key in yx.LOSS_KEYS})
+
+
+def save_epoch(training: Training, progress: Progress, val: dict[str, float], run_dir: Path) -> None:
+    """Write last.pth, and best.pth when this epoch is validated and the best so far."""
+    checkpoint = Checkpoint(
+        model=training.eval_model.state_dict(),
+        raw_model=yx.unwrap(training.model).state_dict(),
+        optimizer=training.optimizer.state_dict(),
+        scaler=training.scaler.state_dict(),
+        ema_updates=training.ema.updates if training.ema is not None else 0,
+        epoch=progress.epoch,
+        iteration=progress.epoch * len(training.loader),
+        best_val_map50=progress.best_val_map50,
+        best_epoch=progress.best_epoch,
+        val_metrics=val,
+        experiment=training.exp.model_dump(mode="json"),
+        dataset_hash=training.dataset_hash,
+        trainer_version=__version__,
+        rng=RngState.capture(),
+    )
+    save_checkpoint(run_dir / LAST, checkpoint)
+    if val and progress.best_epoch == progress.epoch:
+        save_checkpoint(run_dir / BEST, checkpoint)
+
+
+def _report_epoch(
+    metrics: MetricsLog, exp: Experiment, epoch: int, stats: EpochStats, val: dict[str, float], seconds: float
+) -> None:
+    """A metrics.csv row and one line on the terminal (epoch counted from 1)."""
+    metrics.add(epoch, stats.lr, stats.losses, val, seconds)
+    summary = " ".join(f"{k.replace('_loss', '')}={stats.losses[k]:.3f}" for k in yx.LOSS_KEYS)
+    val_text = f" val mAP50={val['voc_map50']:.4f} mAP50:95={val['voc_map50_95']:.4f}" if val else ""
+    tqdm.write(f"epoch {epoch}/{exp.train.epochs} {summary} lr={stats.lr:.2e}{val_text} ({seconds:.0f}s)")
+
+
+def _collate(batch):
+    """YOLOX samples (image float32 [3, H, W], target [max_labels, 5], ...) -> two stacked tensors."""
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    targets = torch.from_numpy(np.stack([b[1] for b in batch]))
+    return images, targets

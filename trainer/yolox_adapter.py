@@ -25,6 +25,9 @@ from trainer.datasets.records import DatasetSplit
 
 log = logging.getLogger(__name__)
 
+# The loss terms a YOLOX model returns in training mode, total first.
+LOSS_KEYS = ("total_loss", "iou_loss", "conf_loss", "cls_loss", "l1_loss")
+
 
 def yolox_config(exp: Experiment) -> YoloxConfig:
     """YOLOX's config for the experiment's architecture, with our settings mapped onto it."""
@@ -75,8 +78,15 @@ def build_scheduler(exp: Experiment, iters_per_epoch: int) -> LRScheduler:
     )
 
 
-def build_ema(model: nn.Module, updates: int = 0) -> ModelEMA:
-    return ModelEMA(model, 0.9998, updates=updates)
+def build_ema(model: nn.Module) -> ModelEMA:
+    """YOLOX's EMA of `model`'s weights (decay 0.9998, ramped up over the first updates); `.ema` is the averaged model."""
+    return ModelEMA(model, 0.9998)
+
+
+def load_ema(ema: ModelEMA, state: dict[str, torch.Tensor], updates: int) -> None:
+    """Put a saved EMA back: its weights and its update count (which sets where the decay ramp stands)."""
+    ema.ema.load_state_dict(state)
+    ema.updates = updates
 
 
 class RecordsDataset(YoloxDataset):

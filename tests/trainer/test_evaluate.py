@@ -9,12 +9,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
 from streamd.errors import BundleError
 from streamd.model import write_bundle
 from trainer.config import Experiment
 from trainer.datasets.records import DatasetSplit, ImageRecord
+from streamd.backends.base import FunctionBackend
 from trainer.detect import Detector
 from trainer.evaluate import PR_CURVES_FILE, REPORT_FILE, evaluate, load_detector, print_report
 
@@ -94,7 +96,7 @@ def zeros_run(batch: np.ndarray) -> np.ndarray:
     ids=["perfect", "blind", "ghosts"],
 )
 def test_report_and_its_files(tmp_path: Path, split: DatasetSplit, run, class_ap: list[float], num_detections: list[int]) -> None:
-    detector = Detector(run, INPUT_HW, CLASSES, name="fake", sha256="ab" * 32)
+    detector = Detector(FunctionBackend(run), INPUT_HW, CLASSES, name="fake", sha256="ab" * 32)
     report = evaluate(detector, split, batch_size=3, out_dir=tmp_path / "eval")
     for row, ap, count in zip(report.per_class, class_ap, num_detections):
         # exact boxes: the same AP at every IoU threshold, by every integration
@@ -121,7 +123,7 @@ def test_report_and_its_files(tmp_path: Path, split: DatasetSplit, run, class_ap
 def test_report_json_writes_nan_as_null(tmp_path: Path, split: DatasetSplit) -> None:
     """A class without ground truth has no AP: null in the JSON, not NaN (which is not JSON)."""
     three = DatasetSplit(split.dataset, split.split, (*CLASSES, "absent"), split.records)
-    detector = Detector(zeros_run, INPUT_HW, three.class_names)
+    detector = Detector(FunctionBackend(zeros_run), INPUT_HW, three.class_names)
     evaluate(detector, three, out_dir=tmp_path)
     data = json.loads((tmp_path / REPORT_FILE).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
     assert data["per_class"][2] | {"num_gt": 0} == data["per_class"][2]
@@ -133,7 +135,7 @@ def test_unreadable_image_is_an_error(tmp_path: Path, split: DatasetSplit) -> No
     broken.write_bytes(b"not a png")
     bad = DatasetSplit("synthetic", "test", CLASSES, (*split.records, ImageRecord("broken", broken, 10, 10, [], [], [])))
     with pytest.raises(OSError, match="broken.png: cannot be read"):
-        evaluate(Detector(zeros_run, INPUT_HW, CLASSES), bad)
+        evaluate(Detector(FunctionBackend(zeros_run), INPUT_HW, CLASSES), bad)
 
 
 def experiment(tmp_path: Path, classes: tuple[str, ...] = CLASSES) -> Experiment:
@@ -189,14 +191,25 @@ def test_bundle_detector_runs_on_onnxruntime(tmp_path: Path, split: DatasetSplit
     assert report.model_sha256 == detector.sha256 and report.voc_map50 == 0.0
 
 
-def test_checkpoint_detector(tmp_path: Path, split: DatasetSplit) -> None:
-    import torch
+def write_checkpoint(path: Path, weights: dict, trained: dict) -> Path:
+    """A checkpoint as `trainer train` writes it, with these weights (as EMA and raw) and experiment."""
+    from trainer.checkpoint import Checkpoint, RngState, save_checkpoint
 
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    save_checkpoint(path, Checkpoint(
+        model=weights, raw_model=weights, optimizer=torch.optim.SGD([parameter], lr=0.01).state_dict(),
+        scaler=torch.amp.GradScaler("cuda", enabled=False).state_dict(), ema_updates=0, epoch=0, iteration=0,
+        best_val_map50=-1.0, best_epoch=0, val_metrics={}, experiment=trained, dataset_hash="", trainer_version="test",
+        rng=RngState.capture(),
+    ))
+    return path
+
+
+def test_checkpoint_detector(tmp_path: Path, split: DatasetSplit) -> None:
     from trainer.yolox_adapter import build_model
 
-    path = tmp_path / "best.pth"
     trained = experiment(tmp_path).model_dump(mode="json") | {"model": {"architecture": "yolox_nano", "input_hw": [64, 64]}}
-    torch.save({"model": build_model("yolox_nano", len(CLASSES)).state_dict(), "experiment": trained}, path)
+    path = write_checkpoint(tmp_path / "best.pth", build_model("yolox_nano", len(CLASSES)).state_dict(), trained)
     detector = load_detector(path, experiment(tmp_path))
     assert (detector.name, detector.input_hw, detector.class_names) == ("fake", (64, 64), CLASSES)
     assert len(detector.sha256) == 64
@@ -225,20 +238,21 @@ def test_load_detector_errors(tmp_path: Path, make, error: type[Exception], matc
         load_detector(make(tmp_path), experiment(tmp_path))
 
 
-@pytest.mark.parametrize(
-    ("checkpoint", "match"),
-    [
-        ({"model": {}}, "not a checkpoint written by `trainer train`"),
-        ({"model": {"w": 1}, "experiment": {"name": "x", "classes": ["a"], "model": {"architecture": "yolox_nano",
-                                                                                     "input_hw": [64, 64]}}},
-         "weights do not fit a yolox_nano with 1 classes"),
-    ],
-    ids=["no-experiment", "wrong-weights"],
-)
-def test_load_detector_rejects_foreign_checkpoints(tmp_path: Path, checkpoint: dict, match: str) -> None:
-    import torch
+def megvii_checkpoint(path: Path) -> Path:
+    torch.save({"model": {}}, path)  # a Megvii checkpoint has a "model" too
+    return path
 
-    path = tmp_path / "foreign.pth"
-    torch.save(checkpoint, path)
+
+@pytest.mark.parametrize(
+    ("write", "match"),
+    [
+        (megvii_checkpoint, r"not a checkpoint written by `trainer train` \(missing raw_model, optimizer"),
+        (lambda path: write_checkpoint(path, {"w": torch.zeros(1)}, {"name": "x", "classes": ["a"], "model": {
+            "architecture": "yolox_nano", "input_hw": [64, 64]}}), "weights do not fit a yolox_nano with 1 classes"),
+    ],
+    ids=["megvii", "wrong-weights"],
+)
+def test_load_detector_rejects_foreign_checkpoints(tmp_path: Path, write, match: str) -> None:
+    path = write(tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match=match):
         load_detector(path, experiment(tmp_path))

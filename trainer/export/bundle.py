@@ -9,7 +9,7 @@ from pathlib import Path
 
 from streamd.model.bundle import Bundle, write_bundle
 from trainer import __version__
-from trainer.checkpoint import load_checkpoint, model_from_state, resolve_checkpoint
+from trainer.checkpoint import read_checkpoint, resolve_checkpoint
 from trainer.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
 
 
@@ -25,10 +25,10 @@ class ExportResult:
 def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> ExportResult:
     """Export the (EMA) weights of a checkpoint or run folder to a bundle folder `out`."""
     path = resolve_checkpoint(checkpoint)
-    state, exp = load_checkpoint(path)
-    model = model_from_state(state, path)
-    onnx_bytes = export_onnx(model, tuple(exp.model.input_hw), opset=exp.export.opset)
-    val = {k: float(v) for k, v in (state.get("val_metrics") or {}).items()}
+    state = read_checkpoint(path)
+    exp = state.trained_experiment(path)
+    onnx_bytes = export_onnx(state.load_model(path), tuple(exp.model.input_hw), opset=exp.export.opset)
+    val = {k: float(v) for k, v in state.val_metrics.items()}
     meta = {
         "name": name or exp.name,
         "architecture": exp.model.architecture,
@@ -39,8 +39,8 @@ def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> Expor
         "onnx": {"opset": exp.export.opset, "input_name": INPUT_NAME, "output_name": OUTPUT_NAME},
         "provenance": {
             "dataset": exp.dataset.name,
-            "dataset_hash": state.get("dataset_hash", ""),
-            "epochs": int(state.get("epoch", 0)),
+            "dataset_hash": state.dataset_hash,
+            "epochs": state.epoch,
             "trainer_version": __version__,
             "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "checkpoint": path.name,
@@ -48,7 +48,7 @@ def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> Expor
         "metrics": {f"val_{k}": v for k, v in val.items()},
     }
     bundle: Bundle = write_bundle(out, onnx_bytes, meta)
-    return ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), int(state.get("epoch", 0)), meta["metrics"])
+    return ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), state.epoch, meta["metrics"])
 
 
 def add_metrics(bundle_path: Path, metrics: dict[str, float]) -> None:
