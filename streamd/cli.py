@@ -1,7 +1,8 @@
 """The `streamd` command: validate a config, run the daemon, listen to its messages, print the schema.
 
-Exit codes: 0 done; 1 a fatal error while loading or running (one line on
-stderr); 2 an invalid config (every problem, each with file:line: field).
+Exit codes: 0 done; 1 a fatal error while loading or running, or a stream
+that ended with an error while the others ran on (one line on stderr); 2 an
+invalid config (every problem, each with file:line: field).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def validate(config: Annotated[Path, typer.Argument(help="The daemon's YAML conf
     except StreamdError as exc:
         raise _fail(f"{config}: model: {_one_line(exc)}", EXIT_CONFIG) from None
     outputs = [
-        f"{s.id} ({s.source_kind}{', record' if s.recording else ''}{', log' if s.detection_log else ''})"
+        f"{s.id} ({s.kind.value}{', record' if s.record and s.record.enabled else ''}"
+        f"{', detection_log' if s.detection_log and s.detection_log.enabled else ''})"
         for s in cfg.streams
     ]
     publish = cfg.publish.bind if cfg.publish and cfg.publish.enabled else "off"
@@ -86,7 +88,7 @@ def run(
 ) -> None:
     """Run the pipeline until the sources end, a limit is reached, or SIGINT/SIGTERM (then drain and exit 0)."""
     cfg = _load(config)
-    from streamd.pipeline.runner import run_pipeline  # after validation: it imports the media stack
+    from streamd.pipeline.daemon import run_pipeline  # after validation: it imports the media stack
     setup_logging(cfg.logging.level)
     notifier = SystemdNotifier()
     stop = threading.Event()
@@ -115,10 +117,13 @@ def run(
     if signals and summary.stopped_by == "stop":
         summary = dataclasses.replace(summary, stopped_by=signals[0])
     notifier.stopping(f"stopped by {summary.stopped_by}")
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 220)  # logs: never cut the table
     console.print(summary_table(summary))
     if summary.error:
         raise _fail(f"streamd: {_one_line(summary.error)}", EXIT_FATAL)
+    if summary.failed_streams:
+        failed = "; ".join(f"{s.stream_id}: {_one_line(s.end_error)}" for s in summary.failed_streams)
+        raise _fail(f"streamd: stream(s) ended with an error (the others ran on): {failed}", EXIT_FATAL)
 
 
 @app.command()
@@ -143,6 +148,7 @@ def listen(
     for topic in sorted(wanted) or [""]:
         socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
     socket.connect(endpoint)
+    typer.echo(f"listening on {endpoint}", err=True)  # a readiness line for scripts (the daemon may start later)
     received: Counter[str] = Counter()
     missed: Counter[str] = Counter()
     last_seq: dict[str, int] = {}

@@ -13,13 +13,16 @@ small and read-only: they may look at the file system, never change it.
     streams:
       - id: eus-room-1
         source: rtsp://10.0.0.5/live
-        record: {dir: /var/lib/streamd/recordings, segment_s: 600}
+        segment_s: 600
+        record: {dir: /var/lib/streamd/recordings}
+        detection_log: {dir: /var/lib/streamd/detections}
     publish: {bind: tcp://127.0.0.1:5555}
 """
 
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -27,8 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from streamd.yamlconfig import load_yaml_model
 
-# Network schemes the decoder (streamd.stages.decode) reads; a path without "://" (or file://) is a file.
-NETWORK_SCHEMES = ("rtsp", "rtsps", "udp", "rtp", "srt")
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -42,17 +43,39 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return Path(os.path.abspath(base_dir / value))
 
 
-def source_kind(source: str) -> Literal["device", "network", "file"]:
-    """What a `source` string names: a V4L2 device, a network stream, or a file; ValueError for other URLs."""
+class SourceKind(StrEnum):
+    """What a `source` names, decided once at validation; the decoder picks its demuxer options from it."""
+
+    FILE = "file"
+    RTSP = "rtsp"
+    UDP = "udp"
+    RTP = "rtp"
+    SRT = "srt"
+    V4L2 = "v4l2"
+
+    @property
+    def live(self) -> bool:
+        """Live sources drop the oldest frame when inference falls behind; files block and lose nothing."""
+        return self is not SourceKind.FILE
+
+
+FILE_SUFFIXES = frozenset({".mp4", ".mkv", ".ts", ".avi", ".mov", ".m4v", ".m2ts", ".mts", ".webm"})
+_SCHEMES = {"rtsp": SourceKind.RTSP, "rtsps": SourceKind.RTSP, "udp": SourceKind.UDP, "rtp": SourceKind.RTP,
+            "srt": SourceKind.SRT}  # fmt: skip
+
+
+def classify_source(source: str) -> SourceKind:
+    """The kind of a `source` string: a V4L2 device, a network URL, or a file path; ValueError for other URLs."""
     if source.startswith("/dev/video"):
-        return "device"
+        return SourceKind.V4L2
     scheme, sep, _ = source.partition("://")
     if not sep or scheme.lower() == "file":
-        return "file"
-    if scheme.lower() in NETWORK_SCHEMES:
-        return "network"
+        return SourceKind.FILE
+    if scheme.lower() in _SCHEMES:
+        return _SCHEMES[scheme.lower()]
     raise ValueError(
-        f"unsupported source {source!r}: expected {', '.join(s + '://' for s in NETWORK_SCHEMES)}, /dev/videoN or a file"
+        f"unsupported source {source!r}: expected {', '.join(s + '://' for s in _SCHEMES)}, /dev/videoN or a file "
+        f"({', '.join(sorted(FILE_SUFFIXES))})"
     )
 
 
@@ -160,7 +183,6 @@ class RecordConfig(_Strict):
 
     enabled: bool = Field(True, description="Write the recording (false keeps the settings but records nothing).")
     dir: Path = Field(description="Folder of the recordings (relative to this file); created at start.")
-    segment_s: float = Field(600, gt=0, le=86400, description="Length of one file, seconds.")
     codec: str = Field("auto", min_length=1, max_length=32, description="Encoder name, or auto (GPU if present).")
     preset: str = Field("veryfast", min_length=1, max_length=32, description="Encoder speed preset.")
     crf: int = Field(23, ge=0, le=51, description="Constant rate factor: lower is better and bigger.")
@@ -173,11 +195,10 @@ class RecordConfig(_Strict):
 
 
 class DetectionLogConfig(_Strict):
-    """The JSON-lines detection log of a stream, segmented like the recording."""
+    """The JSON-lines detection log of a stream: the published messages, one file per recording segment."""
 
     enabled: bool = Field(True, description="Write the log (false keeps the settings but logs nothing).")
     dir: Path = Field(description="Folder of the logs (relative to this file); created at start.")
-    segment_s: float = Field(600, gt=0, le=86400, description="Length of one log file, seconds.")
 
     @field_validator("dir")
     @classmethod
@@ -199,13 +220,16 @@ class StreamConfig(_Strict):
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig, description="Back-off of live reconnects.")
     queue: QueueConfig = Field(default_factory=QueueConfig, description="The stream's bounded queues.")
     v4l2: V4L2Config = Field(default_factory=V4L2Config, description="Capture-card options.")
+    segment_s: float = Field(
+        600, ge=1, le=86400, description="Length of one recording and detection-log file, seconds (one rule for both)."
+    )
     record: RecordConfig | None = Field(None, description="Annotated recording; omitted: none.")
-    log: DetectionLogConfig | None = Field(None, description="Detection log; omitted: none.")
+    detection_log: DetectionLogConfig | None = Field(None, description="Detection log (JSON lines); omitted: none.")
 
     @field_validator("source")
     @classmethod
     def _supported_and_present(cls, value: str, info: ValidationInfo) -> str:
-        if source_kind(value) != "file":
+        if classify_source(value) is not SourceKind.FILE:
             return value
         path = _resolve(Path(value.removeprefix("file://")), info)
         if not path.is_file():
@@ -215,26 +239,17 @@ class StreamConfig(_Strict):
 
     @model_validator(mode="after")
     def _file_only_options(self) -> StreamConfig:
-        if self.source_kind != "file" and (self.loop or self.realtime):
+        if self.kind is not SourceKind.FILE and (self.loop or self.realtime):
             raise ValueError(f"stream {self.id!r}: loop and realtime apply to file sources only")
         has_v4l2 = any(v is not None for v in (self.v4l2.video_size, self.v4l2.framerate, self.v4l2.pixel_format))
-        if has_v4l2 and self.source_kind != "device":
+        if has_v4l2 and self.kind is not SourceKind.V4L2:
             raise ValueError(f"stream {self.id!r}: v4l2 options apply to /dev/videoN sources only")
         return self
 
     @property
-    def source_kind(self) -> Literal["device", "network", "file"]:
-        return source_kind(self.source)
-
-    @property
-    def recording(self) -> RecordConfig | None:
-        """The recording settings when recording is on."""
-        return self.record if self.record is not None and self.record.enabled else None
-
-    @property
-    def detection_log(self) -> DetectionLogConfig | None:
-        """The detection-log settings when logging is on."""
-        return self.log if self.log is not None and self.log.enabled else None
+    def kind(self) -> SourceKind:
+        """The source's kind (the source was validated, so this never raises)."""
+        return classify_source(self.source)
 
 
 # --- outputs and process ---------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The detection message (DESIGN contract 2): one versioned type, one encoder.
+"""The detection message (DESIGN contract 2): one versioned type, one encoder, built once per frame.
 
-The same object is published over ZeroMQ (as `[topic, json]`) and written as
-one line of the detection log, so both carry the model's sha256.
+The inference stage encodes each frame's message once (`encode_message`) and
+carries the bytes on the FrameResult; the ZeroMQ publisher sends them and the
+detection log writes them as one line, so both carry the same bytes and the
+model's sha256.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from datetime import datetime, timezone
 from functools import cache
 from importlib import resources
 
-from streamd.types import FrameResult
+from streamd.model.detections import Detections
+from streamd.types import Frame, Latency, ModelRef
 
 SCHEMA_ID = "streamd.detections/1"
 
@@ -21,25 +24,29 @@ def iso_utc(wall_clock_s: float) -> str:
     return datetime.fromtimestamp(wall_clock_s, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def detection_message(result: FrameResult) -> dict:
+def detection_message(frame: Frame, detections: Detections, model: ModelRef, latency: Latency) -> dict:
     """The message object of one frame (boxes in source-frame pixels)."""
-    frame = result.frame
     return {
         "schema": SCHEMA_ID,
         "stream": frame.stream_id,
         "seq": frame.seq,
         "pts": round(frame.pts_s, 6),
         "captured_at": iso_utc(frame.decoded_at),
-        "model": {"name": result.model.name, "sha256": result.model.sha256},
+        "model": {"name": model.name, "sha256": model.sha256},
         "frame": {"width": frame.width, "height": frame.height},
-        "detections": result.detections.to_records(result.model.class_names),
-        "latency_ms": result.latency.as_dict(),
+        "detections": detections.to_records(model.class_names),
+        "latency_ms": latency.as_message(),
     }
 
 
 def encode(message: dict) -> bytes:
-    """Compact UTF-8 JSON, the payload frame of a ZeroMQ message and one log line."""
+    """Compact UTF-8 JSON: the payload frame of a ZeroMQ message and one log line."""
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_message(frame: Frame, detections: Detections, model: ModelRef, latency: Latency) -> bytes:
+    """The encoded message of one frame, as FrameResult.message carries it."""
+    return encode(detection_message(frame, detections, model, latency))
 
 
 @cache

@@ -1,8 +1,13 @@
-"""What crosses a queue: frozen, slotted dataclasses, arrays read-only."""
+"""What crosses a queue: frozen, slotted dataclasses, arrays read-only.
+
+Every item names the stream it belongs to (`stream_id`), so the runner can
+route, count and end streams without knowing the item's type; an item of no
+single stream (a Batch) has stream_id None and carries its `frames`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,7 +21,7 @@ class Frame:
     image: uint8 [H, W, 3] BGR, read-only (the annotator draws on a copy).
     pts_s: presentation time in seconds in the source's own time line.
     decoded_at: wall-clock time.time() when the frame left the decoder.
-    decode_ms: time spent demuxing and decoding this frame.
+    decode_ms: time from the packet leaving the demuxer to the decoded BGR frame.
     fps: the source's nominal frame rate (used by recorders).
     """
 
@@ -46,6 +51,23 @@ class Frame:
 
 
 @dataclass(frozen=True, slots=True)
+class Batch:
+    """Frames of one or more streams inferred together; gathered_at: time.time() when the batch was complete."""
+
+    frames: tuple[Frame, ...]
+    gathered_at: float
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            raise ValueError("a Batch needs at least one frame")
+
+    @property
+    def stream_id(self) -> None:
+        """A batch belongs to no single stream."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRef:
     """Which model made a detection: every message and log line names it."""
 
@@ -56,38 +78,47 @@ class ModelRef:
 
 @dataclass(frozen=True, slots=True)
 class Latency:
-    """Per-stage latency of one frame, milliseconds."""
+    """Where one frame's time went, milliseconds; one meaning each.
 
-    decode: float
-    queue: float
-    infer: float
-    total: float = 0.0
+    decode_ms: packet out of the demuxer -> decoded frame.
+    queue_ms: decoded frame -> its batch gathered (waiting in the input queue and for the batch to fill).
+    infer_ms: the batch's letterbox + model + decode/NMS.
+    total_ms: packet out of the demuxer -> detections ready (decode + queue + infer + hand-offs).
+    """
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(getattr(self, k), 3) for k in ("decode", "queue", "infer", "total")}
+    decode_ms: float
+    queue_ms: float
+    infer_ms: float
+    total_ms: float
+
+    def as_message(self) -> dict[str, float]:
+        """The message's `latency_ms` object: the same four, keyed without the unit its name carries."""
+        return {
+            "decode": round(self.decode_ms, 3),
+            "queue": round(self.queue_ms, 3),
+            "infer": round(self.infer_ms, 3),
+            "total": round(self.total_ms, 3),
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class FrameResult:
-    """A frame with its detections in source pixels, leaving inference."""
+    """A frame with its detections in source pixels, leaving inference.
+
+    message: the frame's detection message, encoded once (streamd.messages);
+    the same bytes are published and written to the detection log.
+    """
 
     frame: Frame
     detections: Detections
     model: ModelRef
     latency: Latency
+    message: bytes
     batch_size: int = 1
 
-
-@dataclass(frozen=True, slots=True)
-class EndOfStream:
-    """The one end-of-stream marker: forwarded by every stage, sent in `finally`.
-
-    stream_id None means the whole pipeline ends; error is set when a stage failed.
-    """
-
-    stream_id: str | None = None
-    error: str | None = None
-    extra: dict = field(default_factory=dict)
+    @property
+    def stream_id(self) -> str:
+        return self.frame.stream_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,3 +139,18 @@ class AnnotatedFrame:
                 f"{self.image.dtype} {self.image.shape}, the frame is uint8 {self.result.frame.image.shape}"
             )
         self.image.setflags(write=False)
+
+    @property
+    def stream_id(self) -> str:
+        return self.result.frame.stream_id
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """The one end-of-stream marker of a stream: sent in `finally` by its source, forwarded by every worker.
+
+    error: why the stream ended early (its source failed, or it was cut off at shutdown); None at a normal end.
+    """
+
+    stream_id: str
+    error: str | None = None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from streamd.backends.base import Ready
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle
 
 
 class OnnxRuntimeBackend:
+    """streamd.backends.base.Backend on ONNX Runtime's CPU provider (synchronous: submit computes)."""
+
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, max_batch: int = 8, intra_op_threads: int = 0, providers: list[str] | None = None):
@@ -27,12 +30,13 @@ class OnnxRuntimeBackend:
         self.input_name = bundle.meta.onnx.input_name
         self.max_batch = max_batch
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def submit(self, batch: np.ndarray) -> Ready:
+        """Run the batch now (ONNX Runtime is synchronous): float32 [N, 3, H, W] -> Ready([N, A, 5 + C])."""
         try:
             (output,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from exc
-        return output
+        return Ready(output)
 
     def close(self) -> None:
         self.session = None

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -71,28 +72,34 @@ def _import_torch():
 
 
 class _Pending:
-    """The output of one submitted batch; `wait()` blocks until it is on the host."""
+    """The output of one submitted batch; `wait()` blocks until it is on the host.
 
-    __slots__ = ("_backend", "_slot", "_count", "_output")
+    Thread-safe: the results worker waits on it while the submit worker may
+    wait on the same handle before reusing its slot.
+    """
+
+    __slots__ = ("_backend", "_slot", "_count", "_output", "_lock")
 
     def __init__(self, backend: TensorRTBackend, slot: int, count: int):
         self._backend = backend
         self._slot = slot
         self._count = count
         self._output: np.ndarray | None = None
+        self._lock = threading.Lock()
 
     def wait(self) -> np.ndarray:
         """float32 [N, A, 5 + C], a copy that outlives the slot's reuse."""
-        if self._output is None:
-            backend = self._backend
-            try:
-                backend._done[self._slot].synchronize()
-            except RuntimeError as exc:  # CUDA errors surface here as RuntimeError
-                raise BackendError(f"TensorRT batch failed on the GPU: {exc}") from exc
-            self._output = backend._host_out[self._slot][: self._count].numpy().astype(np.float32, copy=True)
-            if backend._in_flight[self._slot] is self:
-                backend._in_flight[self._slot] = None
-        return self._output
+        with self._lock:
+            if self._output is None:
+                backend = self._backend
+                try:
+                    backend._done[self._slot].synchronize()
+                except RuntimeError as exc:  # CUDA errors surface here as RuntimeError
+                    raise BackendError(f"TensorRT batch failed on the GPU: {exc}") from exc
+                self._output = backend._host_out[self._slot][: self._count].numpy().astype(np.float32, copy=True)
+                if backend._in_flight[self._slot] is self:
+                    backend._in_flight[self._slot] = None
+            return self._output
 
 
 @cache
@@ -311,10 +318,6 @@ class TensorRTBackend:
         pending = _Pending(self, slot, count)
         self._in_flight[slot] = pending
         return pending
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [N, 3, H, W] -> float32 [N, A, 5 + C], synchronously."""
-        return self.submit(batch).wait()
 
     def close(self) -> None:
         for pending in self._in_flight:

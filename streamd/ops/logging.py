@@ -19,7 +19,7 @@ FORMAT = "%(asctime)s %(levelname)-7s [%(stream)s] %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)-7s [%(stream)s] %(name)s: %(message)s"
 
 
-def stream_extra(stream_id: str) -> dict[str, str]:
+def stream_extra(stream_id: str | None) -> dict[str, str | None]:
     """The `extra=` of a log call about one stream."""
     return {"stream": stream_id}
 

@@ -1,8 +1,10 @@
 """Per-stream counters and latency samples, and the end-of-run summary.
 
-The runner and the stages report into one `Metrics` object (thread-safe,
-one lock); `Metrics.summary()` freezes it into a `RunSummary`, which the CLI
-prints as a table and a benchmark reads as numbers.
+Everything that counts (the sources, the queues, the workers, the stages)
+reports into one `Metrics` object the same way, `count(stream_id, name)`
+with a name from `COUNTERS` or `dropped(reason)` (thread-safe, one lock);
+`Metrics.summary()` freezes it into a `RunSummary`, which the CLI prints as a
+table and a benchmark reads as numbers.
 """
 
 from __future__ import annotations
@@ -15,29 +17,42 @@ from dataclasses import dataclass, field
 import numpy as np
 from rich.table import Table
 
-from streamd.types import FrameResult
+from streamd.types import Latency
 
-LATENCY_NAMES = ("decode", "queue", "infer", "total")
+LATENCY_NAMES = ("decode", "queue", "infer", "total")  # Latency's fields without their _ms
+# Every counter of a stream. Drops are counted per reason under dropped(reason).
+COUNTERS = (
+    "frames_in",  # frames read from the source
+    "processed",  # frames through inference
+    "detections",  # objects found
+    "published",  # messages handed to ZeroMQ
+    "publish_dropped",  # messages ZeroMQ refused (EAGAIN at the high-water mark)
+    "reconnects",  # failed opens and lost connections of a live source, each followed by a new attempt
+    "errors",  # recoverable errors and failed outputs
+    "opens",  # successful opens of the source (more than 1: it reconnected)
+    "loops",  # restarts of a looping file
+    "corrupt_packets",  # packets the demuxer flagged or the decoder rejected (skipped)
+)
+_DROPPED = "dropped:"
+
+
+def dropped(reason: str) -> str:
+    """The counter name of frames dropped for `reason`: a queue name (input, output, publish), shutdown, or a failed stage."""
+    return _DROPPED + reason
 # Enough samples for a stable p99 over a long run without growing without bound.
 MAX_LATENCY_SAMPLES = 20_000
 
 
 @dataclass
 class _StreamCounters:
-    frames_in: int = 0
-    processed: int = 0
-    detections: int = 0
-    published: int = 0
-    publish_dropped: int = 0
-    reconnects: int = 0
-    errors: int = 0
-    dropped: Counter = field(default_factory=Counter)
+    counts: Counter = field(default_factory=Counter)
     latency_ms: dict[str, deque] = field(
         default_factory=lambda: {name: deque(maxlen=MAX_LATENCY_SAMPLES) for name in LATENCY_NAMES}
     )
     first_frame_at: float | None = None
     last_result_at: float | None = None
     last_error: str | None = None
+    end_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +69,12 @@ class StreamSummary:
     reconnects: int
     errors: int
     fps: float
+    opens: int
+    loops: int
+    corrupt_packets: int
     latency_ms: tuple[tuple[str, float, float], ...]
     last_error: str | None = None
+    end_error: str | None = None  # why the stream ended early (its source failed); None if it ran to its end
 
     @property
     def dropped(self) -> int:
@@ -86,6 +105,11 @@ class RunSummary:
     def processed(self) -> int:
         return sum(s.processed for s in self.streams)
 
+    @property
+    def failed_streams(self) -> tuple[StreamSummary, ...]:
+        """Streams that ended early with an error (the others kept running)."""
+        return tuple(s for s in self.streams if s.end_error is not None)
+
     def stream(self, stream_id: str) -> StreamSummary:
         for summary in self.streams:
             if summary.stream_id == stream_id:
@@ -108,6 +132,10 @@ class RunSummary:
                     "publish_dropped": s.publish_dropped,
                     "reconnects": s.reconnects,
                     "errors": s.errors,
+                    "end_error": s.end_error,
+                    "opens": s.opens,
+                    "loops": s.loops,
+                    "corrupt_packets": s.corrupt_packets,
                     "fps": round(s.fps, 2),
                     "latency_ms": {k: {"p50": _round(p50), "p99": _round(p99)} for k, p50, p99 in s.latency_ms},
                 }
@@ -128,51 +156,42 @@ class Metrics:
         self._streams = {stream_id: _StreamCounters() for stream_id in stream_ids}
         self.started_at = time.monotonic()
 
-    def frame_in(self, stream_id: str) -> None:
+    def count(self, stream_id: str, name: str, n: int = 1) -> None:
+        """Add n to a stream's counter `name` (one of COUNTERS, or dropped(reason))."""
+        if name not in COUNTERS and not name.startswith(_DROPPED):
+            raise ValueError(f"unknown counter {name!r}: expected one of {COUNTERS} or dropped(reason)")
         with self._lock:
             counters = self._streams[stream_id]
-            counters.frames_in += 1
-            if counters.first_frame_at is None:
+            counters.counts[name] += n
+            if name == "frames_in" and counters.first_frame_at is None:
                 counters.first_frame_at = time.monotonic()
 
-    def dropped(self, stream_id: str, queue_name: str, count: int = 1) -> None:
-        """`count` frames of a stream discarded by the queue `queue_name` (input, output, publish)."""
-        with self._lock:
-            self._streams[stream_id].dropped[queue_name] += count
-
-    def result(self, result: FrameResult) -> None:
-        """One frame through the pipeline, with its final latency."""
-        with self._lock:
-            counters = self._streams[result.frame.stream_id]
-            counters.processed += 1
-            counters.detections += len(result.detections)
-            counters.last_result_at = time.monotonic()
-            for name in LATENCY_NAMES:
-                counters.latency_ms[name].append(getattr(result.latency, name))
-
-    def published(self, stream_id: str) -> None:
-        with self._lock:
-            self._streams[stream_id].published += 1
-
-    def publish_dropped(self, stream_id: str) -> None:
-        """A message ZeroMQ would not take (EAGAIN at the high-water mark)."""
-        with self._lock:
-            self._streams[stream_id].publish_dropped += 1
-
-    def reconnect(self, stream_id: str) -> None:
-        with self._lock:
-            self._streams[stream_id].reconnects += 1
-
-    def error(self, stream_id: str, text: str) -> None:
-        """A recoverable error of a stream (logged by the caller)."""
+    def result(self, stream_id: str, detections: int, latency: Latency) -> None:
+        """One frame through inference: counted as processed, its detections counted, its latency sampled."""
         with self._lock:
             counters = self._streams[stream_id]
-            counters.errors += 1
+            counters.counts["processed"] += 1
+            counters.counts["detections"] += detections
+            counters.last_result_at = time.monotonic()
+            for name in LATENCY_NAMES:
+                counters.latency_ms[name].append(getattr(latency, f"{name}_ms"))
+
+    def error(self, stream_id: str, text: str) -> None:
+        """A recoverable error of a stream, or an output of it that failed (logged by the caller)."""
+        with self._lock:
+            counters = self._streams[stream_id]
+            counters.counts["errors"] += 1
             counters.last_error = text
+
+    def ended(self, stream_id: str, error: str) -> None:
+        """A stream ended early with an error (the first reason is kept)."""
+        with self._lock:
+            counters = self._streams[stream_id]
+            counters.end_error = counters.end_error or error
 
     def processed(self, stream_id: str) -> int:
         with self._lock:
-            return self._streams[stream_id].processed
+            return self._streams[stream_id].counts["processed"]
 
     def status_line(self) -> str:
         """A one-line state for systemd's STATUS=: frames and fps per stream."""
@@ -188,8 +207,9 @@ class Metrics:
 
     @staticmethod
     def _stream_summary(stream_id: str, c: _StreamCounters) -> StreamSummary:
+        counts = c.counts
         span_s = (c.last_result_at or 0.0) - (c.first_frame_at or 0.0)
-        fps = (c.processed - 1) / span_s if c.processed > 1 and span_s > 0 else 0.0
+        fps = (counts["processed"] - 1) / span_s if counts["processed"] > 1 and span_s > 0 else 0.0
         latency = []
         for name in LATENCY_NAMES:
             samples = np.fromiter(c.latency_ms[name], dtype=np.float64)
@@ -198,19 +218,24 @@ class Metrics:
             else:
                 p50 = p99 = float("nan")
             latency.append((name, float(p50), float(p99)))
+        drops = sorted((name.removeprefix(_DROPPED), n) for name, n in counts.items() if name.startswith(_DROPPED))
         return StreamSummary(
             stream_id=stream_id,
-            frames_in=c.frames_in,
-            processed=c.processed,
-            dropped_by_queue=tuple(sorted(c.dropped.items())),
-            detections=c.detections,
-            published=c.published,
-            publish_dropped=c.publish_dropped,
-            reconnects=c.reconnects,
-            errors=c.errors,
+            frames_in=counts["frames_in"],
+            processed=counts["processed"],
+            dropped_by_queue=tuple(drops),
+            detections=counts["detections"],
+            published=counts["published"],
+            publish_dropped=counts["publish_dropped"],
+            reconnects=counts["reconnects"],
+            errors=counts["errors"],
             fps=fps,
+            opens=counts["opens"],
+            loops=counts["loops"],
+            corrupt_packets=counts["corrupt_packets"],
             latency_ms=tuple(latency),
             last_error=c.last_error,
+            end_error=c.end_error,
         )
 
 
@@ -219,15 +244,18 @@ def summary_table(summary: RunSummary) -> Table:
     title = f"streamd: {summary.duration_s:.1f} s, stopped by {summary.stopped_by}"
     table = Table(title=title)
     for header in ("stream", "in", "processed", "dropped", "detections", "published", "fps",
-                   "queue ms", "infer ms", "total ms", "reconnects", "errors"):
-        table.add_column(header, justify="left" if header == "stream" else "right")
+                   "queue ms", "infer ms", "total ms", "reconnects", "loops", "corrupt", "errors"):
+        if header == "stream":
+            table.add_column(header, justify="left", no_wrap=True)  # a stream id is never cut
+        else:
+            table.add_column(header, justify="right")
     for s in summary.streams:
         dropped = ", ".join(f"{name} {count}" for name, count in s.dropped_by_queue if count) or "0"
         published = str(s.published) + (f" (-{s.publish_dropped})" if s.publish_dropped else "")
         table.add_row(
             s.stream_id, str(s.frames_in), str(s.processed), dropped, str(s.detections), published,
             f"{s.fps:.1f}", *(_p50_p99(s.latency(name)) for name in ("queue", "infer", "total")),
-            str(s.reconnects), str(s.errors),
+            str(s.reconnects), str(s.loops), str(s.corrupt_packets), str(s.errors),
         )
     return table
 

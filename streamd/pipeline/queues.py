@@ -1,4 +1,4 @@
-"""Bounded queues with a named overflow policy, and the fair multi-queue the batcher reads.
+"""Bounded queues with a named overflow policy, and the batcher that reads the input queues with credits.
 
 Every queue is bounded. When one is full, its policy decides:
 
@@ -10,6 +10,13 @@ Every queue is bounded. When one is full, its policy decides:
 
 The end-of-stream marker is never dropped. Every get and put takes a
 timeout: nothing in the pipeline waits forever.
+
+Credit-based backpressure: a `block` queue after inference (a stream's
+outputs, or the publisher when every stream is a file) is *credited*: the
+`Batcher` takes a frame of a stream only after reserving a place for its
+result in each such queue of that stream, so the inference workers never
+wait on one stream's slow outputs. A slow stream slows itself (its input
+queue fills, its file source waits) and no other.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
-from streamd.types import EndOfStream
+from streamd.types import Batch, EndOfStream
 
 Policy = Literal["drop_oldest", "block"]
 POLICIES: tuple[Policy, ...] = ("drop_oldest", "block")
@@ -35,8 +42,10 @@ class BoundedQueue:
     """A FIFO of at most `maxsize` items with an overflow policy.
 
     on_drop(item) is called, after the lock is released, for every item the
-    drop_oldest policy discards; `dropped` counts them. Queues that share
-    a `threading.Condition` (see FairQueueGroup) wake one reader together.
+    drop_oldest policy discards; `dropped` counts them. Queues that share a
+    `threading.Condition` (the Batcher's inputs) wake one reader together.
+    Reservations (`try_reserve`) hold places for items on their way: a put
+    then takes a reserved place and never waits.
     """
 
     def __init__(
@@ -56,26 +65,47 @@ class BoundedQueue:
         self.policy = policy
         self.dropped = 0
         self._items: deque[Any] = deque()
+        self._reserved = 0
         self._on_drop = on_drop
+        self._on_room: list[Callable[[], None]] = []
         self._cond = condition or threading.Condition()
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
 
+    def on_room(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (without this queue's lock) after every get: a place may have come free."""
+        self._on_room.append(callback)
+
+    def try_reserve(self) -> bool:
+        """Reserve a place for an item on its way; False when every place is taken or reserved."""
+        with self._cond:
+            if len(self._items) + self._reserved >= self.maxsize:
+                return False
+            self._reserved += 1
+            return True
+
+    def release(self) -> None:
+        """Give back a reservation whose item will not come."""
+        with self._cond:
+            self._reserved = max(0, self._reserved - 1)
+            self._cond.notify_all()
+
     def put(self, item: Any, timeout_s: float) -> None:
         """Add `item`; raise Full if a `block` queue stayed full for timeout_s seconds."""
         dropped = None
         with self._cond:
-            if len(self._items) >= self.maxsize:
-                if self.policy == "drop_oldest" or isinstance(item, EndOfStream):
-                    # An end-of-stream must get through even into a full blocking queue:
+            if self._reserved and not isinstance(item, EndOfStream):
+                self._reserved -= 1  # its place was reserved: it fits
+            elif len(self._items) + self._reserved >= self.maxsize:
+                if self.policy == "drop_oldest":
+                    dropped = self._drop_oldest_locked()
+                elif not isinstance(item, EndOfStream):
+                    # An end-of-stream gets through even into a full blocking queue:
                     # it is the last item of its producer, so this overshoots by one at most.
-                    if self.policy == "drop_oldest":
-                        dropped = self._drop_oldest_locked()
-                else:
                     deadline = time.monotonic() + timeout_s
-                    while len(self._items) >= self.maxsize:
+                    while len(self._items) + self._reserved >= self.maxsize:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             raise Full(f"queue {self.name!r} full for {timeout_s} s")
@@ -104,87 +134,132 @@ class BoundedQueue:
                 self._cond.wait(left)
             item = self._items.popleft()
             self._cond.notify_all()
-            return item
+        for callback in self._on_room:
+            callback()
+        return item
 
-    def get_nowait_locked(self) -> Any:
-        """Pop without waiting; the caller holds the shared condition (FairQueueGroup)."""
+    def peek_locked(self) -> Any | None:
+        """The oldest item without taking it (None when empty); the caller holds the shared condition."""
+        return self._items[0] if self._items else None
+
+    def pop_locked(self) -> Any:
+        """Take the oldest item without waiting; the caller holds the shared condition."""
         item = self._items.popleft()
         self._cond.notify_all()
         return item
 
-    def has_items_locked(self) -> bool:
-        return bool(self._items)
 
+class Batcher:
+    """The inference worker's inbox: every stream's input queue read as one, in batches, fairly, with credits.
 
-class FairQueueGroup:
-    """Several BoundedQueues read as one, round-robin, for batching across streams.
-
-    All member queues must share this group's `condition`, so that a put into
-    any of them wakes the reader. `get_batch` takes one item per queue per
-    turn, starting after the queue served first last time, so a busy stream
-    cannot starve a quiet one.
+    `get` returns a Batch of up to max_batch frames (waiting at most
+    max_wait_ms for it to fill after its first frame), or an EndOfStream once
+    a stream's last frame has gone into a batch. It takes one frame per stream
+    per turn, starting after the stream served first last time, so a busy
+    stream cannot starve a quiet one; and it takes a frame only when every
+    credited queue of its stream has a place reserved for the frame's result.
     """
 
-    def __init__(self, condition: threading.Condition):
-        self.condition = condition
-        self._queues: list[BoundedQueue] = []
+    def __init__(self, max_batch: int, max_wait_ms: float):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.name = "batch"
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1e3
+        self.condition = threading.Condition()
+        self._inputs: list[tuple[str, BoundedQueue]] = []
+        self._credited: dict[str, list[BoundedQueue]] = {}
+        self._credits_on = True
+        self._ends: deque[EndOfStream] = deque()
         self._start = 0
 
-    def add(self, q: BoundedQueue) -> BoundedQueue:
+    def add_input(self, stream_id: str, q: BoundedQueue) -> None:
+        """A stream's input queue; it must share this batcher's condition, so a put wakes the reader."""
         if q._cond is not self.condition:
-            raise ValueError(f"queue {q.name!r} does not share the group's condition")
-        self._queues.append(q)
-        return q
+            raise ValueError(f"queue {q.name!r} does not share the batcher's condition")
+        self._inputs.append((stream_id, q))
+        self._credited.setdefault(stream_id, [])
 
-    def remove(self, q: BoundedQueue) -> None:
+    def add_credited(self, stream_id: str, q: BoundedQueue) -> None:
+        """A `block` queue that each frame of stream_id will put one result into."""
+        self._credited.setdefault(stream_id, []).append(q)
+        q.on_room(self._wake)
+
+    def disable_credits(self) -> None:
+        """After a fatal error downstream: take every frame (it is discarded and counted) so no source waits."""
         with self.condition:
-            self._queues.remove(q)
-            self._start = self._start % len(self._queues) if self._queues else 0
+            self._credits_on = False
+            self.condition.notify_all()
 
-    @property
-    def queues(self) -> Sequence[BoundedQueue]:
-        return tuple(self._queues)
+    def _wake(self) -> None:
+        with self.condition:
+            self.condition.notify_all()
 
-    def get_batch(self, max_items: int, max_wait_s: float, timeout_s: float) -> list[Any]:
-        """Up to max_items items, fairly across queues.
-
-        Waits up to timeout_s for a first item (returns [] if none came), then
-        up to max_wait_s more for the batch to fill. An EndOfStream ends its
-        queue's share of the batch (nothing follows it in that queue).
-        """
-        items: list[Any] = []
+    def get(self, timeout_s: float) -> Batch | EndOfStream:
+        """The next Batch or EndOfStream; raise Empty if nothing could be taken within timeout_s."""
+        if self._ends:
+            return self._ends.popleft()
+        frames: list[Any] = []
         with self.condition:
             deadline = time.monotonic() + timeout_s
-            while not self._take_round_robin_locked(items, max_items):
+            while not self._take_locked(frames):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return items
+                    raise Empty(f"no frame to batch for {timeout_s} s")
                 self.condition.wait(left)
-            fill_deadline = time.monotonic() + max_wait_s
-            while len(items) < max_items:
+            fill_deadline = time.monotonic() + self.max_wait_s
+            while frames and len(frames) < self.max_batch:
                 left = fill_deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.condition.wait(left)
-                self._take_round_robin_locked(items, max_items)
-        return items
+                self._take_locked(frames)
+        if frames:
+            return Batch(tuple(frames), time.time())
+        return self._ends.popleft()
 
-    def _take_round_robin_locked(self, items: list[Any], max_items: int) -> bool:
-        """Move items into `items`, one per queue per turn; True when `items` is non-empty."""
-        count = len(self._queues)
+    def _take_locked(self, frames: list[Any]) -> bool:
+        """Move frames into `frames` (ends into self._ends), one per stream per turn; True when anything was taken."""
+        took_any = False
         progress = True
-        while len(items) < max_items and progress:
+        while progress and len(frames) < self.max_batch and self._inputs:
             progress = False
+            count = len(self._inputs)
             for offset in range(count):
-                q = self._queues[(self._start + offset) % count]
-                if len(items) < max_items and q.has_items_locked():
-                    items.append(q.get_nowait_locked())
-                    progress = True
+                if len(frames) >= self.max_batch:
+                    break
+                stream_id, q = self._inputs[(self._start + offset) % count]
+                head = q.peek_locked()
+                if head is None:
+                    continue
+                if isinstance(head, EndOfStream):
+                    self._ends.append(q.pop_locked())
+                elif self._reserve(stream_id):
+                    frames.append(q.pop_locked())
+                else:
+                    continue
+                progress = took_any = True
             if progress:
                 self._start = (self._start + 1) % count
-        return bool(items)
+            ended = {end.stream_id for end in self._ends}
+            if ended:
+                self._inputs = [(sid, q) for sid, q in self._inputs if sid not in ended]
+                self._start = self._start % len(self._inputs) if self._inputs else 0
+        return took_any
+
+    def _reserve(self, stream_id: str) -> bool:
+        """Reserve a place in every credited queue of the stream, all or none."""
+        if not self._credits_on:
+            return True
+        reserved = []
+        for q in self._credited[stream_id]:
+            if not q.try_reserve():
+                for done in reserved:
+                    done.release()
+                return False
+            reserved.append(q)
+        return True
 
     def empty(self) -> bool:
         with self.condition:
-            return not any(q.has_items_locked() for q in self._queues)
-
+            return not self._ends and all(q.peek_locked() is None for _, q in self._inputs)

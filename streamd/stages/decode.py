@@ -1,7 +1,8 @@
 """Sources: demux and decode one video stream with PyAV into `Frame`s (uint8 BGR, pts in seconds).
 
 One class, `AVSource`, serves every kind of input; `open_source` picks the
-demuxer and its options from the URL:
+demuxer and its options from the stream's config, whose `kind` was decided
+once at validation (streamd.config.classify_source):
 
     kind    url                          live  options
     file    clip.mp4 .mkv .ts .avi ...   no    realtime pacing, loop
@@ -20,7 +21,9 @@ across open() calls.
 Failure: PyAV waits at most `timeout_s` for any open or read (its interrupt
 callback), so a dead source never hangs the thread; every av.error becomes a
 SourceError that names the stream and its URL. Packets the demuxer flags as
-corrupt, and packets the decoder rejects, are skipped and counted.
+corrupt, and packets the decoder rejects, are skipped and counted
+(`corrupt_packets`); successful opens and file loops are counted too, all in
+the pipeline's Metrics.
 """
 
 from __future__ import annotations
@@ -28,18 +31,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import av
 import av.error
 
-from streamd.errors import ConfigError, FatalError, SourceError
+from streamd.config import SourceKind, StreamConfig
+from streamd.errors import FatalError, SourceError
+from streamd.ops.metrics import Metrics
+from streamd.pipeline.stage import Backoff
 from streamd.types import Frame
 
 log = logging.getLogger(__name__)
 
-FILE_SUFFIXES = frozenset({".mp4", ".mkv", ".ts", ".avi", ".mov", ".m4v", ".m2ts", ".mts", ".webm"})
 DEFAULT_FPS = 30.0
 # Frames of slack before realtime pacing gives up catching up and restarts its clock (a stalled consumer
 # must not be followed by a burst of frames at full speed).
@@ -49,100 +53,50 @@ _REALTIME_MAX_LAG_S = 0.5
 _UDP_FIFO_SIZE = 100_000
 
 
-def source_kind(url: str) -> str:
-    """"file", "rtsp", "udp", "rtp", "srt" or "v4l2" for a source URL; ConfigError for anything else."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme in ("rtsp", "rtsps"):
-        return "rtsp"
-    if scheme in ("udp", "rtp", "srt"):
-        return scheme
-    if url.startswith("/dev/video"):
-        return "v4l2"
-    if scheme in ("", "file") and (Path(url).suffix.lower() in FILE_SUFFIXES or Path(url).is_file()):
-        return "file"
-    raise ConfigError(
-        f"unsupported source {url!r}: expected a video file ({', '.join(sorted(FILE_SUFFIXES))}), "
-        "rtsp://, udp://, rtp://, srt:// or /dev/videoN"
-    )
+def open_source(stream: StreamConfig, metrics: Metrics, *, options: dict[str, str] | None = None) -> AVSource:
+    """The source of a validated stream config (not opened yet: the runner calls open()).
 
-
-def open_source(
-    stream_id: str,
-    url: str,
-    *,
-    realtime: bool = False,
-    loop: bool = False,
-    rtsp_transport: str = "tcp",
-    timeout_s: float = 5.0,
-    video_size: str | None = None,
-    framerate: float | None = None,
-    pixel_format: str | None = None,
-    live: bool | None = None,
-    options: dict[str, str] | None = None,
-    thread_type: str | None = None,
-) -> AVSource:
-    """The source for `url` (not opened yet: the runner calls open()).
-
-    realtime, loop: files only; realtime paces reads at the file's own frame
-    times, loop restarts at the end with seq and pts going on. timeout_s: the
-    longest wait for opening or for the next packet. video_size ("1280x720"),
-    framerate, pixel_format (V4L2 input_format: "mjpeg", "yuyv422", ...): V4L2
-    only. live: overrides the kind's default (files False, the rest True), e.g.
-    to give a realtime file the live drop policy. options: extra FFmpeg
-    options, applied last. thread_type: see AVSource.
+    options: extra FFmpeg options, applied last (tests, benchmarks).
     """
-    kind = source_kind(url)
-    micros = str(int(timeout_s * 1_000_000))
+    micros = str(int(stream.timeout_s * 1_000_000))
     fmt: str | None = None
     opts: dict[str, str] = {}
-    if kind != "file" and (realtime or loop):
-        raise ConfigError(f"stream {stream_id!r} ({url}): realtime and loop apply to files only")
-    match kind:
-        case "file":
+    url = stream.source
+    match stream.kind:
+        case SourceKind.FILE:
             url = url.removeprefix("file://")
-        case "rtsp":
-            if rtsp_transport not in ("tcp", "udp"):
-                raise ConfigError(
-                    f"stream {stream_id!r} ({url}): rtsp_transport must be tcp or udp, not {rtsp_transport!r}"
-                )
+        case SourceKind.RTSP:
             # FFmpeg 5 renamed the RTSP socket timeout from stimeout to timeout (both in microseconds).
             timeout_key = "timeout" if av.library_versions["libavformat"][0] >= 59 else "stimeout"
-            opts = {"rtsp_transport": rtsp_transport, timeout_key: micros}
-        case "udp":
+            opts = {"rtsp_transport": stream.rtsp_transport, timeout_key: micros}
+        case SourceKind.UDP:
             opts = {"timeout": micros, "fifo_size": str(_UDP_FIFO_SIZE), "overrun_nonfatal": "1"}
-        case "rtp" | "srt":
+        case SourceKind.RTP | SourceKind.SRT:
             opts = {"timeout": micros}
-        case "v4l2":
+        case SourceKind.V4L2:
             fmt = "v4l2"
-            if video_size:
-                opts["video_size"] = video_size
-            if framerate:
-                opts["framerate"] = f"{framerate:g}"
-            if pixel_format:
-                opts["input_format"] = pixel_format
+            v4l2 = stream.v4l2
+            if v4l2.video_size:
+                opts["video_size"] = v4l2.video_size
+            if v4l2.framerate:
+                opts["framerate"] = f"{v4l2.framerate:g}"
+            if v4l2.pixel_format:
+                opts["input_format"] = v4l2.pixel_format
     opts.update(options or {})
     return AVSource(
-        stream_id,
-        url,
-        kind=kind,
-        live=kind != "file" if live is None else live,
-        format=fmt,
-        options=opts,
-        realtime=realtime,
-        loop=loop,
-        timeout_s=timeout_s,
-        thread_type=thread_type,
+        stream.id, url, kind=stream.kind, metrics=metrics, format=fmt, options=opts, realtime=stream.realtime,
+        loop=stream.loop, timeout_s=stream.timeout_s, backoff=Backoff(stream.reconnect.initial_s, stream.reconnect.max_s),
     )
 
 
 class AVSource:
     """One stream read with PyAV; implements streamd.pipeline.stage.Source.
 
+    live: the kind's (files False, the rest True).
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
     files and "SLICE" for live sources, where frame threading would add a
     frame of latency per thread.
-    Counters for metrics: frames (decoded), corrupt_packets (skipped),
-    opens (successful open() calls; > 1 means reconnects), loops (file restarts).
+    Counted in `metrics`: opens, loops, corrupt_packets.
     """
 
     def __init__(
@@ -150,32 +104,32 @@ class AVSource:
         stream_id: str,
         url: str,
         *,
-        kind: str,
-        live: bool,
+        kind: SourceKind,
+        metrics: Metrics,
         format: str | None = None,
         options: dict[str, str] | None = None,
         realtime: bool = False,
         loop: bool = False,
         timeout_s: float = 5.0,
+        backoff: Backoff = Backoff(),
         thread_type: str | None = None,
     ) -> None:
         self.stream_id = stream_id
         self.url = url
         self.kind = kind
-        self.live = live
+        self.live = kind.live
+        self.metrics = metrics
         self.format = format
         self.options = dict(options or {})
         self.realtime = realtime
         self.loop = loop
         self.timeout_s = timeout_s
+        self.backoff = backoff
         # Frame threading holds back one frame per extra thread (up to 16 on a big machine): fine for a
         # file's throughput, not for a live feed that must be out within a frame's time. Live sources
         # thread within a frame (slices) instead.
-        self.thread_type = thread_type or ("SLICE" if live else "AUTO")
-        self.frames = 0
-        self.corrupt_packets = 0
-        self.opens = 0
-        self.loops = 0
+        self.thread_type = thread_type or ("SLICE" if self.live else "AUTO")
+        self.frames = 0  # frames read so far: the next frame's seq
         self.fps = DEFAULT_FPS
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[tuple[av.VideoFrame, float]] | None = None
@@ -204,7 +158,7 @@ class AVSource:
         except (av.error.ExitError, av.error.TimeoutError) as exc:
             raise self._error(f"no data for {float(self.timeout_s)} s") from exc
         except (av.error.FFmpegError, OSError) as exc:
-            if self.kind == "file":  # retrying cannot make a missing or broken file readable
+            if self.kind is SourceKind.FILE:  # retrying cannot make a missing or broken file readable
                 raise FatalError(f"stream {self.stream_id!r} ({self.url}): cannot open: {exc}") from exc
             if time.monotonic() - started >= self.timeout_s:
                 raise self._error(f"no data for {float(self.timeout_s)} s", exc) from exc
@@ -212,7 +166,7 @@ class AVSource:
         if not container.streams.video:
             container.close()
             error = self._error("has no video stream")
-            raise FatalError(str(error)) if self.kind == "file" else error
+            raise FatalError(str(error)) if self.kind is SourceKind.FILE else error
         stream = container.streams.video[0]
         stream.codec_context.thread_type = self.thread_type
         rate = stream.average_rate or stream.guessed_rate
@@ -220,7 +174,7 @@ class AVSource:
         self._container = container
         self._frames = self._decode(container, stream)
         self._clock = None
-        self.opens += 1
+        self.metrics.count(self.stream_id, "opens")
         log.info("stream %r: opened %s (%s %dx%d, %.3g fps)", self.stream_id, self.url,
                  stream.codec_context.name, stream.codec_context.width, stream.codec_context.height, self.fps)
 
@@ -232,12 +186,12 @@ class AVSource:
             for packet in container.demux(stream):
                 received = time.monotonic()
                 if packet.is_corrupt:
-                    self.corrupt_packets += 1
+                    self.metrics.count(self.stream_id, "corrupt_packets")
                     continue
                 try:
                     frames = packet.decode()  # the final empty packet flushes the decoder
                 except av.error.InvalidDataError as exc:
-                    self.corrupt_packets += 1
+                    self.metrics.count(self.stream_id, "corrupt_packets")
                     log.debug("stream %r: skipped a corrupt packet: %s", self.stream_id, exc)
                     continue
                 for frame in frames:
@@ -246,7 +200,7 @@ class AVSource:
                 return
             container.seek(0)
             stream.codec_context.flush_buffers()  # leave the draining state the flush packet put it in
-            self.loops += 1
+            self.metrics.count(self.stream_id, "loops")
 
     def read(self) -> Frame | None:
         """The next frame; None at the end of a file; SourceError when a live stream fails or ends."""

@@ -10,14 +10,12 @@ subscriber past SNDHWM without an error; subscribers see that as a gap in
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 
 import zmq
 
+from streamd.config import PublishConfig
 from streamd.errors import OutputError
-from streamd.messages import detection_message, encode
 from streamd.ops.metrics import Metrics
 from streamd.types import FrameResult
 
@@ -25,9 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class PublishStage:
-    """FrameResult -> one ZeroMQ message, its `total` latency measured at the send (decoded -> published).
+    """FrameResult -> one ZeroMQ message [stream id, result.message] (the bytes encoded once at inference).
 
-    A sink: process() yields nothing.
+    A sink: process() yields nothing. Counts `published` and `publish_dropped` in metrics.
 
     context: the process's one zmq.Context, owned by the caller.
     sndhwm: ZMQ_SNDHWM, messages queued per subscriber; linger_ms: ZMQ_LINGER at close.
@@ -35,15 +33,13 @@ class PublishStage:
 
     name = "publish"
 
-    def __init__(self, context: zmq.Context, bind: str, sndhwm: int = 1000, linger_ms: int = 100, metrics: Metrics | None = None):
+    def __init__(self, context: zmq.Context, config: PublishConfig, metrics: Metrics):
         self.context = context
-        self.bind = bind
-        self.sndhwm = sndhwm
-        self.linger_ms = linger_ms
+        self.bind = config.bind
+        self.sndhwm = config.sndhwm
+        self.linger_ms = config.linger_ms
         self.metrics = metrics
         self.socket: zmq.Socket | None = None
-        self.sent = 0
-        self.dropped = 0
 
     def setup(self) -> None:
         socket = self.context.socket(zmq.PUB)
@@ -60,22 +56,15 @@ class PublishStage:
     def process(self, result: FrameResult) -> tuple[()]:
         if self.socket is None:
             raise OutputError("publish: process() before setup()")
-        frame = result.frame
-        latency = dataclasses.replace(result.latency, total=max(0.0, (time.time() - frame.decoded_at) * 1e3))
-        result = dataclasses.replace(result, latency=latency)
-        payload = encode(detection_message(result))
+        stream_id = result.stream_id
         try:
-            self.socket.send_multipart([frame.stream_id.encode(), payload], flags=zmq.NOBLOCK)
+            self.socket.send_multipart([stream_id.encode(), result.message], flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.dropped += 1
-            if self.metrics is not None:
-                self.metrics.publish_dropped(frame.stream_id)
+            self.metrics.count(stream_id, "publish_dropped")
         except zmq.ZMQError as exc:
             raise OutputError(f"publish: send on {self.bind} failed: {exc}") from exc
         else:
-            self.sent += 1
-            if self.metrics is not None:
-                self.metrics.published(frame.stream_id)
+            self.metrics.count(stream_id, "published")
         return ()
 
     def close(self) -> None:

@@ -6,11 +6,10 @@ per keyframe or per `fragment_s`, each flushed to the OS as it is written):
 a file cut off at any moment, by kill -9 or a power cut, plays up to its
 last complete fragment. `fsync_s` bounds what a power cut can lose.
 
-Segments follow the source's time line, not the wall clock: a new segment
-starts on the first frame whose pts reaches the next multiple of segment_s
-after the first frame. `Segmenter` holds that rule and the file names, and is
-shared with the detection log, so that a recording and its log have the
-same base name.
+Segments and their names follow `streamd.segments` (the same rule as the
+detection log's). After a failure (a full disk) the runner closes the stage
+and later calls setup() again: the next frame then opens a new segment, so
+a recording never splices across the frames it could not write.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
@@ -28,74 +26,20 @@ import av
 import av.error
 import numpy as np
 
+from streamd.config import RecordConfig
 from streamd.errors import OutputError
+from streamd.segments import Segment, Segmenter, start_output
 from streamd.types import AnnotatedFrame, Frame, FrameResult
 
 log = logging.getLogger(__name__)
 
 TIME_BASE = Fraction(1, 90_000)  # the MPEG clock: exact for 24, 25, 30, 50, 60 and 29.97 fps
-_BOUNDARY_EPS_S = 1e-6  # float pts on a boundary (25 x 0.04 s) count as reaching it
 # x264 presets mapped onto NVENC's p1 (fastest) .. p7 (best) scale.
 _NVENC_PRESETS = {
     "ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p4",
     "medium": "p5", "slow": "p6", "slower": "p7", "veryslow": "p7",
 }  # fmt: skip
 _CONTAINERS = {"mp4": "mp4", "mkv": "matroska"}
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """One segment of a stream's outputs: its number, its first frame's pts and wall-clock time, its file name stem."""
-
-    index: int
-    start_pts_s: float
-    started_at: float
-    base_name: str
-
-
-def segment_base_name(stream_id: str, started_at: float, index: int) -> str:
-    """"{stream_id}_{UTC YYYYmmddTHHMMSSZ}_{index:04d}", the stem of a segment's recording and log."""
-    return f"{stream_id}_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started_at))}_{index:04d}"
-
-
-class Segmenter:
-    """Where a stream's segments start, from the frames' pts; one rule for the recorder and the log.
-
-    Segment 0 starts on the first frame. Segment k+1 starts on the first frame
-    whose pts reaches first_pts + n * segment_s for the next n (so segments do
-    not drift, and a gap in the stream just makes one segment shorter); a
-    change of frame size also starts a segment. Its name carries the UTC wall
-    clock time of its first frame.
-    """
-
-    def __init__(self, stream_id: str, segment_s: float) -> None:
-        if segment_s <= 0:
-            raise ValueError(f"segment_s must be > 0, got {segment_s}")
-        self.stream_id = stream_id
-        self.segment_s = float(segment_s)
-        self.current: Segment | None = None
-        self._first_pts_s = 0.0
-        self._next_boundary_s = 0.0
-        self._size: tuple[int, int] | None = None
-
-    def advance(self, frame: Frame) -> Segment | None:
-        """The new segment when `frame` starts one, else None (the frame belongs to `current`)."""
-        size = (frame.width, frame.height)
-        if self.current is None:
-            index = 0
-            self._first_pts_s = frame.pts_s
-        elif frame.pts_s >= self._next_boundary_s - _BOUNDARY_EPS_S or size != self._size:
-            index = self.current.index + 1
-        else:
-            return None
-        elapsed_s = frame.pts_s - self._first_pts_s
-        self._next_boundary_s = self._first_pts_s + (elapsed_s // self.segment_s + 1) * self.segment_s
-        if self._next_boundary_s - frame.pts_s <= _BOUNDARY_EPS_S:  # the frame sits on a boundary: it opens it
-            self._next_boundary_s += self.segment_s
-        self._size = size
-        name = segment_base_name(self.stream_id, frame.decoded_at, index)
-        self.current = Segment(index, frame.pts_s, frame.decoded_at, name)
-        return self.current
 
 
 @cache
@@ -140,12 +84,13 @@ class RecordStage:
     the even size yuv420p needs. Yields its input unchanged, so it can end a
     chain or sit inside one.
 
-    codec: "auto" (h264_nvenc if it opens here, else libx264), "libx264",
-    "h264_nvenc". preset/crf: x264 names and scale (mapped for NVENC).
-    fps: the nominal rate given to the encoder (default: the first frame's).
-    keyframe_s: GOP length. fragment_s: longest MP4 fragment, the most a crash
-    loses. fsync_s: how often the file is forced to disk (None: never).
-    on_segment: called with each segment and its path when its file opens.
+    config: the stream's `record` settings (folder, codec, preset, crf, container);
+    codec "auto" is h264_nvenc if it opens here, else libx264; preset/crf use
+    x264's names and scale (mapped for NVENC). segment_s: the stream's
+    segment length. fps: the nominal rate given to the encoder (default: the
+    first frame's). keyframe_s: GOP length. fragment_s: longest MP4 fragment,
+    the most a crash loses. fsync_s: how often the file is forced to disk
+    (None: never).
     """
 
     name = "record"
@@ -153,48 +98,31 @@ class RecordStage:
     def __init__(
         self,
         stream_id: str,
-        directory: Path,
+        config: RecordConfig,
         segment_s: float = 600,
-        codec: str = "auto",
-        preset: str = "veryfast",
-        crf: int = 23,
-        container: str = "mp4",
-        fps: float | None = None,
         *,
+        fps: float | None = None,
         keyframe_s: float = 2.0,
         fragment_s: float = 1.0,
         fsync_s: float | None = 5.0,
-        on_segment: Callable[[Segment, Path], None] | None = None,
     ) -> None:
-        if container not in _CONTAINERS:
-            raise ValueError(f"container must be one of {sorted(_CONTAINERS)}, got {container!r}")
         self.stream_id = stream_id
-        self.directory = Path(directory)
+        self.config = config
+        self.directory = Path(config.dir)
         self.segmenter = Segmenter(stream_id, segment_s)
-        self.codec = codec
-        self.preset = preset
-        self.crf = crf
-        self.container_format = container
         self.fps = fps
         self.keyframe_s = keyframe_s
         self.fragment_s = fragment_s
         self.fsync_s = fsync_s
-        self.on_segment = on_segment
         self.segments: list[Path] = []
-        self.frames_written = 0
         self._container: av.container.OutputContainer | None = None
         self._stream: av.VideoStream | None = None
         self._last_pts = -1
         self._last_fsync = 0.0
-        self._codec_name: str | None = None
-
-    @property
-    def codec_name(self) -> str | None:
-        """The encoder in use (after the first frame)."""
-        return self._codec_name
 
     def setup(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Create the folder; the next frame opens a new segment (at start, and when retried after a failure)."""
+        start_output(self.segmenter, self.directory, "recording")
 
     def process(self, item: AnnotatedFrame | FrameResult | Frame) -> Iterator[AnnotatedFrame | FrameResult | Frame]:
         match item:
@@ -211,24 +139,25 @@ class RecordStage:
         if frame.stream_id != self.stream_id:
             raise OutputError(f"recorder of stream {self.stream_id!r} got a frame of stream {frame.stream_id!r}")
         segment = self.segmenter.advance(frame)
-        if segment is not None:
+        if segment is not None or self._container is None:
             self._close_segment()
-            self._open_segment(segment, frame)
+            self._open_segment(self.segmenter.current, frame)
         self._encode(frame, image)
         yield item
 
     def _open_segment(self, segment: Segment, frame: Frame) -> None:
-        path = self.directory / f"{segment.base_name}.{self.container_format}"
+        config = self.config
+        path = self.directory / f"{segment.base_name}.{config.container}"
         fps = self.fps or frame.fps
-        codec = choose_codec(self.codec)
+        codec = choose_codec(config.codec)
         options = {"flush_packets": "1"}  # hand each fragment/cluster to the OS as soon as it is complete
-        if self.container_format == "mp4":
+        if config.container == "mp4":
             options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
             options["frag_duration"] = str(int(self.fragment_s * 1_000_000))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             container = av.open(
-                str(path), mode="w", format=_CONTAINERS[self.container_format], container_options=options
+                str(path), mode="w", format=_CONTAINERS[config.container], container_options=options
             )
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frame.width & ~1, frame.height & ~1
@@ -238,18 +167,16 @@ class RecordStage:
             stream.codec_context.gop_size = max(1, round(self.keyframe_s * fps))
             # No B-frames: no reordering, so every packet is muxed (and survives a crash) as soon as it is encoded.
             stream.codec_context.max_b_frames = 0
-            stream.options = _encoder_options(codec, self.preset, self.crf)
+            stream.options = _encoder_options(codec, config.preset, config.crf)
             container.start_encoding()
         except (av.error.FFmpegError, OSError) as exc:
             raise OutputError(f"stream {self.stream_id!r}: cannot start recording {path} with {codec}: {exc}") from exc
-        self._container, self._stream, self._codec_name = container, stream, codec
+        self._container, self._stream = container, stream
         self._last_pts = -1
         self.segments.append(path)
         self._fsync(path, directory_too=True)
         log.info("stream %r: recording segment %d to %s (%s, %dx%d, %.3g fps)",
                  self.stream_id, segment.index, path, codec, stream.width, stream.height, fps)
-        if self.on_segment is not None:
-            self.on_segment(segment, path)
 
     def _encode(self, frame: Frame, image: np.ndarray) -> None:
         stream, container = self._stream, self._container
@@ -266,7 +193,6 @@ class RecordStage:
             container.mux(stream.encode(video_frame))
         except (av.error.FFmpegError, OSError) as exc:
             raise OutputError(f"stream {self.stream_id!r}: cannot write {self.segments[-1]}: {exc}") from exc
-        self.frames_written += 1
         if self.fsync_s is not None and time.monotonic() - self._last_fsync >= self.fsync_s:
             self._fsync(self.segments[-1])
 

@@ -11,6 +11,7 @@ TensorRT) really run it and its detections are known in advance:
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,15 @@ def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("clips") / "long.mp4", size=VIDEO_SIZE, fps=VIDEO_FPS, frames=150, gop=10
     )
 
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 192 KiB tmpfs: a recording fills it within a few seconds of video (needs root, as in CI)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamd.messages import encode_message
 from streamd.model.detections import Detections
 from streamd.types import Frame, FrameResult, Latency, ModelRef
 
@@ -221,4 +222,5 @@ def frame_result(frame: Frame, detections: Detections | None = None) -> FrameRes
             np.asarray([0.9], np.float32),
             np.asarray([0], np.int64),
         )
-    return FrameResult(frame, detections, MODEL, Latency(decode=frame.decode_ms, queue=0.5, infer=5.0, total=7.0))
+    latency = Latency(decode_ms=frame.decode_ms, queue_ms=0.5, infer_ms=5.0, total_ms=7.0)
+    return FrameResult(frame, detections, MODEL, latency, encode_message(frame, detections, MODEL, latency))

@@ -47,7 +47,7 @@ def test_validate_ok(good_config: Path, tiny_bundle):
     result = runner.invoke(app, ["validate", str(good_config)])
     assert result.exit_code == 0, result.output
     assert f"OK: model tiny-test ({tiny_bundle.sha256[:12]})" in result.stdout
-    assert "room-1 (file, record), room-2 (network)" in result.stdout
+    assert "room-1 (file, record), room-2 (udp)" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -114,8 +114,7 @@ class Publisher(threading.Thread):
                 self.socket.send_multipart([topic.encode(), encode(message(topic, 0))])
             for m in self.messages:
                 self.socket.send_multipart([m["stream"].encode(), encode(m)])
-        time.sleep(0.5)
-        self.socket.close()
+        self.socket.close()  # LINGER 1000: close waits for the queued messages to go out
         self.context.term()
 
 

@@ -14,8 +14,9 @@ from streamd.config import (
     OnnxRuntimeConfig,
     StreamdConfig,
     TensorRTConfig,
+    SourceKind,
+    classify_source,
     load_config,
-    source_kind,
 )
 from streamd.errors import ConfigError
 
@@ -53,8 +54,9 @@ def test_minimal_config_defaults_and_paths_relative_to_the_file(folder: Path, mo
     assert (cfg.batch.max_batch, cfg.batch.max_wait_ms) == (8, 5.0)
     assert (cfg.thresholds.conf_threshold, cfg.thresholds.iou_threshold) == (None, None)  # from the bundle
     stream = cfg.streams[0]
-    assert stream.source == str(folder / "clip.mp4") and stream.source_kind == "file"
-    assert stream.queue.policy == "auto" and stream.recording is None and stream.detection_log is None
+    assert stream.source == str(folder / "clip.mp4") and stream.kind is SourceKind.FILE and not stream.kind.live
+    assert stream.queue.policy == "auto" and stream.record is None and stream.detection_log is None
+    assert stream.segment_s == 600
     assert cfg.publish is None
 
 
@@ -73,8 +75,9 @@ def test_full_config(folder: Path):
                 rtsp_transport: udp
                 reconnect: {initial_s: 1, max_s: 8}
                 queue: {size: 2, policy: drop_oldest}
-                record: {dir: rec, segment_s: 60, crf: 28, container: mkv}
-                log: {dir: logs, enabled: false}
+                segment_s: 60
+                record: {dir: rec, crf: 28, container: mkv}
+                detection_log: {dir: logs, enabled: false}
               - id: card
                 source: /dev/video0
                 v4l2: {video_size: 1920x1080, framerate: 60, pixel_format: yuyv422}
@@ -87,9 +90,9 @@ def test_full_config(folder: Path):
         type="tensorrt", precision="fp32", device=0, engine_cache_dir=folder / "engines", workspace_mb=512
     )
     cam, card = cfg.streams
-    assert cam.source_kind == "network" and card.source_kind == "device"
-    assert cam.recording.dir == folder / "rec" and cam.recording.container == "mkv"
-    assert cam.detection_log is None  # present but disabled
+    assert cam.kind is SourceKind.RTSP and card.kind is SourceKind.V4L2 and cam.kind.live and card.kind.live
+    assert cam.record.dir == folder / "rec" and cam.record.container == "mkv" and cam.segment_s == 60
+    assert cam.detection_log.dir == folder / "logs" and not cam.detection_log.enabled  # present but disabled
     assert cfg.thresholds.conf_threshold == 0.25 and cfg.thresholds.iou_threshold is None
     assert cfg.publish.sndhwm == 50
 
@@ -127,6 +130,10 @@ BAD = [
     (MINIMAL + "    queue: {size: 0}\n", ":5: streams.0.queue.size: Input should be greater than or equal to 1"),
     (MINIMAL + "    record: {dir: rec, crf: 60}\n", ":5: streams.0.record.crf: Input should be less than or equal to 51"),
     (MINIMAL + "    recrod: {dir: rec}\n", ":5: streams.0.recrod: unknown field; did you mean 'record'?"),
+    (MINIMAL + "    record: {dir: rec, segment_s: 60}\n", ":5: streams.0.record.segment_s: unknown field"),
+    (MINIMAL + "    segment_s: 0.001\n", ":5: streams.0.segment_s: Input should be greater than or equal to 1"),
+    (MINIMAL + "    log: {dir: logs}\n", ":5: streams.0.log: unknown field"),
+    (MINIMAL + "    rtsp_transport: http\n", ":5: streams.0.rtsp_transport: Input should be 'tcp' or 'udp'"),
     (MINIMAL + "publish: {bind: 'localhost:5555'}\n", ":5: publish.bind: String should match pattern"),
     (MINIMAL + "publish: {sndhwm: 0}\n", ":5: publish.sndhwm: Input should be greater than or equal to 1"),
     (MINIMAL + "logging: {level: LOUD}\n", ":5: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
@@ -159,11 +166,18 @@ def test_config_is_frozen(folder: Path):
 
 @pytest.mark.parametrize(
     "source, kind",
-    [("clip.mp4", "file"), ("file:///x/clip.mkv", "file"), ("/dev/video2", "device"), ("rtsp://h/p", "network"),
-     ("RTSPS://h/p", "network"), ("udp://@:5000", "network"), ("rtp://h:5004", "network"), ("srt://h:9000", "network")],
+    [("clip.mp4", SourceKind.FILE), ("/data/CASE.MKV", SourceKind.FILE), ("file:///x/clip.mkv", SourceKind.FILE),
+     ("/dev/video2", SourceKind.V4L2), ("rtsp://h/p", SourceKind.RTSP), ("RTSPS://h/p", SourceKind.RTSP),
+     ("udp://@:5000", SourceKind.UDP), ("rtp://h:5004", SourceKind.RTP), ("srt://h:9000", SourceKind.SRT)],
 )  # fmt: skip
-def test_source_kind_table(source, kind):
-    assert source_kind(source) == kind
+def test_one_source_classifier(source, kind):
+    assert classify_source(source) is kind
+
+
+@pytest.mark.parametrize("source", ["http://example.com/a.m3u8", "ftp://x/y.mp4"])
+def test_unsupported_source_urls_are_refused(source):
+    with pytest.raises(ValueError, match="unsupported source"):
+        classify_source(source)
 
 
 def _models(model: type[BaseModel], seen: set) -> None:
@@ -199,7 +213,7 @@ def test_shipped_examples_are_valid(name: str, tmp_path: Path, tiny_bundle):
     data = yaml.safe_load(path.read_text())
     data["model"] = str(tiny_bundle.path)
     for stream in data["streams"]:
-        if source_kind(stream["source"]) == "file":
+        if classify_source(stream["source"]) is SourceKind.FILE:
             stream["source"] = str(tmp_path / Path(stream["source"]).name)
             Path(stream["source"]).write_bytes(b"")
     cfg = StreamdConfig.model_validate(data, context={"base_dir": path.parent})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import av
+import av.error
 import jsonschema
 import pytest
 
@@ -33,6 +36,14 @@ def streamd(*args: str, env: dict | None = None) -> subprocess.Popen:
         [*command, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
+
+
+def listen(endpoint: str) -> subprocess.Popen:
+    """`streamd listen --json` in its own process with a real SUB socket, connected before this returns;
+    it exits after 3 s without a message, once the daemon is done."""
+    listener = streamd("listen", endpoint, "--json", "--timeout-s", "3")
+    assert listener.stderr.readline().startswith("listening on")
+    return listener
 
 
 def write(folder: Path, text: str) -> Path:
@@ -82,24 +93,22 @@ def test_two_streams_to_a_subscriber_process_a_recording_and_a_log(tmp_path: Pat
         streams:
           - id: fast                      # as fast as it decodes
             source: {clip}
-            record: {{dir: rec, segment_s: 600, preset: ultrafast}}
-            log: {{dir: log}}
+            record: {{dir: rec, preset: ultrafast}}
+            detection_log: {{dir: log}}
           - id: camera-like               # paced at 25 fps
             source: {clip}
             realtime: true
-            log: {{dir: log}}
+            detection_log: {{dir: log}}
         publish: {{bind: "{endpoint}", sndhwm: 1000, linger_ms: 500}}
         """,
     )
-    listener = streamd("listen", endpoint, "--json")  # a separate process with a real SUB socket
+    # a separate process with a real SUB socket; it exits after 3 s without a message once the daemon is done
+    listener = listen(endpoint)
     try:
-        time.sleep(0.3)
         daemon = streamd("run", str(config))
         out, err = daemon.communicate(timeout=60)
         assert daemon.returncode == 0, err
-        time.sleep(0.5)  # the last messages reach the subscriber
-        listener.send_signal(signal.SIGINT)
-        received, listen_err = listener.communicate(timeout=10)
+        received, listen_err = listener.communicate(timeout=30)
     finally:
         media.stop(listener)
     assert listener.returncode == 0, listen_err
@@ -138,8 +147,9 @@ def test_sigterm_mid_stream_drains_closes_and_exits_0(tmp_path: Path, tiny_bundl
           - id: eus-1
             source: {long_clip}
             realtime: true
-            record: {{dir: rec, segment_s: 2, preset: ultrafast}}
-            log: {{dir: log, segment_s: 2}}
+            segment_s: 2
+            record: {{dir: rec, preset: ultrafast}}
+            detection_log: {{dir: log}}
         """,
     )
     daemon = streamd("run", str(config), env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"})
@@ -203,7 +213,7 @@ def test_a_live_udp_stream_for_a_fixed_duration(tmp_path: Path, tiny_bundle):
             source: "udp://127.0.0.1:{port}"
             timeout_s: 3
             queue: {{size: 2}}
-            log: {{dir: log}}
+            detection_log: {{dir: log}}
         """,
     )
     try:
@@ -217,3 +227,114 @@ def test_a_live_udp_stream_for_a_fixed_duration(tmp_path: Path, tiny_bundle):
     assert len(lines) >= 25  # about 2 s of 25 fps after the decoder found a keyframe
     seqs = [m["seq"] for m in lines]
     assert seqs == sorted(seqs)  # live: drops allowed (and counted), order never broken
+
+
+def _corrupt_ts(tmp_path: Path) -> Path:
+    """An MPEG-TS file with 200 flipped bytes on which PyAV's demuxer raises IndexError (the fault seen in the field)."""
+    clean = media.make_video(tmp_path / "clean.ts", size=(320, 240), fps=25, frames=100, gop=10).read_bytes()
+    for seed in range(200):
+        rng = random.Random(seed)
+        data = bytearray(clean)
+        for _ in range(200):
+            data[rng.randrange(len(data))] ^= 0xFF
+        path = tmp_path / "corrupt.ts"
+        path.write_bytes(bytes(data))
+        try:
+            with av.open(str(path)) as container:
+                for packet in container.demux(container.streams.video[0]):
+                    try:
+                        packet.decode()
+                    except av.error.InvalidDataError:
+                        pass
+        except IndexError:
+            return path
+        except av.error.FFmpegError:
+            continue
+    pytest.skip("no corruption of this clip makes this PyAV raise IndexError")
+
+
+def test_a_corrupt_file_ends_its_own_stream_and_the_others_run_complete(tmp_path: Path, tiny_bundle, clip):
+    """Streams fail alone: the corrupt file's stream ends with its error; the live UDP stream and the healthy
+    file beside it keep every frame, message and recording; the exit code says a stream failed."""
+    corrupt = _corrupt_ts(tmp_path)
+    port = media.free_port("udp")
+    sender = media.udp_sender(port, size=(160, 120), fps=25)
+    endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
+    config = write(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: {{type: onnxruntime, threads: 1}}
+        streams:
+          - id: corrupt
+            source: {corrupt}
+            detection_log: {{dir: log}}
+          - id: good
+            source: {clip}
+            realtime: true
+            record: {{dir: rec, preset: ultrafast}}
+            detection_log: {{dir: log}}
+          - id: live
+            source: "udp://127.0.0.1:{port}"
+            queue: {{size: 4}}
+            detection_log: {{dir: log}}
+        publish: {{bind: "{endpoint}", linger_ms: 500}}
+        """,
+    )
+    listener = streamd("listen", endpoint, "--json", "--timeout-s", "3")
+    try:
+        assert listener.stderr.readline().startswith("listening on")
+        daemon = streamd("run", str(config), "--duration-s", "5")
+        out, err = daemon.communicate(timeout=90)
+        received, _ = listener.communicate(timeout=30)
+    finally:
+        media.stop(sender)
+        media.stop(listener)
+    assert daemon.returncode == 1, err  # a stream failed: not a clean run
+    assert "Traceback" not in err and "IndexError" in err
+    (last,) = [line for line in err.splitlines() if line.startswith("streamd: ")]
+    assert "corrupt: source corrupt: IndexError" in last and "the others ran on" in last
+    assert "stopped by duration" in out  # the daemon ran on after the corrupt stream ended
+    logs = jsonl(list((tmp_path / "log").glob("*.jsonl")))
+    assert [m["seq"] for m in logs if m["stream"] == "good"] == list(range(40))
+    (recording,) = (tmp_path / "rec").glob("good_*.mp4")
+    assert media.probe_frame_count(recording) == 40
+    live = [m["seq"] for m in logs if m["stream"] == "live"]
+    assert len(live) >= 50 and live == sorted(live)  # ~3 s of the live feed after it connected
+    published = [json.loads(line) for line in received.splitlines()]
+    assert {m["stream"] for m in published} >= {"good", "live"}
+    good = [m["seq"] for m in published if m["stream"] == "good"]
+    assert good == list(range(good[0], 40))  # every message after the subscription, none missing
+
+
+def test_a_full_recording_disk_stops_only_that_recording(tmp_path: Path, tiny_bundle, long_clip, small_disk: Path):
+    """Stream a records to a disk that fills up: its recording stops (and says so), while its detection log,
+    its messages and stream b (recording included) stay complete; the daemon runs to the end and exits 0."""
+    config = write(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: {{type: onnxruntime, threads: 1}}
+        streams:
+          - id: a
+            source: {long_clip}
+            record: {{dir: {small_disk}, preset: ultrafast, crf: 0}}
+            detection_log: {{dir: log}}
+          - id: b
+            source: {long_clip}
+            record: {{dir: rec, preset: ultrafast}}
+            detection_log: {{dir: log}}
+        """,
+    )
+    daemon = streamd("run", str(config))
+    out, err = daemon.communicate(timeout=120)
+    assert daemon.returncode == 0, err
+    assert "Traceback" not in err
+    assert "stream 'a': cannot write" in err and "No space left" in err and "retrying in" in err
+    logs = jsonl(list((tmp_path / "log").glob("*.jsonl")))
+    for sid in ("a", "b"):
+        assert [m["seq"] for m in logs if m["stream"] == sid] == list(range(150))  # detection went on
+    (recording,) = (tmp_path / "rec").glob("b_*.mp4")
+    assert media.probe_frame_count(recording) == 150
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
+    assert "record failed" in rows["a"] and rows["b"].split("│")[-2].strip() == "0"  # a: drops counted; b: no error

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from streamd.backends.base import FunctionBackend
 from trainer.detect import Detector
 from trainer.predict import DETECTIONS_FILE, predict
 
@@ -32,7 +33,7 @@ def one_box(batch: np.ndarray) -> np.ndarray:
     return output
 
 
-DETECTOR = Detector(one_box, INPUT_HW, CLASSES, name="fake", sha256="cd" * 32)
+DETECTOR = Detector(FunctionBackend(one_box), INPUT_HW, CLASSES, name="fake", sha256="cd" * 32)
 
 
 def ffmpeg_video(path: Path, size: str, codec: str) -> Path:

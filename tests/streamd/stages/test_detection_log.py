@@ -1,4 +1,4 @@
-"""streamd.stages.detlog: one schema-valid JSON line per frame, one file per segment, named like the recording."""
+"""streamd.stages.detection_log: one schema-valid JSON line per frame, one file per segment, named like the recording."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from streamd.errors import OutputError
 from streamd.messages import schema
 from streamd.stages.annotate import AnnotateStage
-from streamd.stages.detlog import DetectionLogStage
+from streamd.config import RecordConfig
+from streamd.stages.detection_log import DetectionLogStage
 from streamd.stages.record import RecordStage
 from tests.streamd import media
 
@@ -49,19 +50,29 @@ def test_one_valid_line_per_frame(tmp_path: Path, segment_s: float, count: int, 
 
 def test_same_base_names_as_the_recording(tmp_path: Path) -> None:
     annotate = AnnotateStage(media.MODEL.class_names)
-    recorder = RecordStage("eus-1", tmp_path / "rec", segment_s=0.8, codec="libx264")
-    detlog = DetectionLogStage("eus-1", tmp_path / "log", segment_s=0.8)
-    for stage in (recorder, detlog):
+    recorder = RecordStage("eus-1", RecordConfig(dir=tmp_path / "rec", codec="libx264"), 0.8)
+    log = DetectionLogStage("eus-1", tmp_path / "log", 0.8)  # the stream's one segment_s for both
+    for stage in (recorder, log):
         stage.setup()
     for frame in media.synthetic_frames(50):
         for annotated in annotate.process(media.frame_result(frame)):
             list(recorder.process(annotated))
-            list(detlog.process(annotated))  # accepts an AnnotatedFrame too
+            list(log.process(annotated))  # accepts an AnnotatedFrame too
     recorder.close()
-    detlog.close()
+    log.close()
     assert len(recorder.segments) == 3
-    assert [p.stem for p in detlog.segments] == [p.stem for p in recorder.segments]
-    assert [len(read_lines(p)) for p in detlog.segments] == [media.probe_frame_count(p) for p in recorder.segments]
+    assert [p.stem for p in log.segments] == [p.stem for p in recorder.segments]
+    assert [len(read_lines(p)) for p in log.segments] == [media.probe_frame_count(p) for p in recorder.segments]
+
+
+def test_the_line_is_the_published_messages_bytes(tmp_path: Path) -> None:
+    stage = DetectionLogStage("eus-1", tmp_path)
+    stage.setup()
+    results = [media.frame_result(frame) for frame in media.synthetic_frames(3)]
+    for result in results:
+        list(stage.process(result))
+    stage.close()
+    assert stage.segments[0].read_bytes() == b"".join(result.message + b"\n" for result in results)
 
 
 def test_each_line_is_on_disk_before_close(tmp_path: Path) -> None:

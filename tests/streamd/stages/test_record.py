@@ -11,20 +11,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamd.config import RecordConfig, StreamConfig
 from streamd.errors import OutputError
+from streamd.ops.metrics import Metrics
 from streamd.stages.annotate import AnnotateStage
 from streamd.stages.decode import open_source
-from streamd.stages.record import RecordStage, Segmenter, choose_codec, nvenc_opens, segment_base_name
+from streamd.stages.record import RecordStage, choose_codec
 from streamd.types import Frame
 from tests.streamd import media
 
 FPS = 25
 
 
-def record(frames: list[Frame], directory: Path, **kwargs) -> RecordStage:
+def recorder_for(directory: Path, segment_s: float = 600, *, stream_id: str = "eus-1", fragment_s: float = 1.0,
+                 **settings) -> RecordStage:  # fmt: skip
+    """A RecordStage with the stream's `record` settings as the config gives them."""
+    return RecordStage(stream_id, RecordConfig(dir=directory, **settings), segment_s, fragment_s=fragment_s)
+
+
+def record(frames: list[Frame], directory: Path, segment_s: float = 600, **settings) -> RecordStage:
     """Frames -> results -> annotate -> record, the way the pipeline chains them."""
     annotate = AnnotateStage(media.MODEL.class_names)
-    recorder = RecordStage("eus-1", directory, **kwargs)
+    recorder = recorder_for(directory, segment_s, **settings)
     recorder.setup()
     try:
         for frame in frames:
@@ -47,47 +55,16 @@ def assert_segment(path: Path, frames: int, size: tuple[int, int], fps: float = 
     assert media.probe_duration(path) == pytest.approx(frames / fps, abs=1.5 / fps)
 
 
-@pytest.mark.parametrize(
-    ("segment_s", "frames", "expected"),
-    [
-        (1.0, [0.0, 0.5, 0.99, 1.0, 1.5, 2.0], [0, None, None, 1, None, 2]),  # the crossing frame opens a segment
-        (1.0, [10.0, 10.9, 11.02, 11.5, 15.3, 15.4, 16.0], [0, None, 1, None, 2, None, 3]),  # gaps: one step each
-        (0.04 * 3, [n * 0.04 for n in range(7)], [0, None, None, 1, None, None, 2]),  # float boundaries
-        (600, [0.0, 1.0, 599.99], [0, None, None]),
-    ],
-)
-def test_segmenter_boundaries(segment_s: float, frames: list[float], expected: list[int | None]) -> None:
-    segmenter = Segmenter("eus-1", segment_s)
-    starts = [segmenter.advance(f) for f in media.synthetic_frames(len(frames), pts_s=frames)]
-    assert [s.index if s else None for s in starts] == expected
-    for segment, pts in zip(starts, frames):
-        if segment:
-            assert segment.start_pts_s == pts
-            assert segment.base_name == segment_base_name("eus-1", segment.started_at, segment.index)
-
-
-def test_segmenter_starts_a_segment_when_the_size_changes() -> None:
-    segmenter = Segmenter("eus-1", 600)
-    small = list(media.synthetic_frames(2, size=(160, 120)))
-    large = next(media.synthetic_frames(1, size=(320, 240), pts_s=[0.08]))
-    assert [s.index if s else None for s in map(segmenter.advance, [*small, large])] == [0, None, 1]
-
-
-def test_segment_name() -> None:
-    assert segment_base_name("eus-1", 1_800_000_000.9, 7) == "eus-1_20270115T080000Z_0007"
-
-
 def test_file_source_n_frames_give_n_recorded_frames(tmp_path: Path) -> None:
     clip = media.make_video(tmp_path / "clip.mp4", size=(320, 240), fps=FPS, frames=40)
-    source = open_source("eus-1", str(clip))
+    source = open_source(StreamConfig(id="eus-1", source=str(clip)), Metrics(["eus-1"]))
     source.open()
     frames = []
     while (frame := source.read()) is not None:
         frames.append(frame)
     source.close()
     recorder = record(frames, tmp_path / "rec")
-    assert recorder.codec_name == ("h264_nvenc" if nvenc_opens() else "libx264")
-    assert len(recorder.segments) == 1 and recorder.frames_written == 40
+    assert len(recorder.segments) == 1
     assert recorder.segments[0].name.startswith("eus-1_") and recorder.segments[0].suffix == ".mp4"
     assert_segment(recorder.segments[0], 40, (320, 240))
 
@@ -103,17 +80,9 @@ def test_file_source_n_frames_give_n_recorded_frames(tmp_path: Path) -> None:
 def test_segments_split_on_source_time(
     tmp_path: Path, container: str, segment_s: float, count: int, expected_frames: list[int]
 ) -> None:
-    segments: list[tuple[int, Path]] = []
-    recorder = record(
-        list(media.synthetic_frames(count, fps=FPS)),
-        tmp_path,
-        segment_s=segment_s,
-        container=container,
-        codec="libx264",
-        on_segment=lambda segment, path: segments.append((segment.index, path)),
-    )
+    recorder = record(list(media.synthetic_frames(count, fps=FPS)), tmp_path, segment_s, container=container, codec="libx264")
     assert [p.suffix for p in recorder.segments] == [f".{container}"] * len(expected_frames)
-    assert segments == list(enumerate(recorder.segments))
+    assert [p.stem[-4:] for p in recorder.segments] == [f"{i:04d}" for i in range(len(expected_frames))]
     assert sorted(tmp_path.iterdir()) == sorted(recorder.segments)
     for path, frames in zip(recorder.segments, expected_frames):
         assert_segment(path, frames, (160, 120))
@@ -133,7 +102,7 @@ def test_odd_size_and_stalled_pts(tmp_path: Path) -> None:
 
 
 def test_recorder_rejects_other_streams_and_types(tmp_path: Path) -> None:
-    recorder = RecordStage("eus-1", tmp_path)
+    recorder = recorder_for(tmp_path)
     recorder.setup()
     with pytest.raises(OutputError, match="stream 'eus-2'"):
         list(recorder.process(next(media.synthetic_frames(1, stream_id="eus-2"))))
@@ -154,10 +123,12 @@ _ENDLESS_RECORDER = """
 import sys
 from pathlib import Path
 import numpy as np
+from streamd.config import RecordConfig
 from streamd.stages.record import RecordStage
 from streamd.types import Frame
 
-recorder = RecordStage("eus-1", Path(sys.argv[1]), container=sys.argv[2], codec="libx264", fragment_s=0.5)
+config = RecordConfig(dir=Path(sys.argv[1]), container=sys.argv[2], codec="libx264")
+recorder = RecordStage("eus-1", config, 600, fragment_s=0.5)
 recorder.setup()
 seq = 0
 while True:
@@ -195,3 +166,27 @@ def test_sigkill_leaves_a_playable_file(tmp_path: Path, container: str) -> None:
     assert path.suffix == f".{container}"
     assert media.probe_codec(path) == "h264"
     assert media.probe_frame_count(path) > 0
+
+
+def test_a_full_disk_is_an_output_error_and_setup_again_starts_a_new_segment(small_disk: Path, tmp_path: Path) -> None:
+    """What the runner does with a failed output: close it, set it up again later, go on in a new segment."""
+    recorder = recorder_for(small_disk, codec="libx264", preset="ultrafast", crf=0)
+    recorder.setup()
+    frames = media.synthetic_frames(2000, size=(320, 240), fps=FPS)
+    noise = np.random.default_rng(0)
+    with pytest.raises(OutputError, match=f"stream 'eus-1'.*{small_disk}") as failed:
+        for frame in frames:  # noisy frames at crf 0: the 256 KiB disk is full after a few
+            image = noise.integers(0, 256, frame.image.shape, np.uint8)
+            list(recorder.process(Frame(frame.stream_id, frame.seq, frame.pts_s, image, frame.decoded_at, fps=FPS)))
+    assert "No space left" in str(failed.value) or "Errno 28" in str(failed.value)
+    with pytest.raises(OutputError):
+        recorder.close()  # flushing into a full disk fails too; the stage is closed all the same
+    for path in small_disk.iterdir():
+        path.unlink()  # space comes back
+    recorder.setup()
+    for frame in media.synthetic_frames(5, size=(320, 240), fps=FPS, pts_s=[10.0 + n / FPS for n in range(5)]):
+        list(recorder.process(frame))
+    recorder.close()
+    (path,) = small_disk.iterdir()
+    assert path.stem.endswith("_0001")  # a new segment, never a splice across the frames it could not write
+    assert media.probe_frame_count(path) == 5

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamd import backends as backends_module
-from streamd.backends import make_backend, tensorrt_usable
+from streamd.backends import select as backends_module
+from streamd.backends.select import make_backend, tensorrt_usable
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
 from streamd.backends.tensorrt import build_engine, engine_key, engine_path
 from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TensorRTConfig
 from streamd.errors import BackendError
 
-REPO = Path(__file__).parents[2]
+REPO = Path(__file__).parents[3]
 ORT = OnnxRuntimeConfig(type="onnxruntime", threads=1)
 
 
@@ -46,7 +46,7 @@ def images(count: int, value: float = 0.0) -> np.ndarray:
 def test_onnxruntime_runs_the_bundle(tiny_bundle, count):
     backend = make_backend(tiny_bundle, ORT, max_batch=4)
     assert isinstance(backend, OnnxRuntimeBackend) and backend.max_batch == 4
-    output = backend.infer(images(count, 255.0))
+    output = backend.submit(images(count, 255.0)).wait()
     assert output.shape == (count, 2, 8) and output.dtype == np.float32
     np.testing.assert_allclose(output[:, 0, 4], 1.0, rtol=1e-6)  # objectness = mean / 255
     np.testing.assert_allclose(output[:, 1, :5], [[44, 40, 20, 24, 0.9]] * count, rtol=1e-6)
@@ -109,16 +109,15 @@ def test_streamd_never_imports_torch_outside_its_gpu_backends(tiny_bundle, tmp_p
     code = f"""
 import sys, time
 import numpy as np
-import streamd.cli, streamd.pipeline.runner, streamd.pipeline.graph, streamd.backends, streamd.backends.tensorrt
-from streamd.backends import make_backend
+import streamd.cli, streamd.pipeline.daemon, streamd.pipeline.compose, streamd.backends.select, streamd.backends.tensorrt
+from streamd.backends.select import make_backend
 from streamd.config import AutoBackendConfig
 from streamd.model import load_bundle
-from streamd.stages.batch import Batch, BatchInferStage
-from streamd.types import Frame
+from streamd.model.detector import Detector
 bundle = load_bundle({str(tiny_bundle.path)!r})
-stage = BatchInferStage(bundle, make_backend(bundle, AutoBackendConfig(type="auto"), 2))
-stage.setup()
-list(stage.process(Batch((Frame("s", 0, 0.0, np.zeros((48, 64, 3), np.uint8), time.time()),), time.time())))
+detector = Detector.for_bundle(bundle, make_backend(bundle, AutoBackendConfig(type="auto"), 2))
+detector.warm_up()
+detector.detect([np.zeros((48, 64, 3), np.uint8)], 0.3, 0.45)
 assert "torch" not in sys.modules, "streamd imported torch"
 print("ok")
 """
@@ -144,9 +143,9 @@ def trt_config(tmp_path: Path):
 @pytest.mark.parametrize("count", [1, 3, 4])
 def test_tensorrt_matches_onnxruntime(tiny_bundle, trt_config, precision, atol, count):
     batch = np.random.default_rng(count).uniform(0, 255, (count, 3, 64, 64)).astype(np.float32)
-    expected = make_backend(tiny_bundle, ORT, 4).infer(batch)
+    expected = make_backend(tiny_bundle, ORT, 4).submit(batch).wait()
     backend = make_backend(tiny_bundle, trt_config(precision), max_batch=4)
-    np.testing.assert_allclose(backend.infer(batch), expected, atol=atol, rtol=1e-3)
+    np.testing.assert_allclose(backend.submit(batch).wait(), expected, atol=atol, rtol=1e-3)
     backend.close()
 
 
@@ -383,7 +382,7 @@ def test_fake_gpu_backend_builds_caches_binds_and_matches_onnxruntime(tiny_bundl
     batches = [np.random.default_rng(i).uniform(0, 255, (n, 3, 64, 64)).astype(np.float32) for i, n in enumerate((4, 1, 3))]
     pending = [backend.submit(b) for b in batches]  # three in flight over two slots: the first is collected on reuse
     for handle, batch in zip(pending, batches):
-        np.testing.assert_allclose(handle.wait(), reference.infer(batch), rtol=1e-5)
+        np.testing.assert_allclose(handle.wait(), reference.submit(batch).wait(), rtol=1e-5)
     with pytest.raises(BackendError, match="1..4"):
         backend.submit(images(5))
     backend.close()
@@ -400,4 +399,4 @@ def test_fake_gpu_int8_needs_a_calibrator_and_build_engine_uses_it(tiny_bundle, 
     assert fake_gpu.builds[-1]["calibrator"] is calibrator and fake_gpu.builds[-1]["flags"] == {"fp16", "int8"}
     backend = make_backend(tiny_bundle, config, max_batch=2)  # the daemon loads the calibrated engine
     assert backend.engine_path == path and len(fake_gpu.builds) == 1
-    assert backend.infer(images(2, 255.0))[:, 0, 4] == pytest.approx(1.0)
+    assert backend.submit(images(2, 255.0)).wait()[:, 0, 4] == pytest.approx(1.0)

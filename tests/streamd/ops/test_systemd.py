@@ -102,7 +102,7 @@ def test_unit_files_are_notify_services_with_a_watchdog(unit: str, config: str):
 
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # systemd keys are case-sensitive
-    parser.read(Path(__file__).parents[2] / "systemd" / unit)
+    parser.read(Path(__file__).parents[3] / "systemd" / unit)
     service = parser["Service"]
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert service["ExecStart"] == f"/opt/streamd/.venv/bin/streamd run {config}"

@@ -1,7 +1,7 @@
-"""Detection log: one JSON line per frame (the published message), one .jsonl file per recording segment.
+"""Detection log: one JSON line per frame (the published message's bytes), one .jsonl file per segment.
 
-Segments and names come from the recorder's `Segmenter`, so with the same
-segment_s a log file has its recording's base name:
+Segments and names follow `streamd.segments`, the recorder's rule with the
+stream's one `segment_s`, so a log file has its recording's base name:
 `eus-1_20261122T180000Z_0000.mp4` and `eus-1_20261122T180000Z_0000.jsonl`.
 Each line is handed to the OS in one unbuffered write, so a crash loses at
 most the line being written; `fsync_s` bounds what a power cut can lose.
@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from streamd.errors import OutputError
-from streamd.messages import detection_message, encode
-from streamd.stages.record import Segmenter
+from streamd.segments import Segmenter, start_output
 from streamd.types import AnnotatedFrame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -27,11 +26,12 @@ log = logging.getLogger(__name__)
 class DetectionLogStage:
     """FrameResult (or AnnotatedFrame) -> a line of `{stream_id}_{UTC start}_{index:04d}.jsonl` in `directory`.
 
+    The line is the result's `message`, the same bytes the publisher sends.
     Yields its input unchanged, so it can end a chain or sit inside one.
     fsync_s: how often the file is forced to disk (None: never).
     """
 
-    name = "detlog"
+    name = "detection_log"
 
     def __init__(self, stream_id: str, directory: Path, segment_s: float = 600, *, fsync_s: float | None = 5.0) -> None:
         self.stream_id = stream_id
@@ -39,12 +39,12 @@ class DetectionLogStage:
         self.segmenter = Segmenter(stream_id, segment_s)
         self.fsync_s = fsync_s
         self.segments: list[Path] = []
-        self.lines_written = 0
         self._file: BinaryIO | None = None
         self._last_fsync = 0.0
 
     def setup(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Create the folder; the next frame opens a new segment (at start, and when retried after a failure)."""
+        start_output(self.segmenter, self.directory, "detection-log")
 
     def process(self, item: FrameResult | AnnotatedFrame) -> Iterator[FrameResult | AnnotatedFrame]:
         match item:
@@ -54,30 +54,26 @@ class DetectionLogStage:
                 result = item
             case _:
                 raise TypeError(f"{self.name}: expected FrameResult or AnnotatedFrame, got {type(item).__name__}")
-        if result.frame.stream_id != self.stream_id:
-            raise OutputError(
-                f"detection log of stream {self.stream_id!r} got a frame of stream {result.frame.stream_id!r}"
-            )
+        if result.stream_id != self.stream_id:
+            raise OutputError(f"detection log of stream {self.stream_id!r} got a frame of stream {result.stream_id!r}")
         segment = self.segmenter.advance(result.frame)
-        if segment is not None:
+        if segment is not None or self._file is None:
             self.close()
-            path = self.directory / f"{segment.base_name}.jsonl"
+            path = self.directory / f"{self.segmenter.current.base_name}.jsonl"
             try:
-                self.directory.mkdir(parents=True, exist_ok=True)
                 # Append, unbuffered: a restart within the same second continues the file instead of truncating it.
                 self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
             except OSError as exc:
                 raise OutputError(f"stream {self.stream_id!r}: cannot open detection log {path}: {exc}") from exc
             self.segments.append(path)
-            log.info("stream %r: detection log segment %d to %s", self.stream_id, segment.index, path)
+            log.info("stream %r: detection log segment %d to %s", self.stream_id, self.segmenter.current.index, path)
         try:
-            self._file.write(encode(detection_message(result)) + b"\n")
+            self._file.write(result.message + b"\n")
             if self.fsync_s is not None and time.monotonic() - self._last_fsync >= self.fsync_s:
                 os.fsync(self._file.fileno())
                 self._last_fsync = time.monotonic()
         except OSError as exc:
             raise OutputError(f"stream {self.stream_id!r}: cannot write {self.segments[-1]}: {exc}") from exc
-        self.lines_written += 1
         yield item
 
     def close(self) -> None:

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamd.errors import ConfigError, FatalError, SourceError
-from streamd.stages.decode import AVSource, open_source, source_kind
+from streamd.config import StreamConfig
+from streamd.errors import FatalError, SourceError
+from streamd.ops.metrics import Metrics
+from streamd.stages.decode import AVSource, open_source
 from streamd.types import Frame
 from tests.streamd import media
 
@@ -57,73 +59,46 @@ def assert_well_formed(frames: list[Frame], stream_id: str, size: tuple[int, int
         assert frame.decode_ms >= 0 and abs(frame.decoded_at - time.time()) < 60
 
 
-@pytest.mark.parametrize(
-    ("url", "kind"),
-    [
-        ("clip.mp4", "file"),
-        ("/data/CASE.MKV", "file"),
-        ("file:///data/a.ts", "file"),
-        ("old.avi", "file"),
-        ("rtsp://10.0.0.5/live", "rtsp"),
-        ("udp://@:5000", "udp"),
-        ("rtp://127.0.0.1:5004", "rtp"),
-        ("srt://10.0.0.5:9000?mode=caller", "srt"),
-        ("/dev/video0", "v4l2"),
-    ],
-)
-def test_source_kind(url: str, kind: str) -> None:
-    assert source_kind(url) == kind
+def stream(url: str, stream_id: str = "eus-1", *, validate: bool = True, **fields) -> StreamConfig:
+    """A stream's config as `streamd validate` makes it (validate=False: a file that does not exist yet)."""
+    if not validate:
+        return StreamConfig.model_construct(id=stream_id, source=url, **fields)
+    return StreamConfig.model_validate({"id": stream_id, "source": url, **fields})
+
+
+def source_for(url: str, stream_id: str = "eus-1", *, validate: bool = True, **fields) -> tuple[AVSource, Metrics]:
+    metrics = Metrics([stream_id])
+    return open_source(stream(url, stream_id, validate=validate, **fields), metrics), metrics
 
 
 @pytest.mark.parametrize(
-    ("url", "kwargs", "expected"),
+    ("url", "fields", "live", "format", "options"),
     [
-        ("notes.txt", {}, "unsupported source"),
-        ("http://example.com/a.m3u8", {}, "unsupported source"),
-        ("udp://127.0.0.1:5000", {"loop": True}, "files only"),
-        ("rtsp://127.0.0.1/a", {"realtime": True}, "files only"),
-        ("rtsp://127.0.0.1/a", {"rtsp_transport": "http"}, "tcp or udp"),
-    ],
-)
-def test_open_source_rejects(url: str, kwargs: dict, expected: str) -> None:
-    with pytest.raises(ConfigError, match=expected):
-        open_source("eus-1", url, **kwargs)
-
-
-@pytest.mark.parametrize(
-    ("url", "kwargs", "live", "format", "options"),
-    [
-        ("a.mp4", {}, False, None, {}),
-        ("a.mp4", {"realtime": True, "live": True}, True, None, {}),
+        ("{clip}", {}, False, None, {}),
+        ("{clip}", {"realtime": True}, False, None, {}),
         ("rtsp://h/a", {}, True, None, {"rtsp_transport": "tcp", "timeout": "5000000"}),
-        (
-            "rtsp://h/a",
-            {"rtsp_transport": "udp", "timeout_s": 2},
-            True,
-            None,
-            {"rtsp_transport": "udp", "timeout": "2000000"},
-        ),
+        ("rtsp://h/a", {"rtsp_transport": "udp", "timeout_s": 2}, True, None,
+         {"rtsp_transport": "udp", "timeout": "2000000"}),
         ("udp://@:5000", {}, True, None, {"timeout": "5000000", "overrun_nonfatal": "1"}),
         ("rtp://h:5004", {"timeout_s": 0.5}, True, None, {"timeout": "500000"}),
-        (
-            "/dev/video2",
-            {"video_size": "1280x720", "framerate": 30, "pixel_format": "mjpeg"},
-            True,
-            "v4l2",
-            {"video_size": "1280x720", "framerate": "30", "input_format": "mjpeg"},
-        ),
-        ("udp://@:5000", {"options": {"fifo_size": "10"}}, True, None, {"fifo_size": "10"}),
+        ("/dev/video2", {"v4l2": {"video_size": "1280x720", "framerate": 30, "pixel_format": "mjpeg"}}, True, "v4l2",
+         {"video_size": "1280x720", "framerate": "30", "input_format": "mjpeg"}),
     ],
-)
-def test_open_source_options(url: str, kwargs: dict, live: bool, format: str | None, options: dict) -> None:
-    source = open_source("eus-1", url, **kwargs)
+)  # fmt: skip
+def test_open_source_options(clips: dict[str, Path], url: str, fields: dict, live: bool, format: str | None, options: dict) -> None:
+    source, _ = source_for(url.format(clip=clips["mp4"]), **fields)
     assert (source.live, source.format) == (live, format)
     assert options.items() <= source.options.items()
 
 
+def test_extra_ffmpeg_options_come_last() -> None:
+    source = open_source(stream("udp://@:5000"), Metrics(["eus-1"]), options={"fifo_size": "10"})
+    assert source.options["fifo_size"] == "10"
+
+
 @pytest.mark.parametrize("suffix", ["mp4", "mkv", "ts", "avi"])
 def test_file_gives_every_frame_once(clips: dict[str, Path], suffix: str) -> None:
-    source = open_source("file-1", str(clips[suffix]))
+    source, _ = source_for(str(clips[suffix]), "file-1")
     source.open()
     try:
         frames = read_all(source)
@@ -138,20 +113,21 @@ def test_file_gives_every_frame_once(clips: dict[str, Path], suffix: str) -> Non
 
 
 def test_loop_continues_seq_and_pts(clips: dict[str, Path]) -> None:
-    source = open_source("loop-1", str(clips["mp4"]), loop=True)
+    source, metrics = source_for(str(clips["mp4"]), "loop-1", loop=True)
     source.open()
     try:
         frames = read_n(source, FRAMES * 2 + 5)
     finally:
         source.close()
-    assert source.loops == 2
+    summary = metrics.summary("end").stream("loop-1")
+    assert (summary.loops, summary.opens) == (2, 1)
     assert_well_formed(frames, "loop-1", SIZE)
     assert np.diff([f.pts_s for f in frames]) == pytest.approx(1 / FPS, abs=1e-3)  # no jump back, no gap
     np.testing.assert_array_equal(frames[0].image, frames[FRAMES].image)  # the second pass is the same video
 
 
 def test_realtime_paces_at_the_file_rate(clips: dict[str, Path]) -> None:
-    source = open_source("rt-1", str(clips["mkv"]), realtime=True)
+    source, _ = source_for(str(clips["mkv"]), "rt-1", realtime=True)
     source.open()
     started = time.monotonic()
     try:
@@ -161,7 +137,7 @@ def test_realtime_paces_at_the_file_rate(clips: dict[str, Path]) -> None:
     elapsed_s = time.monotonic() - started
     content_s = frames[-1].pts_s - frames[0].pts_s  # 29 frame intervals = 1.16 s
     assert len(frames) == FRAMES
-    assert 0.8 * content_s <= elapsed_s < content_s + 10  # paced, loosely: the machine is busy
+    assert elapsed_s >= 0.8 * content_s  # paced (a busy machine can only make it slower)
 
 
 def test_corrupt_packets_are_skipped_and_counted(clips: dict[str, Path], tmp_path: Path) -> None:
@@ -172,13 +148,13 @@ def test_corrupt_packets_are_skipped_and_counted(clips: dict[str, Path], tmp_pat
         data[offset] = rng.randrange(256)
     damaged = tmp_path / "damaged.ts"
     damaged.write_bytes(bytes(data))
-    source = open_source("bad-1", str(damaged))
+    source, metrics = source_for(str(damaged), "bad-1")
     source.open()
     try:
         frames = read_all(source)
     finally:
         source.close()
-    assert source.corrupt_packets >= 1
+    assert metrics.summary("end").stream("bad-1").corrupt_packets >= 1
     assert 0 < len(frames) <= FRAMES
     assert_well_formed(frames, "bad-1", SIZE)
 
@@ -198,13 +174,14 @@ def test_open_failures_name_the_stream(tmp_path: Path, url: str, error: type[Exc
         audio = ["-f", "lavfi", "-i", "sine=duration=0.2", str(tmp_path / "audio-only.mkv")]
         subprocess.run([media.FFMPEG, "-loglevel", "error", *audio], check=True, timeout=60)
     url = url.format(tmp=tmp_path)
+    source, _ = source_for(url, "cam-9", validate=False)
     with pytest.raises(error, match=re.escape(f"stream 'cam-9' ({url})")):
-        open_source("cam-9", url).open()
+        source.open()
 
 
 def test_dead_udp_port_times_out() -> None:
     url = f"udp://127.0.0.1:{media.free_port()}"
-    source = open_source("eus-1", url, timeout_s=1.0)
+    source, _ = source_for(url, timeout_s=1.0)
     started = time.monotonic()
     with pytest.raises(SourceError, match=re.escape(f"stream 'eus-1' ({url}): no data for 1.0 s")):
         source.open()
@@ -213,7 +190,7 @@ def test_dead_udp_port_times_out() -> None:
 
 def test_srt_fails_clearly() -> None:
     """PyAV's own FFmpeg may lack libsrt: either way a SourceError naming the stream, not a hang."""
-    source = open_source("srt-1", f"srt://127.0.0.1:{media.free_port()}?mode=caller", timeout_s=1.0)
+    source, _ = source_for(f"srt://127.0.0.1:{media.free_port()}?mode=caller", "srt-1", timeout_s=1.0)
     started = time.monotonic()
     with pytest.raises(SourceError, match="stream 'srt-1'"):
         source.open()
@@ -224,7 +201,7 @@ def test_srt_fails_clearly() -> None:
 def test_live_udp_mpegts_and_reconnect() -> None:
     port = media.free_port()
     url = f"udp://127.0.0.1:{port}"
-    source = open_source("eus-1", url, timeout_s=3.0)
+    source, metrics = source_for(url, timeout_s=3.0)
     sender = media.udp_sender(port)
     try:
         source.open()
@@ -242,7 +219,7 @@ def test_live_udp_mpegts_and_reconnect() -> None:
         sender = media.udp_sender(port)  # the runner reopens: seq and pts go on
         source.open()
         more = read_n(source, 5)
-        assert source.opens == 2
+        assert metrics.summary("running").stream("eus-1").opens == 2
         assert more[0].seq > frames[-1].seq and more[0].pts_s > frames[-1].pts_s
         assert_well_formed(more, "eus-1", (320, 240), first_seq=more[0].seq)
     finally:
@@ -258,7 +235,7 @@ def test_rtsp_from_a_real_server(transport: str) -> None:
     port = media.free_port("tcp")
     server = media.rtsp_server(port, size=(320, 240), fps=25)
     url = f"rtsp://127.0.0.1:{port}/test"
-    source = open_source("rtsp-1", url, rtsp_transport=transport, timeout_s=5.0)
+    source, _ = source_for(url, "rtsp-1", rtsp_transport=transport, timeout_s=5.0)
     try:
         source.open()
         frames = read_n(source, 10)

@@ -1,0 +1,83 @@
+"""The daemon's pipeline as code: `compose` reads like the diagram, every stage, queue and policy in it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+
+from streamd.config import StreamConfig, StreamdConfig
+from streamd.model.detector import Detector
+from streamd.ops.metrics import Metrics
+from streamd.pipeline.graph import Graph, Queue
+from streamd.pipeline.queues import Batcher, Policy
+from streamd.stages.annotate import AnnotateStage
+from streamd.stages.decode import open_source
+from streamd.stages.detection_log import DetectionLogStage
+from streamd.stages.infer import ResultsStage, SubmitStage
+from streamd.stages.publish import PublishStage
+from streamd.stages.record import RecordStage
+
+
+@dataclass(frozen=True, slots=True)
+class Switches:
+    """Which outputs to build (a benchmark measures inference alone by turning them off)."""
+
+    record: bool = True
+    detection_log: bool = True
+    publish: bool = True
+
+
+def compose(
+    config: StreamdConfig,
+    detector: Detector,
+    metrics: Metrics,
+    zmq_context: zmq.Context | None,
+    switches: Switches = Switches(),
+) -> Graph:
+    """
+    source:ID ──input:ID──► batch ──► submit ──in_flight──► results ──output:ID──► annotate ──► record
+    (1 thread per stream)   (max_batch | max_wait_ms,        (decode, NMS,    │   (1 thread     └──► detection_log
+     queue per stream:       fair, credits: a frame is        message)       │    per stream)
+     drop_oldest if live,    taken only when its stream's                    └──publish──► publish (ZeroMQ PUB)
+     block for files)        block queues have room)
+
+    Every arrow with a name is a bounded queue and has its own worker thread; the
+    others are calls in the same thread. A stage after `stream=` is that
+    stream's: its failure stops that output of that stream only.
+    """
+    graph = Graph(metrics)
+    batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms)
+    submit = SubmitStage(detector)
+    results = ResultsStage(detector, metrics, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
+    graph.add_flow(batch, submit)
+    graph.add_flow(submit, results, Queue("in_flight", size=1, policy="block", per_frame=False))
+    for stream in config.streams:
+        policy = queue_policy(stream)
+        graph.add_flow(open_source(stream, metrics), batch, Queue("input", stream.queue.size, policy))
+        outputs = Queue("output", stream.queue.size, policy)
+        if switches.record and stream.record is not None and stream.record.enabled:
+            annotate = AnnotateStage(detector.class_names)
+            graph.add_flow(results, annotate, outputs, stream=stream.id)
+            graph.add_flow(annotate, RecordStage(stream.id, stream.record, stream.segment_s))
+        if switches.detection_log and stream.detection_log is not None and stream.detection_log.enabled:
+            log = DetectionLogStage(stream.id, stream.detection_log.dir, stream.segment_s)
+            graph.add_flow(results, log, outputs, stream=stream.id)
+    publish = config.publish
+    if switches.publish and publish is not None and publish.enabled:
+        if zmq_context is None:
+            raise ValueError("publishing needs the process's zmq.Context")
+        live = any(queue_policy(stream) == "drop_oldest" for stream in config.streams)
+        size = sum(stream.queue.size for stream in config.streams)
+        graph.add_flow(results, PublishStage(zmq_context, publish, metrics),
+                       Queue("publish", size, "drop_oldest" if live else "block"))
+    graph.check()
+    return graph
+
+
+def queue_policy(stream: StreamConfig) -> Policy:
+    """`auto` is drop_oldest for live sources (never stall a camera) and block for files (lose no frame)."""
+    if stream.queue.policy != "auto":
+        return stream.queue.policy
+    return "drop_oldest" if stream.kind.live else "block"
+

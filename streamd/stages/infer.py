@@ -1,0 +1,110 @@
+"""Inference in two stages, so one batch can be prepared while the previous one computes:
+
+    Batch --> SubmitStage (letterbox, backend.submit) --> InFlight --> ResultsStage (wait, decode + NMS) --> FrameResult
+
+The runner gathers the Batch (up to max_batch frames or max_wait_ms, fairly
+across streams, see `streamd.pipeline.queues.Batcher`). `compose` puts a
+queue between the two stages: with an asynchronous backend (a GPU) the copy
+and letterbox of batch k+1 overlap the model on batch k; with a synchronous
+one (ONNX Runtime) the model on batch k+1 overlaps the NMS of batch k.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from streamd.messages import encode_message
+from streamd.model.detector import Detector, Submitted
+from streamd.ops.metrics import Metrics
+from streamd.types import Batch, Frame, FrameResult, Latency, ModelRef
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A submitted batch: the batch, the detector's handle on it, and when its letterbox began (perf_counter)."""
+
+    batch: Batch
+    submitted: Submitted
+    began: float
+
+    @property
+    def stream_id(self) -> None:
+        """A batch belongs to no single stream."""
+        return None
+
+    @property
+    def frames(self) -> tuple[Frame, ...]:
+        return self.batch.frames
+
+
+class SubmitStage:
+    """Batch -> InFlight: letterbox the frames and start the backend on them.
+
+    setup() warms the backend up (at batch 1 and at max_batch) before READY=1.
+    The backend belongs to whoever made it (streamd.pipeline.daemon), which closes it.
+    """
+
+    name = "submit"
+
+    def __init__(self, detector: Detector, warmup_runs: int = 2):
+        self.detector = detector
+        self.warmup_runs = warmup_runs
+
+    def setup(self) -> None:
+        self.detector.warm_up(self.warmup_runs)
+
+    def process(self, batch: Batch) -> Iterator[InFlight]:
+        began = time.perf_counter()
+        yield InFlight(batch, self.detector.submit([frame.image for frame in batch.frames]), began)
+
+    def close(self) -> None:
+        pass
+
+
+class ResultsStage:
+    """InFlight -> one FrameResult per frame (same order): boxes in source pixels, latency, the encoded message.
+
+    conf_threshold / iou_threshold: None takes the detector's (the bundle's) defaults.
+    Every result is counted in `metrics` (processed, detections, latency samples).
+    """
+
+    name = "results"
+
+    def __init__(
+        self, detector: Detector, metrics: Metrics, conf_threshold: float | None = None, iou_threshold: float | None = None
+    ):
+        self.detector = detector
+        self.conf_threshold = detector.conf_threshold if conf_threshold is None else conf_threshold
+        self.iou_threshold = detector.iou_threshold if iou_threshold is None else iou_threshold
+        self.metrics = metrics
+        self.model = ModelRef(name=detector.name, sha256=detector.sha256, class_names=detector.class_names)
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, in_flight: InFlight) -> Iterator[FrameResult]:
+        found = self.detector.collect(in_flight.submitted, self.conf_threshold, self.iou_threshold)
+        infer_ms = (time.perf_counter() - in_flight.began) * 1e3
+        now = time.time()
+        batch = in_flight.batch
+        for frame, detections in zip(batch.frames, found):
+            latency = Latency(
+                decode_ms=frame.decode_ms,
+                queue_ms=max(0.0, (batch.gathered_at - frame.decoded_at) * 1e3),
+                infer_ms=infer_ms,
+                total_ms=frame.decode_ms + max(0.0, (now - frame.decoded_at) * 1e3),
+            )
+            self.metrics.result(frame.stream_id, len(detections), latency)
+            yield FrameResult(
+                frame=frame,
+                detections=detections,
+                model=self.model,
+                latency=latency,
+                message=encode_message(frame, detections, self.model, latency),
+                batch_size=len(batch.frames),
+            )
+
+    def close(self) -> None:
+        pass
