@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -66,14 +67,21 @@ def train(
     config: Path,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last.pth at its saved epoch.")] = False,
     stop_after_epochs: Annotated[Optional[int], typer.Option(min=1, help="End after N epochs of this call; continue later with --resume.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start afresh in a run folder that holds an earlier run, deleting its files.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Train YOLOX on the experiment's dataset; writes checkpoints, metrics.csv and curves.png."""
     from trainer.config import load_experiment
+    from trainer.train import TrainingInterrupted
     from trainer.train import train as run_training
 
     _setup_logging(verbose)
-    result = run_training(load_experiment(config), resume=resume, stop_after_epochs=stop_after_epochs)
+    try:
+        result = run_training(load_experiment(config), resume=resume, stop_after_epochs=stop_after_epochs, overwrite=overwrite)
+    except TrainingInterrupted as stop:
+        again = f"trainer train {shlex.quote(str(config))}" + (" --resume" if stop.epoch else "")
+        console.print(f"{stop}\n{'resume' if stop.epoch else 'start again'} with: {again}", highlight=False)
+        raise typer.Exit(130) from None  # the shell's code for Ctrl-C
     typer.echo(json.dumps(asdict(result), indent=2))
 
 
@@ -116,11 +124,12 @@ def predict(
     bundle: Annotated[Path, typer.Argument(help="Model bundle folder.")],
     paths: Annotated[list[Path], typer.Argument(help="Images, folders or video files.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the annotated copies.")] = Path("predictions"),
-    conf_threshold: Annotated[Optional[float], typer.Option(help="Default: the bundle's.")] = None,
-    iou_threshold: Annotated[Optional[float], typer.Option(help="Default: the bundle's.")] = None,
+    conf_threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Default: the bundle's.")] = None,
+    iou_threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Default: the bundle's.")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Run a bundle on images, folders and videos; write annotated copies and detections.jsonl."""
+    """Run a bundle on images, folders and videos (through streamd's own stages); write annotated copies and
+    detection logs in the daemon's message schema (images.jsonl, and NAME.jsonl beside each NAME.mp4)."""
     from trainer.detect import bundle_detector
     from trainer.predict import predict as run_predict
 

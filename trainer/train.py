@@ -2,7 +2,7 @@
 
     train(exp)
       init_process      device, DDP process group, seeds
-      checkpoint_to_resume (trainer.runs) when resuming
+      start_fresh       or checkpoint_to_resume (trainer.runs): the run folder
       setup             splits, model, optimizer, data loader, schedule, AMP scaler, EMA
       resume_from       a checkpoint's weights, optimizer, scaler, EMA, RNG and progress
       per epoch:
@@ -39,7 +39,7 @@ from trainer.datasets import load_split
 from trainer.datasets.records import DatasetSplit
 from trainer.device import pick_device
 from trainer.evaluate import validation_metrics
-from trainer.runs import BEST, LAST, MetricsLog, checkpoint_to_resume
+from trainer.runs import BEST, LAST, MetricsLog, checkpoint_to_resume, start_fresh
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,19 @@ class TrainResult:
     seconds: float
     dataset_hash: str
     trainer_version: str = __version__
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`. `epoch` epochs of `epochs` are saved in `last_checkpoint`; 0: nothing to resume."""
+
+    def __init__(self, last_checkpoint: Path, epoch: int, epochs: int):
+        super().__init__(last_checkpoint, epoch, epochs)
+        self.last_checkpoint, self.epoch, self.epochs = last_checkpoint, epoch, epochs
+
+    def __str__(self) -> str:
+        if self.epoch == 0:
+            return "training interrupted before its first epoch was saved: nothing to resume"
+        return f"training interrupted: {self.last_checkpoint} holds epoch {self.epoch} of {self.epochs}"
 
 
 @dataclass(frozen=True)
@@ -119,29 +132,40 @@ class EpochStats:
     losses: dict[str, float]  # mean of each of yx.LOSS_KEYS over the epoch's iterations
 
 
-def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None = None) -> TrainResult:
+def train(
+    exp: Experiment, resume: bool = False, stop_after_epochs: int | None = None, overwrite: bool = False
+) -> TrainResult:
     """Train `exp`; return and write its TrainResult. DDP when started by torchrun with WORLD_SIZE > 1.
 
+    resume continues the run folder's last.pth (trainer.runs.checkpoint_to_resume
+    refuses one trained with other settings). Without it the run is fresh:
+    a folder that already holds checkpoints is refused unless `overwrite`,
+    which deletes the earlier run's files (trainer.runs.start_fresh).
     stop_after_epochs ends this call after that many epochs (the schedule is
     still the experiment's): time-boxed training, continued with resume=True.
+    Ctrl-C raises TrainingInterrupted, which says which epoch is saved.
     """
+    if resume and overwrite:
+        raise ValueError("--resume continues the run folder's run, --overwrite deletes it: choose one")
     started = time.time()
     process = init_process(exp)
     run_dir = exp.run_dir
     checkpoint = checkpoint_to_resume(exp) if resume else None
+    if checkpoint is None:
+        start_fresh(run_dir, overwrite, delete=process.main)
     if process.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "experiment.json").write_text(exp.model_dump_json(indent=2))
 
-    training = setup(exp, process, fine_tune=checkpoint is None)
-    progress = resume_from(training, checkpoint) if checkpoint is not None else Progress()
-    if process.distributed:
-        device_ids = [process.device] if process.device.type == "cuda" else None
-        training.model = torch.nn.parallel.DistributedDataParallel(training.model, device_ids=device_ids)
-    metrics = MetricsLog(run_dir, append=checkpoint is not None) if process.main else None
-
-    end_epoch = exp.train.epochs if stop_after_epochs is None else min(exp.train.epochs, progress.epoch + stop_after_epochs)
+    saved_epoch = checkpoint.epoch if checkpoint is not None else 0  # what last.pth holds, for TrainingInterrupted
     try:
+        training = setup(exp, process, fine_tune=checkpoint is None)
+        progress = resume_from(training, checkpoint) if checkpoint is not None else Progress()
+        if process.distributed:
+            device_ids = [process.device] if process.device.type == "cuda" else None
+            training.model = torch.nn.parallel.DistributedDataParallel(training.model, device_ids=device_ids)
+        metrics = MetricsLog(run_dir, append=checkpoint is not None) if process.main else None
+        end_epoch = exp.train.epochs if stop_after_epochs is None else min(exp.train.epochs, progress.epoch + stop_after_epochs)
         for epoch in range(progress.epoch, end_epoch):
             epoch_started = time.time()
             stats = train_one_epoch(training, epoch)
@@ -151,7 +175,11 @@ def train(exp: Experiment, resume: bool = False, stop_after_epochs: int | None =
             progress = progress.after_epoch(val)
             if process.main:
                 save_epoch(training, progress, val, run_dir)
+            saved_epoch = progress.epoch
+            if process.main:
                 _report_epoch(metrics, exp, progress.epoch, stats, val, time.time() - epoch_started)
+    except KeyboardInterrupt as exc:
+        raise TrainingInterrupted(run_dir / LAST, saved_epoch, exp.train.epochs) from exc
     finally:
         if process.distributed:
             torch.distributed.destroy_process_group()

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +22,7 @@ from typer.testing import CliRunner
 
 from streamd.model import load_bundle
 from synthetic import write_experiment
+from trainer.checkpoint import read_checkpoint, save_checkpoint
 from trainer.cli import app
 from trainer.config import load_experiment
 from trainer.export.bundle import export_bundle
@@ -147,3 +156,130 @@ def test_checkpoint_evaluates_and_loads_weights_only(trained):
     torch.load(result.last_checkpoint, weights_only=True)
     detector = load_detector(Path(result.best_checkpoint), exp)
     assert detector.class_names == exp.classes
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fresh_run_never_keeps_an_earlier_runs_best(voc_dataset, tmp_path):
+    """A new run that stops before its first validation must not leave the earlier best.pth for export to ship."""
+    config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes, train={"epochs": 3})
+    earlier = train(load_experiment(config), stop_after_epochs=1)  # validated at epoch 1: best.pth
+    earlier_best = (tmp_path / "runs" / "synthetic" / "best.pth").read_bytes()
+    write_experiment(config, voc_dataset.root, "voc", voc_dataset.classes, train={"epochs": 3, "eval_interval": 3, "seed": 1})
+
+    refused = runner.invoke(app, ["train", str(config), "--stop-after-epochs", "1"])
+    assert refused.exit_code == 1
+    assert f"{earlier.run_dir} already holds a run (last.pth, best.pth)" in refused.output
+    assert "--overwrite" in refused.output
+    assert Path(earlier.best_checkpoint).read_bytes() == earlier_best
+
+    result = runner.invoke(app, ["train", str(config), "--stop-after-epochs", "1", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    best, last = read_checkpoint(Path(earlier.best_checkpoint)), read_checkpoint(Path(earlier.last_checkpoint))
+    assert best.val_metrics == {} and same_weights(best.model, last.model)  # not validated: the last weights stand in
+    assert [row["epoch"] for row in _rows(Path(earlier.run_dir))] == ["1"]
+    bundle = load_bundle(export_bundle(Path(earlier.run_dir), tmp_path / "new.bundle").bundle)
+    assert bundle.meta.metrics == {} and bundle.meta.provenance.epochs == 1  # the new run's model, not the earlier best
+
+
+@pytest.mark.parametrize(
+    ("changes", "refused"),
+    [
+        ({"train": {"epochs": 4}, "augment": {"mosaic_prob": 0.5}},
+         ["train.epochs: 3 -> 4", "augment.mosaic_prob: 1.0 -> 0.5"]),
+        ({"model": {"input_hw": [64, 64]}}, ["model.input_hw: [96, 96] -> [64, 64]"]),
+        ({"train": {"workers": 1, "eval_interval": 2}, "export": {"conf_threshold": 0.5}}, []),
+    ],
+    ids=["schedule", "model", "machine-and-export"],
+)
+def test_resume_refuses_a_changed_experiment(voc_dataset, tmp_path, changes, refused):
+    config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes, train={"epochs": 3})
+    first = train(load_experiment(config), stop_after_epochs=1)
+    train_section = {"epochs": 3} | changes.get("train", {})
+    write_experiment(config, voc_dataset.root, "voc", voc_dataset.classes, **(changes | {"train": train_section}))
+    result = runner.invoke(app, ["train", str(config), "--resume"])
+    if refused:
+        assert result.exit_code == 1
+        assert f"{first.last_checkpoint} was trained with other settings: {'; '.join(sorted(refused))}" in result.output
+        assert read_checkpoint(Path(first.last_checkpoint)).epoch == 1
+    else:
+        assert result.exit_code == 0, result.output
+        resumed = read_checkpoint(Path(first.last_checkpoint))
+        assert resumed.epoch == 3 and resumed.experiment["export"]["conf_threshold"] == 0.5
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_which_epoch_is_saved_and_how_to_resume(voc_dataset, tmp_path):
+    """SIGINT to a real `trainer train` process: exit 130, the saved epoch and the command that resumes it."""
+    config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes,
+                              train={"epochs": 200, "eval_interval": 200})
+    last = tmp_path / "runs" / "synthetic" / "last.pth"
+    process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(config)], cwd=Path(__file__).parents[2],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last.is_file(), "no epoch saved within 120 s"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    epoch = read_checkpoint(last).epoch
+    assert f"training interrupted: {last} holds epoch {epoch} of 200" in stderr
+    command = f"trainer train {shlex.quote(str(config))} --resume"
+    assert f"resume with: {command}" in stderr
+    resumed = runner.invoke(app, [*shlex.split(command)[1:], "--stop-after-epochs", "1"])
+    assert resumed.exit_code == 0, resumed.output
+    assert read_checkpoint(last).epoch == epoch + 1
+
+
+def test_ctrl_c_before_the_first_epoch_is_saved(voc_dataset, tmp_path, monkeypatch):
+    def interrupted(training, epoch):
+        raise KeyboardInterrupt
+
+    config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes)
+    monkeypatch.setattr("trainer.train.train_one_epoch", interrupted)
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 130
+    assert "training interrupted before its first epoch was saved: nothing to resume" in result.output
+    assert result.output.rstrip().endswith(f"start again with: trainer train {config}")
+
+
+def confident(checkpoint):
+    """Objectness and class biases at +10: every anchor scores about 1 (sigmoid(10)^2)."""
+    weights = {k: torch.full_like(v, 10.0) if k.startswith(("head.obj_preds.", "head.cls_preds.")) and k.endswith(".bias")
+               else v for k, v in checkpoint.model.items()}
+    return replace(checkpoint, model=weights)
+
+
+def dataset_elsewhere(checkpoint):
+    experiment = checkpoint.experiment
+    return replace(checkpoint, experiment=experiment | {"dataset": experiment["dataset"] | {"root": "/no/such/dataset"}})
+
+
+@pytest.mark.parametrize(
+    ("change", "top_score", "warning"),
+    [
+        (lambda checkpoint: checkpoint, (0.0, 0.3), "highest score on 5 val images is"),  # 3 epochs: none learnt yet
+        (confident, (0.99, 1.0), None),
+        (dataset_elsewhere, None, "cannot check the exported model's scores on the val split"),
+    ],
+    ids=["as-trained", "confident", "dataset-elsewhere"],
+)
+def test_export_warns_when_no_score_reaches_conf_threshold(trained, tmp_path, caplog, change, top_score, warning):
+    exp, result = trained
+    path = tmp_path / "best.pth"
+    save_checkpoint(path, change(read_checkpoint(Path(result.best_checkpoint))))
+    with caplog.at_level(logging.WARNING, logger="trainer.export.bundle"):
+        export = export_bundle(path, tmp_path / "x.bundle")
+    if top_score is None:
+        assert export.val_max_score is None
+    else:
+        assert top_score[0] <= export.val_max_score < top_score[1]
+    if warning:
+        assert warning in caplog.text
+        if top_score is not None:
+            assert f"below the bundle's conf_threshold {exp.export.conf_threshold:.2f}: streamd would detect nothing" in caplog.text
+    else:
+        assert "conf_threshold" not in caplog.text

@@ -1,8 +1,16 @@
-"""Checkpoint -> model bundle: `NAME.bundle/{model.onnx, bundle.json}` (DESIGN contract 1)."""
+"""Checkpoint -> model bundle: `NAME.bundle/{model.onnx, bundle.json}` (DESIGN contract 1).
+
+After writing the bundle, export runs it as streamd will (ONNX Runtime,
+streamd's letterbox and postprocess) on the first SCORE_CHECK_IMAGES images of
+the experiment's val split, and warns when no score reaches the bundle's
+default conf_threshold: streamd would then report nothing at all.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,7 +18,15 @@ from pathlib import Path
 from streamd.model.bundle import Bundle, write_bundle
 from trainer import __version__
 from trainer.checkpoint import read_checkpoint, resolve_checkpoint
+from trainer.config import Experiment
+from trainer.datasets import load_split
+from trainer.detect import bundle_detector
+from trainer.evaluate import AP_CONF_THRESHOLD, AP_IOU_THRESHOLD, detect_split
 from trainer.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
+
+log = logging.getLogger(__name__)
+
+SCORE_CHECK_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -20,6 +36,7 @@ class ExportResult:
     onnx_bytes: int
     epochs: int
     metrics: dict
+    val_max_score: float | None  # highest detection score on the val images checked; None: split not readable here
 
 
 def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> ExportResult:
@@ -48,7 +65,35 @@ def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> Expor
         "metrics": {f"val_{k}": v for k, v in val.items()},
     }
     bundle: Bundle = write_bundle(out, onnx_bytes, meta)
-    return ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), state.epoch, meta["metrics"])
+    top_score = val_max_score(bundle.path, exp)
+    return ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), state.epoch, meta["metrics"], top_score)
+
+
+def val_max_score(bundle_path: Path, exp: Experiment, max_images: int = SCORE_CHECK_IMAGES) -> float | None:
+    """The bundle's highest detection score over the first `max_images` images of exp's val split.
+
+    0.0 when nothing scores AP_CONF_THRESHOLD or more. Warns when it is below the bundle's conf_threshold (exp.export's). None,
+    with a warning, when the split cannot be read on this machine.
+    """
+    try:
+        split = load_split(exp, "val")
+    except (OSError, ValueError) as exc:
+        log.warning("cannot check the exported model's scores on the val split: %s", exc)
+        return None
+    if len(split) == 0:
+        log.warning("cannot check the exported model's scores: the val split has no readable image here")
+        return None
+    detector, _ = bundle_detector(bundle_path)
+    sample = dataclasses.replace(split, records=split.records[:max_images])
+    detections = detect_split(detector, sample, AP_CONF_THRESHOLD, AP_IOU_THRESHOLD)
+    top_score = max((float(d.confidence.max()) for d in detections if len(d.confidence)), default=0.0)
+    if top_score < exp.export.conf_threshold:
+        log.warning(
+            "%s: the model's highest score on %d val images is %.3f, below the bundle's conf_threshold %.2f: "
+            "streamd would detect nothing. Train longer, or lower export.conf_threshold.",
+            bundle_path, len(sample), top_score, exp.export.conf_threshold,
+        )
+    return top_score
 
 
 def add_metrics(bundle_path: Path, metrics: dict[str, float]) -> None:
