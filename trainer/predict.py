@@ -1,44 +1,52 @@
-"""Run a detector on images, folders and video files; write annotated copies and a detection log.
+"""Run a detector on images, folders and video files, through streamd's own stages; write annotated copies.
 
 `predict(detector, paths, out_dir, ...) -> PredictResult`:
 
-- an image (.jpg .jpeg .png .bmp, any case) gives an annotated image of the
-  same name and format;
-- a video (.mp4 .mkv .avi .mov .ts) is decoded with PyAV and re-encoded,
-  annotated, as H.264 `.mp4` at the source's frame rate, frame for frame;
+- a video (.mp4 .mkv .avi .mov .ts) runs through the daemon's pipeline
+  (streamd.pipeline.daemon.run_pipeline: PyAV source, batched inference,
+  annotator, recorder, detection log) as a one-stream file config that loses
+  no frame; it gives `<name>.mp4`, annotated H.264 at the source's frame rate,
+  and `<name>.jsonl`, its detection log: one streamd.detections/1 message per
+  frame, exactly as the daemon writes it;
+- an image (.jpg .jpeg .png .bmp, any case) goes through the same inference
+  and annotate stages and gives an annotated image of the same name and
+  format; `images.jsonl` gets its message (`stream` is the image's output
+  path, seq 0, pts 0);
 - a folder is searched recursively for both (skipping `out_dir` itself when
   it lies inside), and its tree is kept under `out_dir/<folder name>/`.
 
-`out_dir/detections.jsonl` gets one line per image or frame:
-`{"file", "frame", "pts_s", "model": {"name", "sha256"}, "detections"}`
-with detections as in the streamd message schema (source pixels); an
-image is frame 0 with pts_s null. A file that cannot be read is
-named in a warning, counted, and skipped.
+A file that cannot be read is named in a warning, counted, and skipped; a
+video that fails part-way keeps the frames before the failure (its
+recording is closed properly) and is reported.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
+import shutil
+import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import IO
 
-import av
 import cv2
-import numpy as np
 from tqdm import tqdm
 
-from streamd.draw import draw_detections
-from streamd.model.detections import Detections
-from trainer.detect import Detector
+from streamd.config import BatchConfig, StreamConfig, StreamdConfig, ThresholdsConfig
+from streamd.model.detector import Detector
+from streamd.ops.metrics import Metrics
+from streamd.pipeline.compose import Switches
+from streamd.pipeline.daemon import run_pipeline
+from streamd.stages.annotate import AnnotateStage
+from streamd.stages.infer import ResultsStage, SubmitStage
+from streamd.types import Batch, Frame
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".ts"})
-DETECTIONS_FILE = "detections.jsonl"
+IMAGES_LOG = "images.jsonl"
+_ONE_SEGMENT_S = 86400  # the longest segment streamd allows: a video is one recording unless it runs past a day
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +54,7 @@ class PredictResult:
     """What `predict` did; `failed` holds one "file: reason" per input that could not be (fully) read."""
 
     out_dir: str
-    detections_path: str
+    logs: tuple[str, ...]  # the detection logs written: images.jsonl and one .jsonl per video
     num_images: int  # images annotated
     num_videos: int  # videos annotated, including ones cut short by a decode error
     num_frames: int  # video frames annotated
@@ -101,7 +109,7 @@ def predict(
     iou_threshold: float,
     batch_size: int = 8,
 ) -> PredictResult:
-    """Annotate every image and video under `paths` into `out_dir`, logging detections to detections.jsonl."""
+    """Annotate every image and video under `paths` into `out_dir`, with their detection logs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = collect_inputs(paths, out_dir)
@@ -112,42 +120,27 @@ def predict(
               for j in jobs if j.source.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
     for message in failed:
         log.warning("%s; skipped", message)
-    num_images = num_videos = num_frames = num_detections = 0
-    detections_path = out_dir / DETECTIONS_FILE
-    with open(detections_path, "w") as log_file:
-        with tqdm(total=len(images), desc="images", unit="img", disable=not images, dynamic_ncols=True) as bar:
-            for start in range(0, len(images), batch_size):
-                chunk, loaded = images[start:start + batch_size], []
-                for job in chunk:
-                    image = cv2.imread(str(job.source), cv2.IMREAD_COLOR)
-                    if image is None:
-                        failed.append(f"{job.source}: cannot be read as an image")
-                        log.warning("%s; skipped", failed[-1])
-                    else:
-                        loaded.append((job, image))
-                results = detector.detect([im for _, im in loaded], conf_threshold, iou_threshold) if loaded else []
-                for (job, image), detections in zip(loaded, results):
-                    output = out_dir / job.output
-                    output.parent.mkdir(parents=True, exist_ok=True)
-                    if not cv2.imwrite(str(output), draw_detections(image, detections, detector.class_names)):
-                        raise OSError(f"{output}: cannot be written")
-                    _log_line(log_file, detector, job.source, 0, None, detections)
-                    num_images += 1
-                    num_detections += len(detections)
-                bar.update(len(chunk))
-        for job in videos:
-            frames, detections_count, error = _predict_video(
-                detector, job, out_dir, log_file, conf_threshold, iou_threshold, batch_size
-            )
-            if error is not None:
-                failed.append(f"{job.source}: {error}")
-                log.warning("%s", failed[-1])
-            num_videos += int(frames > 0)
+    logs: list[str] = []
+    num_images = num_detections = 0
+    if images:
+        num_images, num_detections = _predict_images(
+            detector, images, out_dir, conf_threshold, iou_threshold, batch_size, failed
+        )
+        logs.append(str(out_dir / IMAGES_LOG))
+    num_videos = num_frames = 0
+    for job in tqdm(videos, desc="videos", unit="video", disable=not videos, dynamic_ncols=True):
+        frames, found, error = _predict_video(detector, job, out_dir, conf_threshold, iou_threshold, batch_size)
+        if error is not None:
+            failed.append(f"{job.source}: {error}")
+            log.warning("%s", failed[-1])
+        if frames:
+            num_videos += 1
             num_frames += frames
-            num_detections += detections_count
+            num_detections += found
+            logs.append(str((out_dir / job.output).with_suffix(".jsonl")))
     return PredictResult(
         out_dir=str(out_dir),
-        detections_path=str(detections_path),
+        logs=tuple(logs),
         num_images=num_images,
         num_videos=num_videos,
         num_frames=num_frames,
@@ -156,108 +149,85 @@ def predict(
     )
 
 
-def _log_line(log_file: IO[str], detector: Detector, source: Path, frame: int, pts_s: float | None,
-              detections: Detections) -> None:
-    record = {
-        "file": str(source),
-        "frame": frame,
-        "pts_s": pts_s,
-        # as in streamd's detection log: every line names the model that made it
-        "model": {"name": detector.name, "sha256": detector.sha256},
-        "detections": detections.to_records(detector.class_names),
-    }
-    log_file.write(json.dumps(record) + "\n")
+def _predict_images(
+    detector: Detector, images: list[_Job], out_dir: Path, conf_threshold: float, iou_threshold: float,
+    batch_size: int, failed: list[str],
+) -> tuple[int, int]:  # fmt: skip
+    """The daemon's inference and annotate stages on still images; (images annotated, detections)."""
+    streams = [str(job.output) for job in images]
+    submit = SubmitStage(detector)
+    results = ResultsStage(detector, Metrics(streams), conf_threshold, iou_threshold)
+    annotate = AnnotateStage(detector.class_names, draw_timestamp=False)
+    count = found = 0
+    with open(out_dir / IMAGES_LOG, "wb") as log_file, tqdm(
+        total=len(images), desc="images", unit="img", dynamic_ncols=True
+    ) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk, frames = images[start : start + batch_size], []
+            for job in chunk:
+                image = cv2.imread(str(job.source), cv2.IMREAD_COLOR)
+                if image is None:
+                    failed.append(f"{job.source}: cannot be read as an image")
+                    log.warning("%s; skipped", failed[-1])
+                else:
+                    frames.append(Frame(str(job.output), 0, 0.0, image, decoded_at=time.time()))
+            if frames:
+                for in_flight in submit.process(Batch(tuple(frames), time.time())):
+                    for result in results.process(in_flight):
+                        (annotated,) = annotate.process(result)
+                        output = out_dir / result.stream_id
+                        output.parent.mkdir(parents=True, exist_ok=True)
+                        if not cv2.imwrite(str(output), annotated.image):
+                            raise OSError(f"{output}: cannot be written")
+                        log_file.write(result.message + b"\n")
+                        count += 1
+                        found += len(result.detections)
+            bar.update(len(chunk))
+    return count, found
 
 
 def _predict_video(
-    detector: Detector,
-    job: _Job,
-    out_dir: Path,
-    log_file: IO[str],
-    conf_threshold: float,
-    iou_threshold: float,
-    batch_size: int,
+    detector: Detector, job: _Job, out_dir: Path, conf_threshold: float, iou_threshold: float, batch_size: int
 ) -> tuple[int, int, str | None]:
-    """Annotate one video; return (frames written, detections, error or None).
-
-    A decode error stops the video but keeps what was decoded before it: the
-    frames already read are annotated and the output is closed properly.
-    """
+    """One video through the daemon's pipeline; (frames annotated, detections, error or None)."""
+    stream_id = re.sub(r"[^A-Za-z0-9._-]+", "-", job.output.stem).lstrip("._-")[:64] or "video"  # a valid id
+    work = out_dir / f".{stream_id}.work"
+    stream = StreamConfig.model_validate(
+        {
+            "id": stream_id,
+            "source": str(job.source.resolve()),
+            "queue": {"size": 2 * batch_size, "policy": "block"},  # a file: no frame lost
+            "segment_s": _ONE_SEGMENT_S,
+            "record": {"dir": str(work), "codec": "libx264", "crf": 20},
+            "detection_log": {"dir": str(work)},
+        }
+    )
+    config = StreamdConfig.model_construct(  # validated parts; the model is the detector given, not a file
+        model=out_dir,
+        backend=None,
+        batch=BatchConfig(max_batch=batch_size, max_wait_ms=0),
+        thresholds=ThresholdsConfig(conf_threshold=conf_threshold, iou_threshold=iou_threshold),
+        streams=[stream],
+        publish=None,
+        drain_timeout_s=10.0,
+    )
     try:
-        container = av.open(str(job.source))
-    except (av.FFmpegError, OSError) as exc:
-        return 0, 0, f"cannot be opened as a video: {getattr(exc, 'strerror', None) or exc}"
-    with container:
-        if not container.streams.video:
-            return 0, 0, "has no video stream"
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        writer = _VideoWriter(out_dir / job.output, rate)
-        pending: list[tuple[int, float | None, np.ndarray]] = []
-        frames = detections_count = 0
-        error = None
-
-        def flush() -> None:
-            nonlocal detections_count
-            results = detector.detect([image for _, _, image in pending], conf_threshold, iou_threshold)
-            for (index, pts_s, image), detections in zip(pending, results):
-                writer.write(draw_detections(image, detections, detector.class_names))
-                _log_line(log_file, detector, job.source, index, pts_s, detections)
-                detections_count += len(detections)
-            pending.clear()
-
-        with writer, tqdm(total=stream.frames or None, desc=job.source.name, unit="frame", leave=False,
-                          dynamic_ncols=True) as bar:
-            try:
-                for frame in container.decode(stream):
-                    pending.append((frames, None if frame.time is None else round(frame.time, 6),
-                                    frame.to_ndarray(format="bgr24")))
-                    frames += 1
-                    bar.update()
-                    if len(pending) == batch_size:
-                        flush()
-            except av.FFmpegError as exc:
-                error = f"decode failed after {frames} frames: {exc.strerror or exc}; the annotated video stops there"
-            if pending:
-                flush()
-        if frames == 0 and error is None:
-            error = "no frame could be decoded"
-    return frames, detections_count, error
-
-
-class _VideoWriter:
-    """H.264 .mp4 at a constant frame rate, opened at the first frame (whose size it takes)."""
-
-    def __init__(self, path: Path, rate: Fraction):
-        self.path = path
-        self.rate = rate
-        self.container = None
-        self.stream = None
-        self.count = 0
-
-    def write(self, image_bgr: np.ndarray) -> None:
-        if self.container is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.container = av.open(str(self.path), "w")
-            self.stream = self.container.add_stream("libx264", rate=self.rate)
-            # yuv420p (what every player takes) needs even sizes: an odd last row or column is cut.
-            self.stream.width = image_bgr.shape[1] // 2 * 2
-            self.stream.height = image_bgr.shape[0] // 2 * 2
-            self.stream.pix_fmt = "yuv420p"
-            self.stream.options = {"crf": "20", "preset": "veryfast"}
-        frame = av.VideoFrame.from_ndarray(
-            np.ascontiguousarray(image_bgr[: self.stream.height, : self.stream.width]), format="bgr24"
-        )
-        frame.pts = self.count
-        frame.time_base = Fraction(1) / self.rate
-        self.container.mux(self.stream.encode(frame))
-        self.count += 1
-
-    def __enter__(self) -> _VideoWriter:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.container is not None:
-            self.container.mux(self.stream.encode(None))  # drain the encoder's look-ahead
-            self.container.close()
+        summary = run_pipeline(config, switches=Switches(publish=False), detector=detector)
+        (counts,) = summary.streams
+        recordings = sorted(work.glob("*.mp4"))
+        logs = sorted(work.glob("*.jsonl"))
+        error = summary.error or counts.end_error
+        if counts.processed == 0:
+            return 0, 0, error or "no frame could be decoded"
+        target = out_dir / job.output
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for index, path in enumerate(recordings):  # one, unless the video runs past a day
+            path.replace(target if index == 0 else target.with_name(f"{target.stem}_{index}.mp4"))
+        with open(target.with_suffix(".jsonl"), "wb") as joined:
+            for path in logs:
+                joined.write(path.read_bytes())
+        if error is not None:
+            error = f"failed after {counts.processed} frames ({error}); the annotated video stops there"
+        return counts.processed, counts.detections, error
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

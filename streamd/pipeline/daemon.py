@@ -1,8 +1,9 @@
-"""One owner for what a run shares: the bundle, the backend and the process's one ZeroMQ context.
+"""One owner for what a run shares: the detector (bundle and backend) and the process's one ZeroMQ context.
 
 `run_pipeline` loads the bundle, makes the backend, creates the context,
 composes the graph, runs it, and closes what it created, in reverse order,
-whatever happened.
+whatever happened. A caller that brings its own Detector (a benchmark,
+`trainer predict`) keeps it, and closes its backend itself.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import threading
 
 import zmq
 
-from streamd.backends.base import Backend
 from streamd.backends.select import make_backend
 from streamd.config import StreamdConfig
-from streamd.model.bundle import Bundle, load_bundle
+from streamd.model.bundle import load_bundle
 from streamd.model.detector import Detector
 from streamd.ops.metrics import Metrics, RunSummary
 from streamd.ops.systemd import SystemdNotifier
@@ -30,26 +30,26 @@ def run_pipeline(
     max_frames: int | None = None,
     duration_s: float | None = None,
     notifier: SystemdNotifier | None = None,
-    bundle: Bundle | None = None,
-    backend: Backend | None = None,
+    detector: Detector | None = None,
 ) -> RunSummary:
     """Build and run the daemon's pipeline until its sources end, `stop_event` is set, or a limit is reached.
 
     For programs (the CLI, a benchmark, trainer predict): switches turn
-    recording, the detection log or publishing off; bundle/backend reuse ones
-    already loaded (a backend passed in stays open: its owner closes it).
+    recording, the detection log or publishing off; detector: one already
+    loaded (then config.model and config.backend are not read).
     Raises FatalError when the pipeline cannot start (bundle, backend, an
     output's setup); errors while running end up in the summary's `error`.
     """
-    bundle = bundle or load_bundle(config.model)
-    owns_backend = backend is None
-    backend = backend or make_backend(bundle, config.backend, max_batch=config.batch.max_batch)
+    owns_backend = detector is None
+    if detector is None:
+        bundle = load_bundle(config.model)
+        detector = Detector.for_bundle(bundle, make_backend(bundle, config.backend, max_batch=config.batch.max_batch))
     runner: Runner | None = None
     publishing = switches.publish and config.publish is not None and config.publish.enabled
     context = zmq.Context() if publishing else None
     try:
         metrics = Metrics([stream.id for stream in config.streams])
-        graph = compose(config, Detector.for_bundle(bundle, backend), metrics, context, switches)
+        graph = compose(config, detector, metrics, context, switches)
         runner = Runner(
             graph, stop_event or threading.Event(), drain_timeout_s=config.drain_timeout_s,
             max_frames=max_frames, duration_s=duration_s, notifier=notifier,
@@ -63,4 +63,4 @@ def run_pipeline(
             else:
                 context.term()
         if owns_backend and not left_behind:
-            backend.close()
+            detector.backend.close()

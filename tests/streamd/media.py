@@ -8,6 +8,7 @@ process returns its Popen, and the caller stops exactly that process
 from __future__ import annotations
 
 import json
+import random
 import select
 import shutil
 import socket
@@ -75,6 +76,37 @@ def make_video(
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=60)
     return path
+
+
+def corrupt_ts(folder: Path) -> Path:
+    """An MPEG-TS file with 200 flipped bytes on which PyAV's demuxer raises IndexError after some good frames
+    (the fault seen in the field); skips the test when no such corruption of this clip is found."""
+    import av
+    import av.error
+    import pytest
+
+    clean = make_video(folder / "clean.ts", size=(320, 240), fps=25, frames=100, gop=10).read_bytes()
+    path = folder / "corrupt.ts"
+    for seed in range(300):
+        rng = random.Random(seed)
+        data = bytearray(clean)
+        for _ in range(200):
+            data[rng.randrange(len(data))] ^= 0xFF
+        path.write_bytes(bytes(data))
+        frames = 0
+        try:
+            with av.open(str(path)) as container:
+                for packet in container.demux(container.streams.video[0]):
+                    try:
+                        frames += len(packet.decode())
+                    except av.error.InvalidDataError:
+                        pass
+        except IndexError:
+            if frames > 0:
+                return path
+        except av.error.FFmpegError:
+            continue
+    pytest.skip("no corruption of this clip makes this PyAV raise IndexError part-way")
 
 
 def udp_sender(port: int, *, size: tuple[int, int] = (320, 240), fps: float = 25, gop: int = 10) -> subprocess.Popen:

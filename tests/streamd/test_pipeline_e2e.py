@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -17,8 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import av
-import av.error
 import jsonschema
 import pytest
 
@@ -229,34 +226,10 @@ def test_a_live_udp_stream_for_a_fixed_duration(tmp_path: Path, tiny_bundle):
     assert seqs == sorted(seqs)  # live: drops allowed (and counted), order never broken
 
 
-def _corrupt_ts(tmp_path: Path) -> Path:
-    """An MPEG-TS file with 200 flipped bytes on which PyAV's demuxer raises IndexError (the fault seen in the field)."""
-    clean = media.make_video(tmp_path / "clean.ts", size=(320, 240), fps=25, frames=100, gop=10).read_bytes()
-    for seed in range(200):
-        rng = random.Random(seed)
-        data = bytearray(clean)
-        for _ in range(200):
-            data[rng.randrange(len(data))] ^= 0xFF
-        path = tmp_path / "corrupt.ts"
-        path.write_bytes(bytes(data))
-        try:
-            with av.open(str(path)) as container:
-                for packet in container.demux(container.streams.video[0]):
-                    try:
-                        packet.decode()
-                    except av.error.InvalidDataError:
-                        pass
-        except IndexError:
-            return path
-        except av.error.FFmpegError:
-            continue
-    pytest.skip("no corruption of this clip makes this PyAV raise IndexError")
-
-
 def test_a_corrupt_file_ends_its_own_stream_and_the_others_run_complete(tmp_path: Path, tiny_bundle, clip):
     """Streams fail alone: the corrupt file's stream ends with its error; the live UDP stream and the healthy
     file beside it keep every frame, message and recording; the exit code says a stream failed."""
-    corrupt = _corrupt_ts(tmp_path)
+    corrupt = media.corrupt_ts(tmp_path)
     port = media.free_port("udp")
     sender = media.udp_sender(port, size=(160, 120), fps=25)
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"

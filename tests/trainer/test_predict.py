@@ -1,4 +1,4 @@
-"""trainer.predict on images, folders and videos with a fake detector."""
+"""trainer.predict on images, folders and videos with a fake detector, through streamd's own stages."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 
 from streamd.backends.base import FunctionBackend
+import jsonschema
+
+from streamd.messages import schema
+from tests.streamd import media
 from trainer.detect import Detector
-from trainer.predict import DETECTIONS_FILE, predict
+from trainer.predict import IMAGES_LOG, predict
 
 CLASSES = ("lesion", "landmark")
 INPUT_HW = (64, 64)
@@ -106,33 +110,39 @@ def test_predict(tmp_path: Path, inputs: Path, names: list[str], images: int, vi
     assert result.num_detections == images + frames  # one box per image and frame
     assert sorted(message.split(": ")[0] for message in result.failed) == sorted(str(inputs / name) for name in failed)
     written = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
-    assert written == sorted([*outputs, DETECTIONS_FILE])
-    lines = [json.loads(line) for line in (out_dir / DETECTIONS_FILE).read_text().splitlines()]
-    assert len(lines) == images + frames
-    for line in lines:
-        assert line["detections"] == [{"label": "landmark", "class_id": 1, "score": 0.9, "box": line["detections"][0]["box"]}]
+    logs = [str(Path(o).with_suffix(".jsonl")) for o in outputs if o.endswith(".mp4")] + ([IMAGES_LOG] if images else [])
+    assert written == sorted([*outputs, *logs])
+    assert sorted(result.logs) == sorted(str(out_dir / log) for log in logs)
+    validator = jsonschema.Draft202012Validator(schema())
     for output in outputs:
         path = out_dir / output
         if path.suffix == ".mp4":
             count, rate, width, height = video_info(path)
             assert (count, rate) == (NUM_FRAMES, f"{FPS}/1")
             assert (width, height) == (64, 48)
-            video_lines = [line for line in lines if line["file"].endswith(("clip.mp4", "odd.mkv")) and output.endswith(
-                Path(line["file"]).stem + ".mp4")]
-            assert [line["frame"] for line in video_lines] == list(range(NUM_FRAMES))
-            assert [line["pts_s"] for line in video_lines] == pytest.approx([i / FPS for i in range(NUM_FRAMES)])
+            messages = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+            assert [m["seq"] for m in messages] == list(range(NUM_FRAMES))  # the daemon's detection log
+            assert [m["pts"] for m in messages] == pytest.approx([i / FPS for i in range(NUM_FRAMES)])
         else:
             annotated = cv2.imread(str(path))
             assert annotated is not None and annotated.shape == (48, 64, 3)
             assert (annotated != 90).any()  # the box was drawn
+            (messages,) = [[json.loads(line) for line in (out_dir / IMAGES_LOG).read_text().splitlines()
+                            if json.loads(line)["stream"] == output]]  # fmt: skip
+        for message in messages:
+            validator.validate(message)
+            assert message["detections"] == [
+                {"label": "landmark", "class_id": 1, "score": 0.9, "box": message["detections"][0]["box"]}
+            ]
 
 
 def test_images_keep_their_boxes_in_source_pixels(tmp_path: Path, inputs: Path) -> None:
     # 64x48 letterboxed into 64x64 at scale 1: the box comes back unchanged.
     predict(DETECTOR, [inputs / "a.jpg"], tmp_path, conf_threshold=0.3, iou_threshold=0.45)
-    (line,) = [json.loads(line) for line in (tmp_path / DETECTIONS_FILE).read_text().splitlines()]
-    assert line == {"file": str(inputs / "a.jpg"), "frame": 0, "pts_s": None, "model": {"name": "fake", "sha256": "cd" * 32},
-                    "detections": [{"label": "landmark", "class_id": 1, "score": 0.9, "box": [12.0, 12.0, 28.0, 28.0]}]}
+    (message,) = [json.loads(line) for line in (tmp_path / IMAGES_LOG).read_text().splitlines()]
+    assert (message["stream"], message["seq"], message["frame"]) == ("a.jpg", 0, {"width": 64, "height": 48})
+    assert message["model"] == {"name": "fake", "sha256": "cd" * 32}
+    assert message["detections"] == [{"label": "landmark", "class_id": 1, "score": 0.9, "box": [12.0, 12.0, 28.0, 28.0]}]
 
 
 def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path: Path) -> None:
@@ -163,31 +173,13 @@ def test_missing_path_is_an_error(tmp_path: Path) -> None:
         predict(DETECTOR, [tmp_path / "nope.jpg"], tmp_path / "out", conf_threshold=0.3, iou_threshold=0.45)
 
 
-class FailingAfter:
-    """A PyAV input container whose decoder raises after `frames` frames, as a corrupt stream does."""
-
-    def __init__(self, container, frames: int):
-        self.container, self.frames = container, frames
-        self.streams = container.streams
-
-    def decode(self, stream):
-        for index, frame in enumerate(self.container.decode(stream)):
-            if index == self.frames:
-                raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
-            yield frame
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.container.close()
-
-
-def test_decode_error_keeps_the_frames_before_it(tmp_path: Path, inputs: Path, monkeypatch) -> None:
-    real_open = av.open
-    monkeypatch.setattr(av, "open", lambda path, *args: FailingAfter(real_open(path), 3) if not args else real_open(path, *args))
-    result = predict(DETECTOR, [inputs / "clip.mp4"], tmp_path, conf_threshold=0.3, iou_threshold=0.45)
-    assert (result.num_videos, result.num_frames) == (1, 3)
-    assert result.failed == (f"{inputs / 'clip.mp4'}: decode failed after 3 frames: Invalid data found when processing "
-                             "input; the annotated video stops there",)
-    assert video_info(tmp_path / "clip.mp4")[0] == 3  # closed properly: a playable file with those frames
+def test_a_video_that_fails_part_way_keeps_the_frames_before_it(tmp_path: Path) -> None:
+    """A real corrupt MPEG-TS on which PyAV raises part-way: the frames before it are annotated and logged,
+    the recording is closed properly, and the failure is reported with the file."""
+    corrupt = media.corrupt_ts(tmp_path)
+    result = predict(DETECTOR, [corrupt], tmp_path / "out", conf_threshold=0.3, iou_threshold=0.45)
+    (failure,) = result.failed
+    assert failure.startswith(f"{corrupt}: failed after {result.num_frames} frames") and "IndexError" in failure
+    assert result.num_videos == 1 and 0 < result.num_frames < 100
+    count, _, _, _ = video_info(tmp_path / "out" / "corrupt.mp4")  # playable, with every frame before the failure
+    assert count == result.num_frames == len((tmp_path / "out" / "corrupt.jsonl").read_text().splitlines())
