@@ -1,33 +1,27 @@
-"""Training, resume, fine-tuning and export on a tiny synthetic VOC set (CPU, 96x96 input)."""
+"""trainer.train through the API and `trainer train`: the run folder, resume, fresh runs, Ctrl-C (CPU, 96x96 input)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import logging
-import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from streamd.model import load_bundle
 from synthetic import write_experiment
-from trainer.checkpoint import read_checkpoint, save_checkpoint
+from trainer.checkpoint import read_checkpoint
 from trainer.cli import app
 from trainer.config import load_experiment
 from trainer.export.bundle import export_bundle
 from trainer.train import train
-from trainer.yolox_adapter import build_model, inference_model, load_pretrained
 
 runner = CliRunner()
 
@@ -39,7 +33,7 @@ def _rows(run_dir):
 
 @pytest.fixture(scope="module")
 def trained(voc_dataset, tmp_path_factory):
-    """Two epochs straight through: the reference run."""
+    """Three epochs straight through, each validated: the reference run."""
     config = write_experiment(tmp_path_factory.mktemp("straight") / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes, train={"epochs": 3})
     exp = load_experiment(config)
     return exp, train(exp)
@@ -79,55 +73,6 @@ def test_resume_without_checkpoint_is_a_clear_error(voc_dataset, tmp_path):
     result = runner.invoke(app, ["train", str(config), "--resume"])
     assert result.exit_code == 1
     assert "nothing to resume from" in result.output
-
-
-def test_export_matches_pytorch_on_onnxruntime(trained, tmp_path):
-    exp, result = trained
-    export = export_bundle(exp.run_dir, tmp_path / "synthetic.bundle")
-    bundle = load_bundle(export.bundle)
-    assert bundle.meta.class_names == exp.classes
-    assert bundle.meta.provenance.epochs == result.best_epoch
-    assert "val_voc_map50" in bundle.meta.metrics
-    model = build_model(exp.model.architecture, len(exp.classes))
-    model.load_state_dict(torch.load(result.best_checkpoint, weights_only=False)["model"])
-    model = inference_model(model)
-    batch = np.random.default_rng(0).uniform(0, 255, (3, 3, 96, 96)).astype(np.float32)  # dynamic N
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(batch)).numpy()
-    session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(None, {"images": batch})
-    assert actual.shape == expected.shape == (3, 12 * 12 + 6 * 6 + 3 * 3, 5 + 2)  # anchors at strides 8, 16, 32
-    max_abs = float(np.abs(actual - expected).max())
-    print(f"ORT vs PyTorch max abs difference: {max_abs:.2e}")
-    np.testing.assert_allclose(actual[..., :4], expected[..., :4], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(actual[..., 4:], expected[..., 4:], atol=1e-4)
-
-
-def test_export_cli_and_bad_source(trained, tmp_path):
-    exp, _ = trained
-    result = runner.invoke(app, ["export", str(exp.run_dir), "-o", str(tmp_path / "x.bundle")])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["sha256"] == load_bundle(tmp_path / "x.bundle").sha256
-    result = runner.invoke(app, ["export", str(tmp_path / "missing"), "-o", str(tmp_path / "y.bundle")])
-    assert result.exit_code == 1 and "no such checkpoint" in result.output
-
-
-def test_pretrained_checkpoint_with_other_class_count(tmp_path):
-    """A Megvii-format {"model": state_dict} with 80 classes fine-tunes a 2-class model."""
-    source = build_model("yolox_nano", 80)
-    torch.save({"model": source.state_dict()}, tmp_path / "yolox_nano.pth")
-    target = build_model("yolox_nano", 2)
-    skipped = load_pretrained(target, tmp_path / "yolox_nano.pth")
-    assert skipped and all(".cls_preds." in name for name in skipped)
-    loaded = target.state_dict()
-    stem = "backbone.backbone.stem.conv.conv.weight"
-    assert torch.equal(loaded[stem], source.state_dict()[stem])
-
-
-def test_pretrained_file_that_is_not_a_checkpoint(tmp_path):
-    torch.save({"weights": {}}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="not a YOLOX checkpoint"):
-        load_pretrained(build_model("yolox_nano", 2), tmp_path / "bad.pth")
 
 
 @pytest.mark.parametrize(
@@ -246,40 +191,3 @@ def test_ctrl_c_before_the_first_epoch_is_saved(voc_dataset, tmp_path, monkeypat
     assert result.output.rstrip().endswith(f"start again with: trainer train {config}")
 
 
-def confident(checkpoint):
-    """Objectness and class biases at +10: every anchor scores about 1 (sigmoid(10)^2)."""
-    weights = {k: torch.full_like(v, 10.0) if k.startswith(("head.obj_preds.", "head.cls_preds.")) and k.endswith(".bias")
-               else v for k, v in checkpoint.model.items()}
-    return replace(checkpoint, model=weights)
-
-
-def dataset_elsewhere(checkpoint):
-    experiment = checkpoint.experiment
-    return replace(checkpoint, experiment=experiment | {"dataset": experiment["dataset"] | {"root": "/no/such/dataset"}})
-
-
-@pytest.mark.parametrize(
-    ("change", "top_score", "warning"),
-    [
-        (lambda checkpoint: checkpoint, (0.0, 0.3), "highest score on 5 val images is"),  # 3 epochs: none learnt yet
-        (confident, (0.99, 1.0), None),
-        (dataset_elsewhere, None, "cannot check the exported model's scores on the val split"),
-    ],
-    ids=["as-trained", "confident", "dataset-elsewhere"],
-)
-def test_export_warns_when_no_score_reaches_conf_threshold(trained, tmp_path, caplog, change, top_score, warning):
-    exp, result = trained
-    path = tmp_path / "best.pth"
-    save_checkpoint(path, change(read_checkpoint(Path(result.best_checkpoint))))
-    with caplog.at_level(logging.WARNING, logger="trainer.export.bundle"):
-        export = export_bundle(path, tmp_path / "x.bundle")
-    if top_score is None:
-        assert export.val_max_score is None
-    else:
-        assert top_score[0] <= export.val_max_score < top_score[1]
-    if warning:
-        assert warning in caplog.text
-        if top_score is not None:
-            assert f"below the bundle's conf_threshold {exp.export.conf_threshold:.2f}: streamd would detect nothing" in caplog.text
-    else:
-        assert "conf_threshold" not in caplog.text
