@@ -10,7 +10,7 @@ APT_PACKAGES := ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp \
 	gir1.2-gst-rtsp-server-1.0 python3-gi
 
-.PHONY: demo test bench sysdeps venv sample clean
+.PHONY: demo test test-fast bench sysdeps venv sample clean
 
 # System packages the tests and the demo need, installed with apt-get when missing (CI runs as root).
 sysdeps:
@@ -51,6 +51,10 @@ demo: sysdeps venv sample
 
 test: sysdeps venv
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The quick loop while editing: everything but the tests that train or stream for long (marked slow).
+test-fast: sysdeps venv
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: sysdeps venv sample
 	$(PY) benchmarks/bench.py

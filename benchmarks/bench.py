@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/bench.py [--bundle models/bccd-nano.bundle] [--live-s 60]
 
 Rows:
-  bare backend      backend.infer alone on letterboxed batches of `max_batch` frames
+  bare backend      backend.submit(batch).wait() alone on letterboxed batches of `max_batch` frames
   pipeline          file source as fast as possible, decode -> batch -> infer -> NMS -> publish, no recording
   pipeline + rec    the same with the annotated 720p recording and the detection log
   naive loop        one thread: read, infer (batch 1), draw, write (the seed's test_video.py shape)
   live UDP          a 30 fps 640x480 MPEG-TS stream from ffmpeg on 127.0.0.1 for --live-s seconds:
-                    latency decode -> publish (p50/p99) and frames dropped
+                    latency total (packet out of the demuxer -> detections ready, p50/p99) and frames dropped
 
 Input: a 1280x720 30 fps video made from BCCD test images (ffmpeg), so that the
 recording is 720p. Results are also written as JSON (--json).
@@ -38,8 +38,8 @@ from streamd.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from streamd.config import load_config  # noqa: E402
 from streamd.draw import draw_detections  # noqa: E402
 from streamd.model import letterbox_batch, load_bundle, postprocess  # noqa: E402
-from streamd.pipeline.graph import Outputs  # noqa: E402
-from streamd.pipeline.runner import run_pipeline  # noqa: E402
+from streamd.pipeline.compose import Switches  # noqa: E402
+from streamd.pipeline.daemon import run_pipeline  # noqa: E402
 
 BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
 
@@ -79,10 +79,10 @@ def bench_bare(bundle, frames, max_batch: int, threads: int, seconds: float = 10
     """Frames per second through backend.infer alone (letterboxing done beforehand)."""
     backend = OnnxRuntimeBackend(bundle, max_batch=max_batch, intra_op_threads=threads)
     batch, _ = letterbox_batch(frames[:max_batch], tuple(bundle.meta.input_hw), bundle.meta.preprocess)
-    backend.infer(batch)  # warm-up
+    backend.submit(batch).wait()  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        backend.infer(batch)
+        backend.submit(batch).wait()
         done += len(batch)
     return done / (time.perf_counter() - started)
 
@@ -101,7 +101,7 @@ def bench_naive(bundle, video: Path, out: Path, threads: int) -> float:
         for frame in source.decode(stream_in):
             image = frame.to_ndarray(format="bgr24")
             batch, scales = letterbox_batch([image], tuple(meta.input_hw), meta.preprocess)
-            (det,) = postprocess(backend.infer(batch), scales, [image.shape[:2]], meta.thresholds.conf_threshold, meta.thresholds.iou_threshold)
+            (det,) = postprocess(backend.submit(batch).wait(), scales, [image.shape[:2]], meta.thresholds.conf_threshold, meta.thresholds.iou_threshold)
             drawn = draw_detections(image, det, meta.class_names)
             for packet in stream_out.encode(av.VideoFrame.from_ndarray(drawn, format="bgr24")):
                 sink.mux(packet)
@@ -128,10 +128,10 @@ def write_config(folder: Path, bundle: Path, streams: list[dict], max_batch: int
 def bench_pipeline(folder, bundle_path, video, max_batch, max_wait_ms, threads, record: bool) -> dict:
     stream = {"id": "file", "source": str(video), "queue": {"size": 2 * max_batch}}
     if record:
-        stream["record"] = {"dir": str(folder / "recordings"), "segment_s": 600, "codec": "libx264", "preset": "veryfast", "crf": 23}
-        stream["log"] = {"dir": str(folder / "detections")}
+        stream["record"] = {"dir": str(folder / "recordings"), "codec": "libx264", "preset": "veryfast", "crf": 23}
+        stream["detection_log"] = {"dir": str(folder / "detections")}
     config = load_config(write_config(folder, bundle_path, [stream], max_batch, max_wait_ms, threads, free_port()))
-    summary = run_pipeline(config, outputs=Outputs(record=record, detection_log=record, publish=True))
+    summary = run_pipeline(config, switches=Switches(record=record, detection_log=record, publish=True))
     if summary.error:
         raise RuntimeError(f"pipeline failed: {summary.error}")
     s = summary.stream("file")
@@ -147,7 +147,7 @@ def bench_live(folder, bundle_path, video, max_batch, max_wait_ms, threads, seco
     try:
         stream = {"id": "live", "source": f"udp://127.0.0.1:{port}", "queue": {"size": 4, "policy": "drop_oldest"}}
         config = load_config(write_config(folder, bundle_path, [stream], max_batch, max_wait_ms, threads, free_port()))
-        summary = run_pipeline(config, outputs=Outputs(record=False, detection_log=False, publish=True), duration_s=seconds)
+        summary = run_pipeline(config, switches=Switches(record=False, detection_log=False, publish=True), duration_s=seconds)
     finally:
         sender.terminate()
         sender.wait(timeout=10)

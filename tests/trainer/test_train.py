@@ -23,6 +23,8 @@ from trainer.config import load_experiment
 from trainer.export.bundle import export_bundle
 from trainer.train import train
 
+pytestmark = pytest.mark.slow  # these tests train YOLOX (seconds each on 2 cores)
+
 runner = CliRunner()
 
 

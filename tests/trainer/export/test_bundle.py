@@ -22,6 +22,8 @@ from trainer.export.bundle import export_bundle
 from trainer.train import train
 from trainer.yolox_adapter import build_model, inference_model
 
+pytestmark = pytest.mark.slow  # these tests train YOLOX (seconds each on 2 cores)
+
 runner = CliRunner()
 
 
