@@ -8,8 +8,10 @@ invalid config (every problem, each with file:line: field).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -17,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
+import jsonschema
 import typer
 import zmq
 from rich.console import Console
@@ -60,14 +63,22 @@ def _load(config_path: Path) -> StreamdConfig:
         raise _fail(str(exc), EXIT_CONFIG) from None
 
 
+def _preflight(cfg: StreamdConfig, config: Path) -> None:
+    """Everything `run` would fail on before its first frame (streamd.preflight): exit 2 with every problem."""
+    from streamd.preflight import preflight  # it loads the model and the media stack
+
+    problems = preflight(cfg, config)
+    if problems:
+        raise _fail("\n".join(problems), EXIT_CONFIG)
+
+
 @app.command()
 def validate(config: Annotated[Path, typer.Argument(help="The daemon's YAML config.")]) -> None:
-    """Check a config (and the model bundle it names); list every problem with its YAML line and field."""
+    """Check a config and everything `run` would need from it (the bundle and its model, encoders, folders,
+    the bind); list every problem with its YAML line and field (exit 2), as `run` would refuse it."""
     cfg = _load(config)
-    try:
-        bundle = load_bundle(cfg.model)
-    except StreamdError as exc:
-        raise _fail(f"{config}: model: {_one_line(exc)}", EXIT_CONFIG) from None
+    _preflight(cfg, config)
+    bundle = load_bundle(cfg.model)
     outputs = [
         f"{s.id} ({s.kind.value}{', record' if s.record and s.record.enabled else ''}"
         f"{', detection_log' if s.detection_log and s.detection_log.enabled else ''})"
@@ -88,6 +99,7 @@ def run(
 ) -> None:
     """Run the pipeline until the sources end, a limit is reached, or SIGINT/SIGTERM (then drain and exit 0)."""
     cfg = _load(config)
+    _preflight(cfg, config)
     from streamd.pipeline.daemon import run_pipeline  # after validation: it imports the media stack
     setup_logging(cfg.logging.level)
     notifier = SystemdNotifier()
@@ -139,6 +151,8 @@ def listen(
     Exits 0 after --count messages, after --timeout-s of silence (1 if nothing
     came at all), or on Ctrl-C; a summary of received/missed goes to stderr.
     """
+    if timeout_s is not None and not math.isfinite(timeout_s):
+        raise _fail(f"listen: --timeout-s must be a finite number of seconds, got {timeout_s}", EXIT_CONFIG)
     wanted = set(stream or ())
     context = zmq.Context()
     socket = context.socket(zmq.SUB)
@@ -147,10 +161,16 @@ def listen(
     socket.setsockopt(zmq.RECONNECT_IVL, 50)  # join a daemon that starts after us quickly
     for topic in sorted(wanted) or [""]:
         socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    socket.connect(endpoint)
+    try:
+        socket.connect(endpoint)
+    except zmq.ZMQError as exc:
+        socket.close()
+        context.term()
+        raise _fail(f"listen: cannot connect to {endpoint!r}: {exc} (expected e.g. tcp://127.0.0.1:5555)", EXIT_CONFIG) from None
     typer.echo(f"listening on {endpoint}", err=True)  # a readiness line for scripts (the daemon may start later)
     received: Counter[str] = Counter()
     missed: Counter[str] = Counter()
+    malformed = 0
     last_seq: dict[str, int] = {}
     timed_out = False
     try:
@@ -159,14 +179,15 @@ def listen(
                 timed_out = True
                 break
             parts = socket.recv_multipart()
-            if len(parts) != 2:
-                typer.echo(f"skipped a message of {len(parts)} frames (expected [topic, json])", err=True)
-                continue
             topic = parts[0].decode(errors="replace")
             if wanted and topic not in wanted:  # SUBSCRIBE matches prefixes: "room1" also gets "room10"
                 continue
-            message = json.loads(parts[1])
-            seq = int(message["seq"])
+            message, why = _parse_message(parts)
+            if message is None:  # one bad message is counted and skipped; it never ends the subscriber
+                malformed += 1
+                typer.echo(f"{topic}: skipped a malformed message: {why}", err=True)
+                continue
+            seq = message["seq"]
             previous = last_seq.get(topic)
             if previous is not None and seq > previous + 1:
                 missed[topic] += seq - previous - 1
@@ -183,8 +204,30 @@ def listen(
         context.term()
     for topic in sorted(received):
         typer.echo(f"{topic}: received {received[topic]}, missed {missed[topic]}", err=True)
+    if malformed:
+        typer.echo(f"malformed messages skipped: {malformed}", err=True)
     if timed_out and not received:
         raise _fail(f"no message from {endpoint} within {timeout_s} s", EXIT_FATAL)
+
+
+def _parse_message(parts: list[bytes]) -> tuple[dict | None, str]:
+    """The message of [topic, json] if it is a valid streamd.detections/1 message, else (None, why)."""
+    if len(parts) != 2:
+        return None, f"{len(parts)} frames (expected [topic, json])"
+    try:
+        message = json.loads(parts[1])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"not JSON ({exc})"
+    errors = sorted(_validator().iter_errors(message), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = ".".join(map(str, errors[0].absolute_path)) or "message"
+        return None, f"{where}: {errors[0].message}"
+    return message, ""
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(message_schema())
 
 
 def _message_line(message: dict) -> str:

@@ -37,6 +37,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _is(path: Path, kind: str) -> bool:
+    """path.is_file() / is_dir(), and False (not a traceback) for a path the file system refuses (too long, ...)."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except OSError as exc:
+        raise ValueError(f"{_short(path)}: {exc.strerror}") from None
+
+
+def _short(path: Path) -> str:
+    """A path for an error line: long ones are cut in the middle."""
+    text = str(path)
+    return text if len(text) <= 200 else f"{text[:120]}...{text[-60:]} ({len(text)} characters)"
+
+
 def _resolve(value: Path, info: ValidationInfo) -> Path:
     """A path relative to the config file's folder (the validation context's base_dir)."""
     base_dir = Path((info.context or {}).get("base_dir", "."))
@@ -232,9 +246,9 @@ class StreamConfig(_Strict):
         if classify_source(value) is not SourceKind.FILE:
             return value
         path = _resolve(Path(value.removeprefix("file://")), info)
-        if not path.is_file():
+        if not _is(path, "file"):
             stream = info.data.get("id", "?")
-            raise ValueError(f"stream {stream!r}: no such file: {path}")
+            raise ValueError(f"stream {stream!r}: no such file: {_short(path)}")
         return str(path)
 
     @model_validator(mode="after")
@@ -271,6 +285,16 @@ class PublishConfig(_Strict):
         100, ge=0, le=60_000, description="ZMQ_LINGER: how long unsent messages may delay shutdown, ms."
     )
 
+    @field_validator("bind")
+    @classmethod
+    def _tcp_port(cls, value: str) -> str:
+        """A tcp port must be 1..65535 (ZeroMQ would silently bind port 99999 as 34463) or *."""
+        if value.startswith("tcp://"):
+            port = value.rpartition(":")[2]
+            if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"the port of {value} must be 1..65535 or *")
+        return value
+
 
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
@@ -297,8 +321,8 @@ class StreamdConfig(_Strict):
     @classmethod
     def _bundle_folder(cls, value: Path, info: ValidationInfo) -> Path:
         path = _resolve(value, info)
-        if not path.is_dir():
-            raise ValueError(f"no model bundle folder at {path}")
+        if not _is(path, "dir"):
+            raise ValueError(f"no model bundle folder at {_short(path)}")
         return path
 
     @field_validator("backend", mode="before")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -178,7 +179,8 @@ def format_errors(path: Path, model: type[BaseModel], exc: ValidationError, line
             out.append(f"{path}:{line}: {field}: unknown field{hint}")
         else:
             got = err.get("input")
-            got_text = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            shown = repr(got) if len(repr(got)) <= 120 else f"{repr(got)[:80]}...{repr(got)[-30:]}"
+            got_text = "" if isinstance(got, dict) or got is None else f" (got {shown})"
             out.append(f"{path}:{line}: {field}: {err['msg']}{got_text}")
     return "\n".join(out)
 
@@ -259,3 +261,14 @@ def load_yaml_model(path: str | Path, model: type[M], context: dict | None = Non
             for loc in booleans
         ))
     return loaded
+
+
+def field_lines(path: str | Path) -> Callable[[tuple], int]:
+    """For a config that loaded: the YAML line of a field path such as ("streams", 0, "record", "dir").
+
+    Checks made after validation (streamd.preflight) use it to name the line like validation errors do.
+    """
+    path = Path(path)
+    node, _ = _parse(path, read_utf8(path))
+    lines = _node_lines(node)
+    return lambda loc: _nearest_line(lines, tuple(loc))

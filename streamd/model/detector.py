@@ -13,10 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamd.backends.base import Backend, Pending
+from streamd.errors import BundleError
 from streamd.model.bundle import Bundle, Preprocess, Thresholds
 from streamd.model.detections import Detections
 from streamd.model.postprocess import postprocess
 from streamd.model.preprocess import letterbox_batch
+
+YOLOX_STRIDES = (8, 16, 32)  # the head's output strides
+
+
+def yolox_anchors(input_hw: tuple[int, int]) -> int:
+    """The anchors (rows of the output) of a YOLOX head at input_hw: the sum over strides of (H/s) * (W/s)."""
+    height, width = input_hw
+    return sum((height // stride) * (width // stride) for stride in YOLOX_STRIDES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +79,28 @@ class Detector:
         return self.collect(self.submit(images_bgr), conf_threshold, iou_threshold)
 
     def warm_up(self, runs: int = 2) -> None:
-        """Run the backend at batch 1 and at max_batch, so the first real frame is not slow (before READY=1)."""
+        """Run the backend at batch 1 and at max_batch, so the first real frame is not slow (before READY=1).
+
+        Raises BundleError when the model's output does not fit the bundle's class names or input size.
+        """
         height, width = self.input_hw
         for size in sorted({1, self.backend.max_batch}):
             zeros = np.full((size, 3, height, width), self.preprocess.pad_value, np.float32)
             for _ in range(runs):
-                self.backend.submit(zeros).wait()
+                self.check_output(self.backend.submit(zeros).wait(), size)
+
+    def check_output(self, output: np.ndarray, batch: int) -> None:
+        """The output of a batch must be [batch, A, 5 + classes], A the YOLOX anchors of input_hw."""
+        anchors = yolox_anchors(self.input_hw)
+        if output.ndim != 3 or output.shape[0] != batch:
+            raise BundleError(f"model {self.name!r}: output of shape {output.shape} for a batch of {batch}")
+        if output.shape[2] != 5 + len(self.class_names):
+            raise BundleError(
+                f"model {self.name!r}: the model scores {output.shape[2] - 5} classes but bundle.json class_names "
+                f"names {len(self.class_names)} ({', '.join(self.class_names)})"
+            )
+        if output.shape[1] != anchors:
+            raise BundleError(
+                f"model {self.name!r}: the model has {output.shape[1]} anchors, but bundle.json input_hw "
+                f"{list(self.input_hw)} gives {anchors} (strides {YOLOX_STRIDES})"
+            )

@@ -58,6 +58,25 @@ def nvenc_opens() -> bool:
     return True
 
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+
+
+def check_encoder(codec: str, preset: str) -> str | None:
+    """Why `codec` / `preset` cannot record here, or None when they can (streamd validate runs this)."""
+    if codec != "auto":
+        try:
+            encoder = av.Codec(codec, "w")
+        except (av.error.FFmpegError, ValueError):
+            return f"no encoder {codec!r} in this PyAV/FFmpeg build (use auto, libx264 or h264_nvenc)"
+        if encoder.type != "video":
+            return f"{codec!r} encodes {encoder.type}, not video"
+    if codec in ("auto", "libx264") and preset not in X264_PRESETS:
+        return f"preset {preset!r} is not an x264 preset: one of {', '.join(X264_PRESETS)}"
+    if codec == "h264_nvenc" and preset not in _NVENC_PRESETS and preset not in {f"p{n}" for n in range(1, 8)}:
+        return f"preset {preset!r} is not an NVENC preset: an x264 name or p1..p7"
+    return None
+
+
 def choose_codec(codec: str) -> str:
     """"auto" -> h264_nvenc when it opens here, else libx264; any other name as given."""
     if codec != "auto":

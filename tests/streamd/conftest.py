@@ -11,6 +11,7 @@ TensorRT) really run it and its detections are known in advance:
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from streamd.model import Bundle, write_bundle
+from streamd.model.detector import yolox_anchors
 from tests.streamd import media
 
 INPUT_HW = (64, 64)
@@ -31,7 +33,7 @@ def tiny_onnx_bytes() -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    anchors, width = 2, 5 + len(CLASS_NAMES)
+    anchors, width = yolox_anchors(INPUT_HW), 5 + len(CLASS_NAMES)  # 84: a real head's count; all but 2 score 0
     base = np.zeros((1, anchors, width), np.float32)
     base[0, 0, :4] = [16, 16, 16, 16]
     base[0, 0, 5] = 1.0
@@ -99,14 +101,27 @@ def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 192 KiB tmpfs: a recording fills it within a few seconds of video (needs root, as in CI)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True).returncode:
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at `folder` for the test (needs root, as in CI; the test is skipped without it)."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
-        yield mount
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 192 KiB tmpfs: a recording fills it within a few seconds of video."""
+    with tmpfs(tmp_path / "small-disk", "size=192k") as folder:
+        yield folder
+
+
+@pytest.fixture
+def read_only(tmp_path: Path):
+    """A read-only tmpfs: even root cannot write there."""
+    with tmpfs(tmp_path / "read-only", "ro,size=64k") as folder:
+        yield folder

@@ -71,7 +71,7 @@ def test_validate_reports_a_broken_bundle(tmp_path: Path):
     path = write(tmp_path, "model: empty.bundle\nstreams: [{id: a, source: 'udp://@:5000'}]\n")
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2
-    assert f"{path}: model: " in result.stderr and "bundle.json: missing" in result.stderr
+    assert f"{path}:1: model: " in result.stderr and "bundle.json: missing" in result.stderr
 
 
 def test_validate_a_missing_file(tmp_path: Path):
@@ -145,3 +145,54 @@ def test_listen_times_out_with_exit_1_when_nothing_comes():
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
     result = runner.invoke(app, ["listen", endpoint, "--timeout-s", "0.2"])
     assert result.exit_code == 1 and "no message" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["tcp://127.0.0.1"], "listen: cannot connect to 'tcp://127.0.0.1'"),  # no port
+        (["nonsense"], "listen: cannot connect to 'nonsense'"),
+        (["tcp://127.0.0.1:5555", "--timeout-s", "inf"], "--timeout-s must be a finite number"),
+    ],
+)
+def test_listen_refuses_bad_arguments_with_exit_2_and_no_traceback(args: list[str], expected: str):
+    result = runner.invoke(app, ["listen", *args])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and "Traceback" not in result.output
+
+
+class RawPublisher(Publisher):
+    """An XPUB that sends raw multipart messages (good and bad) once the listener has subscribed."""
+
+    def __init__(self, frames: list[list[bytes]]):
+        super().__init__([])
+        self.frames = frames
+
+    def run(self) -> None:
+        if self.socket.poll(10_000):
+            self.socket.recv()  # the subscription
+            for parts in self.frames:
+                self.socket.send_multipart(parts)
+        self.socket.close()
+        self.context.term()
+
+
+def test_a_malformed_message_is_counted_and_skipped_not_fatal():
+    good = [message("room1", 0), message("room1", 1)]
+    bad_seq = {**message("room1", 2), "seq": "two"}
+    publisher = RawPublisher([
+        [b"room1", encode(good[0])],
+        [b"room1", b"\xff\xfe not json"],
+        [b"room1", encode(bad_seq)],
+        [b"room1", b"{}", b"third frame"],
+        [b"room1", encode(good[1])],
+    ])  # fmt: skip
+    publisher.start()
+    result = runner.invoke(app, ["listen", publisher.endpoint, "--count", "2", "--timeout-s", "10"])
+    publisher.join()
+    assert result.exit_code == 0, result.output
+    assert [line.split()[1] for line in result.stdout.splitlines()] == ["#0", "#1"]
+    assert "skipped a malformed message: not JSON" in result.stderr
+    assert "skipped a malformed message: seq: 'two' is not of type 'integer'" in result.stderr
+    assert "skipped a malformed message: 3 frames" in result.stderr
+    assert "malformed messages skipped: 3" in result.stderr

@@ -136,6 +136,8 @@ BAD = [
     (MINIMAL + "    rtsp_transport: http\n", ":5: streams.0.rtsp_transport: Input should be 'tcp' or 'udp'"),
     (MINIMAL + "publish: {bind: 'localhost:5555'}\n", ":5: publish.bind: String should match pattern"),
     (MINIMAL + "publish: {sndhwm: 0}\n", ":5: publish.sndhwm: Input should be greater than or equal to 1"),
+    (MINIMAL + "publish: {bind: 'tcp://127.0.0.1:99999'}\n", ":5: publish.bind: Value error, the port of tcp://127.0.0.1:99999 must be 1..65535"),
+
     (MINIMAL + "logging: {level: LOUD}\n", ":5: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
     ("model: models/tiny.bundle\nstreams: []\n", ":2: streams: List should have at least 1 item"),
     ("streams: [{id: a, source: clip.mp4}]\n", ":1: model: Field required"),
@@ -148,6 +150,19 @@ def test_errors_name_file_line_and_field(folder: Path, text: str, expected: str)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert f"{path}{expected}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [("model: " + "m" * 300 + "\nstreams: [{id: a, source: clip.mp4}]\n", ":1: model: "),
+     (MINIMAL + "  - id: b\n    source: " + "s" * 5000 + ".mp4\n", ":6: streams.1.source: ")],
+)  # fmt: skip
+def test_a_path_too_long_for_the_file_system_is_an_error_not_a_traceback(folder: Path, text: str, where: str):
+    path = write(folder, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (line,) = str(caught.value).splitlines()
+    assert line.startswith(f"{path}{where}") and "File name too long" in line and len(line) < 600
 
 
 def test_every_error_is_listed(folder: Path):

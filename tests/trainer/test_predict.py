@@ -16,6 +16,7 @@ from streamd.backends.base import FunctionBackend
 import jsonschema
 
 from streamd.messages import schema
+from streamd.model.detector import yolox_anchors
 from tests.streamd import media
 from trainer.detect import Detector
 from trainer.predict import IMAGES_LOG, predict
@@ -29,9 +30,9 @@ NUM_FRAMES = 7
 def one_box(batch: np.ndarray) -> np.ndarray:
     """A fake model: one "landmark" at (12, 12)-(28, 28) of the letterboxed input in every image.
 
-    float32 [N, 2, 5 + C]: row 0 is the box, row 1 an empty anchor.
+    float32 [N, A, 5 + C] with A the anchors of a YOLOX head at 64x64: row 0 is the box, the rest empty.
     """
-    output = np.zeros((len(batch), 2, 5 + len(CLASSES)), np.float32)
+    output = np.zeros((len(batch), yolox_anchors(INPUT_HW), 5 + len(CLASSES)), np.float32)
     output[:, 0, :5] = (20, 20, 16, 16, 0.9)
     output[:, 0, 6] = 1.0
     return output

@@ -47,7 +47,7 @@ def test_onnxruntime_runs_the_bundle(tiny_bundle, count):
     backend = make_backend(tiny_bundle, ORT, max_batch=4)
     assert isinstance(backend, OnnxRuntimeBackend) and backend.max_batch == 4
     output = backend.submit(images(count, 255.0)).wait()
-    assert output.shape == (count, 2, 8) and output.dtype == np.float32
+    assert output.shape == (count, 84, 8) and output.dtype == np.float32  # 84: a YOLOX head at 64x64
     np.testing.assert_allclose(output[:, 0, 4], 1.0, rtol=1e-6)  # objectness = mean / 255
     np.testing.assert_allclose(output[:, 1, :5], [[44, 40, 20, 24, 0.9]] * count, rtol=1e-6)
     backend.close()
@@ -350,7 +350,7 @@ class FakeContext:
         return 1 <= shape[0] <= self.max_batch
 
     def get_tensor_shape(self, name: str):
-        return (self.shapes["images"][0], 2, 8)
+        return (self.shapes["images"][0], 84, 8)  # the tiny bundle: a YOLOX head at 64x64, 3 classes
 
     def set_tensor_address(self, name: str, address: int) -> None:
         self.addresses[name] = address

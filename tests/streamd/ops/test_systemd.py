@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -87,9 +86,7 @@ def test_watchdog_interval_table(usec, pid, expected_s):
 def test_a_systemd_that_does_not_read_never_blocks_the_sender(tmp_path: Path):
     server = NotifySocket(str(tmp_path / "notify"))  # never read: its queue fills up
     notifier = SystemdNotifier(environ={"NOTIFY_SOCKET": server.address})
-    started = time.monotonic()
-    results = [notifier.watchdog() for _ in range(2000)]
-    assert time.monotonic() - started < 2
+    results = [notifier.watchdog() for _ in range(2000)]  # would hang here if a send waited for the reader
     assert results[0] and not all(results)  # the first got through, the overflow was dropped, none waited
     server.close()
 

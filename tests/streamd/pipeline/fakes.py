@@ -11,7 +11,7 @@ import numpy as np
 
 from streamd.backends.base import Ready
 from streamd.errors import BackendError, OutputError, SourceError
-from streamd.model.detector import Detector
+from streamd.model.detector import Detector, yolox_anchors
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.graph import Graph, Queue
 from streamd.pipeline.queues import Batcher
@@ -86,7 +86,7 @@ class FakeBackend:
         if self.delay_s:
             time.sleep(self.delay_s)
         self.batch_sizes.append(len(batch))
-        output = np.zeros((len(batch), 2, 8), np.float32)
+        output = np.zeros((len(batch), yolox_anchors((64, 64)), 8), np.float32)  # the tiny bundle's 64x64, 3 classes
         output[:, 0, :6] = [16, 16, 16, 16, 0.9, 1.0]
         return Ready(output)
 

@@ -185,7 +185,7 @@ def test_dead_udp_port_times_out() -> None:
     started = time.monotonic()
     with pytest.raises(SourceError, match=re.escape(f"stream 'eus-1' ({url}): no data for 1.0 s")):
         source.open()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # a hang guard only: the timeout is 1 s
 
 
 def test_srt_fails_clearly() -> None:
@@ -194,7 +194,7 @@ def test_srt_fails_clearly() -> None:
     started = time.monotonic()
     with pytest.raises(SourceError, match="stream 'srt-1'"):
         source.open()
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # a hang guard only: the timeout is 1 s
 
 
 @pytest.mark.slow
@@ -214,7 +214,7 @@ def test_live_udp_mpegts_and_reconnect() -> None:
         started = time.monotonic()
         with pytest.raises(SourceError, match="no data for 3.0 s"):
             read_n(source, 1000)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 30  # a hang guard only: the read timeout is 3 s
 
         sender = media.udp_sender(port)  # the runner reopens: seq and pts go on
         source.open()

@@ -16,7 +16,7 @@ from streamd.backends.base import Ready
 from streamd.backends.select import make_backend
 from streamd.config import OnnxRuntimeConfig
 from streamd.messages import detection_message
-from streamd.model.detector import Detector
+from streamd.model.detector import Detector, yolox_anchors
 from streamd.ops.metrics import Metrics
 from streamd.stages.infer import ResultsStage, SubmitStage
 from streamd.types import Batch, Frame
@@ -108,7 +108,7 @@ def test_latency_fields(stage):
 
 @pytest.mark.parametrize(
     "conf_threshold, iou_threshold, expected_count",
-    [(None, None, 2), (0.8, None, 1), (0.95, None, 0), (0.0, 0.01, 2)],
+    [(None, None, 2), (0.8, None, 1), (0.95, None, 0), (0.05, 0.01, 2)],
 )
 def test_thresholds_override_the_bundle(tiny_bundle, conf_threshold, iou_threshold, expected_count):
     infer = Infer(ort(tiny_bundle, 2), conf_threshold, iou_threshold)
@@ -122,7 +122,7 @@ class CountingBackend:
 
     name = "counting"
 
-    def __init__(self, max_batch: int, anchors: int = 2, classes: int = 3):
+    def __init__(self, max_batch: int, anchors: int = yolox_anchors((64, 64)), classes: int = 3):
         self.max_batch = max_batch
         self.calls: list[int] = []
         self.shape = (anchors, 5 + classes)

@@ -1,0 +1,86 @@
+"""Preflight: what `streamd run` would fail on, found before anything starts.
+
+`streamd validate` runs it after the config validates, and so does `streamd
+run` before it loads anything else, so both give the same answer and the same
+exit code (2) for the same problem. Each problem names the file, the YAML
+line and the field:
+
+- model: the bundle loads (sha256 checked), ONNX Runtime loads its model,
+  and the model's output fits the bundle (class names, input size);
+- streams[].record: the encoder and preset exist in this FFmpeg build;
+- streams[].record.dir, streams[].detection_log.dir: the folder is, or can be
+  created, and is writable;
+- publish.bind: the endpoint can be bound now (nothing else holds it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import zmq
+
+from streamd.backends.onnxruntime import OnnxRuntimeBackend
+from streamd.config import StreamdConfig
+from streamd.errors import StreamdError
+from streamd.model.bundle import load_bundle
+from streamd.model.detector import Detector
+from streamd.stages.record import check_encoder
+from streamd.yamlconfig import field_lines
+
+
+def preflight(config: StreamdConfig, config_path: Path) -> list[str]:
+    """Every problem `run` would meet before its first frame, as "file:line: field: problem" lines."""
+    line = field_lines(config_path)
+    problems: list[str] = []
+
+    def problem(loc: tuple, text: str) -> None:
+        problems.append(f"{config_path}:{line(loc)}: {'.'.join(map(str, loc))}: {' '.join(text.split())}")
+
+    try:
+        bundle = load_bundle(config.model)
+        Detector.for_bundle(bundle, OnnxRuntimeBackend(bundle, max_batch=1, intra_op_threads=1)).warm_up(runs=1)
+    except StreamdError as exc:
+        problem(("model",), str(exc))
+    for index, stream in enumerate(config.streams):
+        if stream.record is not None and stream.record.enabled:
+            if why := check_encoder(stream.record.codec, stream.record.preset):
+                problem(("streams", index, "record"), why)
+            if why := unwritable(stream.record.dir):
+                problem(("streams", index, "record", "dir"), why)
+        if stream.detection_log is not None and stream.detection_log.enabled:
+            if why := unwritable(stream.detection_log.dir):
+                problem(("streams", index, "detection_log", "dir"), why)
+    if config.publish is not None and config.publish.enabled:
+        if why := unbindable(config.publish.bind):
+            problem(("publish", "bind"), why)
+    return problems
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why streamd could not write files in `folder` (creating it if need be), or None."""
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "folder" if existing == folder else f"folder {existing}, where {folder} would be created,"
+        return f"the {what} is not writable by this user (uid {os.getuid()})"
+    return None
+
+
+def unbindable(endpoint: str) -> str | None:
+    """Why a PUB socket could not bind `endpoint` now, or None (the socket is closed again at once)."""
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        return f"cannot bind {endpoint}: {exc}"
+    finally:
+        socket.close(linger=0)
+        context.term()
+    return None

@@ -1,0 +1,133 @@
+"""streamd.preflight: what `run` would fail on is found first, by `validate` and `run` alike, with file:line: field.
+
+Each problem is caused for real (a folder on a read-only tmpfs, a port another
+socket holds, a model whose output does not fit its bundle.json) and both
+commands must refuse it with exit 2, one line per problem, no traceback.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import zmq
+from typer.testing import CliRunner
+
+from streamd.cli import app
+from streamd.model import write_bundle
+from tests.streamd import media
+from tests.streamd.conftest import bundle_meta, tiny_onnx_bytes
+
+runner = CliRunner()
+
+
+def config_text(bundle: Path, clip: Path, *, record: str = "{dir: rec}", log: str = "{dir: log}",
+                bind: str = "tcp://127.0.0.1:*") -> str:  # fmt: skip
+    return textwrap.dedent(f"""
+        model: {bundle}
+        backend: onnxruntime
+        streams:
+          - id: room-1
+            source: {clip}
+            record: {record}
+            detection_log: {log}
+        publish: {{bind: "{bind}"}}
+    """).lstrip()
+
+
+@pytest.fixture
+def held_port():
+    """A tcp endpoint that another PUB socket holds for the test's duration."""
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
+    socket.bind(endpoint)
+    yield endpoint
+    socket.close(linger=0)
+    context.term()
+
+
+def both(path: Path) -> list:
+    """`streamd validate` and `streamd run` on the same config (run never gets past preflight here)."""
+    return [runner.invoke(app, [command, str(path)]) for command in ("validate", "run")]
+
+
+def assert_refused(path: Path, line: int, field: str, *words: str) -> None:
+    for result in both(path):
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        (problem,) = [text for text in result.stderr.splitlines() if text.startswith(f"{path}:{line}: {field}: ")]
+        for word in words:
+            assert word in problem, problem
+
+
+def test_a_good_config_passes(tmp_path: Path, tiny_bundle, clip):
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "rec").exists()  # preflight creates nothing
+
+
+@pytest.mark.parametrize(
+    ("field", "settings", "line", "words"),
+    [
+        ("streams.0.record", {"record": "{dir: rec, codec: h265_magic}"}, 6, ("no encoder 'h265_magic'",)),
+        ("streams.0.record", {"record": "{dir: rec, codec: aac}"}, 6, ("encodes audio",)),
+        ("streams.0.record", {"record": "{dir: rec, preset: fastest}"}, 6, ("not an x264 preset", "veryfast")),
+    ],
+)
+def test_encoders_that_do_not_exist_here_are_refused(tmp_path: Path, tiny_bundle, clip, field, settings, line, words):
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip, **settings))
+    assert_refused(path, line, field, *words)
+
+
+def test_a_folder_on_a_read_only_disk_is_refused(tmp_path: Path, tiny_bundle, clip, read_only: Path):
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip, record=f"{{dir: {read_only / 'rec'}}}"))
+    assert_refused(path, 6, "streams.0.record.dir", "not writable", str(read_only))
+
+
+def test_a_folder_under_a_file_is_refused(tmp_path: Path, tiny_bundle, clip):
+    (tmp_path / "a-file").write_text("x")
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip, log=f"{{dir: {tmp_path / 'a-file' / 'logs'}}}"))
+    assert_refused(path, 7, "streams.0.detection_log.dir", "is not a folder")
+
+
+def test_a_bind_another_process_holds_is_refused(tmp_path: Path, tiny_bundle, clip, held_port: str):
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip, bind=held_port))
+    assert_refused(path, 8, "publish.bind", f"cannot bind {held_port}")
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"class_names": ["only-one"]}, ("scores 3 classes", "names 1 (only-one)")),
+        ({"input_hw": [128, 128]}, ("128",)),
+    ],
+)
+def test_a_bundle_that_disagrees_with_its_model_is_refused(tmp_path: Path, clip, change: dict, words):
+    """A 1-name bundle on a 3-class model would publish labels "1" and "2": refused before anything starts."""
+    bundle = write_bundle(tmp_path / "odd.bundle", tiny_onnx_bytes(), {**bundle_meta(), **change})
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(bundle.path, clip))
+    assert_refused(path, 1, "model", *words)
+
+
+def test_a_bundle_whose_onnx_does_not_load_is_refused(tmp_path: Path, clip):
+    bundle = write_bundle(tmp_path / "garbage.bundle", b"not an onnx model", bundle_meta())  # sha256 matches
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(bundle.path, clip))
+    assert_refused(path, 1, "model", "ONNX Runtime cannot load the model")
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path, tiny_bundle, clip, held_port: str):
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip, record="{dir: rec, codec: nope}", bind=held_port))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert [line.split(": ")[1] for line in result.stderr.splitlines()] == ["streams.0.record", "publish.bind"]
