@@ -1,9 +1,16 @@
-"""The model bundle (DESIGN contract 1): `NAME.bundle/{model.onnx, bundle.json}`.
+"""The model bundle (DESIGN contract 1): `NAME.bundle/{model.onnx, weights.safetensors, bundle.json}`.
 
 `bundle.json` says everything streamd needs to run `model.onnx` the way the
 trainer ran the model: class names in label order, input size,
 preprocessing, default thresholds, the sha256 of the ONNX file, and where the
 model came from (dataset, epochs, trainer version, date, validation metrics).
+
+Format 2 adds, optionally, what the torch backend needs: `weights.safetensors`
+(the YOLOX state_dict, no pickle: a bundle is data, never code) with its
+sha256 in `weights`, and in `yolox` the fields pixeltable-yolox rebuilds the
+model from. A bundle without them (every format-1 bundle) still loads and runs
+on ONNX Runtime and TensorRT. The new fields make a bundle format 2 because a
+format-1 reader refuses unknown keys.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamd.errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 1 and 2 are read
 ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "bundle.json"
 ARCHITECTURES = ("yolox_nano", "yolox_tiny", "yolox_s", "yolox_m", "yolox_l", "yolox_x")
 
@@ -52,6 +60,28 @@ class OnnxInfo(_Frozen):
     output_name: str = "output"
 
 
+class WeightsInfo(_Frozen):
+    """The torch backend's weights: YOLOX's full state_dict (batch-norm included) in one safetensors file."""
+
+    file: str = WEIGHTS_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the file; checked on every load.")
+    format: Literal["safetensors"] = "safetensors"
+
+
+class YoloxArch(_Frozen):
+    """What pixeltable-yolox's YoloxConfig needs to rebuild the model the weights fit.
+
+    Batch-norm eps is YOLOX's own (1e-3, set by YoloxConfig.get_model), as in training.
+    """
+
+    depth: float = Field(gt=0, le=2, description="YOLOX depth factor (nano/tiny/s 0.33 ... x 1.33).")
+    width: float = Field(gt=0, le=2, description="YOLOX width factor (nano 0.25 ... x 1.25).")
+    depthwise: bool = Field(description="Depthwise-separable convolutions (nano).")
+    act: Literal["silu", "relu", "lrelu"] = Field(description="Activation.")
+    num_classes: int = Field(ge=1, description="Classes the head scores; equals len(class_names).")
+    strides: tuple[int, int, int] = Field((8, 16, 32), description="The head's output strides, finest first.")
+
+
 class Provenance(_Frozen):
     dataset: str = Field(description="Dataset name from the training config.")
     dataset_hash: str = Field(description="sha256 of the sorted training file list and class names.")
@@ -64,7 +94,7 @@ class Provenance(_Frozen):
 class BundleMeta(_Frozen):
     """The parsed `bundle.json`."""
 
-    format_version: int = Field(FORMAT_VERSION, ge=1, le=FORMAT_VERSION)
+    format_version: int = Field(FORMAT_VERSION, ge=1, le=FORMAT_VERSION, description="1: ONNX only; 2: + weights.")
     name: str = Field(min_length=1)
     architecture: Literal[ARCHITECTURES]  # type: ignore[valid-type]
     class_names: tuple[str, ...] = Field(min_length=1)
@@ -74,6 +104,8 @@ class BundleMeta(_Frozen):
     onnx: OnnxInfo
     provenance: Provenance
     metrics: dict[str, float] = Field(default_factory=dict, description="Validation metrics at export.")
+    weights: WeightsInfo | None = Field(None, description="Weights for the torch backend (format 2); none: ONNX only.")
+    yolox: YoloxArch | None = Field(None, description="The architecture the weights fit (format 2, with weights).")
 
     @field_validator("input_hw")
     @classmethod
@@ -81,6 +113,18 @@ class BundleMeta(_Frozen):
         if any(v <= 0 or v % 32 for v in value):
             raise ValueError(f"input_hw must be positive multiples of 32 (YOLOX strides), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> BundleMeta:
+        if (self.weights is None) != (self.yolox is None):
+            raise ValueError("weights and yolox come together: the weights need the architecture they fit")
+        if self.weights is not None and self.format_version < 2:
+            raise ValueError("weights and yolox need format_version 2")
+        if self.yolox is not None and self.yolox.num_classes != len(self.class_names):
+            raise ValueError(
+                f"yolox.num_classes is {self.yolox.num_classes} but class_names names {len(self.class_names)}"
+            )
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +137,11 @@ class Bundle:
     @property
     def onnx_path(self) -> Path:
         return self.path / self.meta.onnx.file
+
+    @property
+    def weights_path(self) -> Path | None:
+        """weights.safetensors for the torch backend; None for a bundle exported without it."""
+        return None if self.meta.weights is None else self.path / self.meta.weights.file
 
     @property
     def sha256(self) -> str:
@@ -126,31 +175,68 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     try:
         meta = BundleMeta.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise BundleError(f"{meta_path}: {problems}") from exc
+        raise BundleError(f"{meta_path}: {_problems(exc)}") from exc
     onnx_path = path / meta.onnx.file
     if not onnx_path.is_file():
         raise BundleError(f"{onnx_path}: missing (named by {meta_path} field onnx.file)")
-    if verify:
-        actual = sha256_file(onnx_path)
-        if actual != meta.onnx.sha256:
+    checked = [(onnx_path, meta.onnx.sha256, "onnx")]
+    if meta.weights is not None:
+        weights_path = path / meta.weights.file
+        if not weights_path.is_file():
+            raise BundleError(f"{weights_path}: missing (named by {meta_path} field weights.file)")
+        checked.append((weights_path, meta.weights.sha256, "weights"))
+    for file, expected, field in checked if verify else ():
+        actual = sha256_file(file)
+        if actual != expected:
             raise BundleError(
-                f"{onnx_path}: sha256 {actual[:12]}... does not match onnx.sha256 "
-                f"{meta.onnx.sha256[:12]}... in {meta_path}; the model file was changed after export"
+                f"{file}: sha256 {actual[:12]}... does not match {field}.sha256 "
+                f"{expected[:12]}... in {meta_path}; the file was changed after export"
             )
     return Bundle(path=path, meta=meta)
 
 
-def write_bundle(path: str | Path, onnx_bytes: bytes, meta_fields: dict) -> Bundle:
-    """Write `model.onnx` and `bundle.json` (with the sha256 filled in) into `path`."""
+def write_bundle(path: str | Path, onnx_bytes: bytes, meta_fields: dict, weights_bytes: bytes | None = None) -> Bundle:
+    """Write `model.onnx`, `weights.safetensors` when given, and `bundle.json` (sha256s filled in) into `path`.
+
+    weights_bytes needs meta_fields["yolox"], the architecture they fit.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    onnx_path = path / ONNX_FILE
-    onnx_path.write_bytes(onnx_bytes)
-    fields = dict(meta_fields)
+    fields = {**meta_fields, "format_version": FORMAT_VERSION}
     fields["onnx"] = {**fields.get("onnx", {}), "file": ONNX_FILE, "sha256": hashlib.sha256(onnx_bytes).hexdigest()}
-    meta = BundleMeta.model_validate(fields)
+    if weights_bytes is not None:
+        fields["weights"] = {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights_bytes).hexdigest()}
+    meta = _validate_fields(path / META_FILE, fields)
+    (path / ONNX_FILE).write_bytes(onnx_bytes)
+    if weights_bytes is not None:
+        (path / WEIGHTS_FILE).write_bytes(weights_bytes)
     (path / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
     return Bundle(path=path, meta=meta)
+
+
+def add_weights(path: str | Path, weights_bytes: bytes, yolox: dict) -> Bundle:
+    """Add weights.safetensors to an existing bundle; model.onnx and every other field stay as they are.
+
+    For bundles exported before format 2. bundle.json becomes format 2.
+    """
+    bundle = load_bundle(path)
+    fields = bundle.meta.model_dump(mode="json") | {
+        "format_version": FORMAT_VERSION,
+        "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights_bytes).hexdigest()},
+        "yolox": yolox,
+    }
+    meta = _validate_fields(bundle.path / META_FILE, fields)
+    (bundle.path / WEIGHTS_FILE).write_bytes(weights_bytes)
+    (bundle.path / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    return load_bundle(bundle.path)
+
+
+def _validate_fields(meta_path: Path, fields: dict) -> BundleMeta:
+    try:
+        return BundleMeta.model_validate(fields)
+    except ValidationError as exc:
+        raise BundleError(f"{meta_path}: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'bundle'}: {err['msg']}" for err in exc.errors())

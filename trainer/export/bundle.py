@@ -1,4 +1,8 @@
-"""Checkpoint -> model bundle: `NAME.bundle/{model.onnx, bundle.json}` (DESIGN contract 1).
+"""Checkpoint -> model bundle: `NAME.bundle/{model.onnx, weights.safetensors, bundle.json}` (DESIGN contract 1).
+
+The same weights go out twice: as the ONNX graph (decode inside) for ONNX
+Runtime and TensorRT, and as a safetensors state_dict with the architecture
+fields for streamd's torch backend.
 
 After writing the bundle, export runs it as streamd will (ONNX Runtime,
 streamd's letterbox and postprocess) on the first SCORE_CHECK_IMAGES images of
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from streamd.model.bundle import Bundle, write_bundle
 from trainer import __version__
 from trainer.checkpoint import read_checkpoint, resolve_checkpoint
@@ -23,6 +29,7 @@ from trainer.datasets import load_split
 from trainer.detect import bundle_detector
 from trainer.evaluate import AP_CONF_THRESHOLD, AP_IOU_THRESHOLD, detect_split
 from trainer.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
+from trainer.export.weights import safetensors_bytes, yolox_fields
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +51,29 @@ def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> Expor
     path = resolve_checkpoint(checkpoint)
     state = read_checkpoint(path)
     exp = state.trained_experiment(path)
-    onnx_bytes = export_onnx(state.load_model(path), tuple(exp.model.input_hw), opset=exp.export.opset)
     val = {k: float(v) for k, v in state.val_metrics.items()}
+    return export_model(
+        state.load_model(path), exp, out, name=name, epochs=state.epoch, dataset_hash=state.dataset_hash,
+        checkpoint=path.name, metrics={f"val_{k}": v for k, v in val.items()},
+    )  # fmt: skip
+
+
+def export_model(
+    model: torch.nn.Module,
+    exp: Experiment,
+    out: Path,
+    *,
+    name: str | None = None,
+    epochs: int,
+    dataset_hash: str,
+    checkpoint: str,
+    metrics: dict[str, float],
+) -> ExportResult:
+    """Write the bundle of a YOLOX `model` built for `exp` (its architecture, classes and input size) to `out`.
+
+    export_bundle's work after reading the checkpoint; benchmarks use it for models that were never trained.
+    """
+    onnx_bytes = export_onnx(model, tuple(exp.model.input_hw), opset=exp.export.opset)
     meta = {
         "name": name or exp.name,
         "architecture": exp.model.architecture,
@@ -56,17 +84,18 @@ def export_bundle(checkpoint: Path, out: Path, name: str | None = None) -> Expor
         "onnx": {"opset": exp.export.opset, "input_name": INPUT_NAME, "output_name": OUTPUT_NAME},
         "provenance": {
             "dataset": exp.dataset.name,
-            "dataset_hash": state.dataset_hash,
-            "epochs": state.epoch,
+            "dataset_hash": dataset_hash,
+            "epochs": epochs,
             "trainer_version": __version__,
             "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "checkpoint": path.name,
+            "checkpoint": checkpoint,
         },
-        "metrics": {f"val_{k}": v for k, v in val.items()},
+        "metrics": dict(metrics),
+        "yolox": yolox_fields(exp),
     }
-    bundle: Bundle = write_bundle(out, onnx_bytes, meta)
+    bundle: Bundle = write_bundle(out, onnx_bytes, meta, weights_bytes=safetensors_bytes(model))
     top_score = val_max_score(bundle.path, exp)
-    return ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), state.epoch, meta["metrics"], top_score)
+    return ExportResult(str(bundle.path), bundle.sha256, len(onnx_bytes), epochs, meta["metrics"], top_score)
 
 
 def val_max_score(bundle_path: Path, exp: Experiment, max_images: int = SCORE_CHECK_IMAGES) -> float | None:
@@ -104,4 +133,4 @@ def add_metrics(bundle_path: Path, metrics: dict[str, float]) -> None:
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-__all__ = ["ExportResult", "add_metrics", "export_bundle"]
+__all__ = ["ExportResult", "add_metrics", "export_bundle", "export_model"]

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from streamd.model import load_bundle
@@ -44,6 +45,8 @@ def test_export_matches_pytorch_on_onnxruntime(trained, tmp_path):
     assert "val_voc_map50" in bundle.meta.metrics
     model = build_model(exp.model.architecture, len(exp.classes))
     model.load_state_dict(torch.load(result.best_checkpoint, weights_only=False)["model"])
+    weights = load_file(bundle.weights_path)  # the torch backend's copy: the same (EMA) weights
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items()) and weights.keys() == model.state_dict().keys()
     model = inference_model(model)
     batch = np.random.default_rng(0).uniform(0, 255, (3, 3, 96, 96)).astype(np.float32)  # dynamic N
     with torch.inference_mode():
