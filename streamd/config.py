@@ -122,6 +122,28 @@ class TensorRTConfig(_Strict):
         return None if value is None else _resolve(value, info)
 
 
+class TorchConfig(_Strict):
+    """PyTorch (pixeltable-yolox) from the bundle's weights.safetensors, on a CUDA GPU or the CPU."""
+
+    type: Literal["torch"]
+    device: str = Field("cuda:0", pattern=r"^(cpu|cuda:[0-9]{1,2})$", description="cuda:N, or cpu.")
+    precision: Literal["fp16", "bf16", "fp32"] | None = Field(
+        None, description="Compute precision; default fp16 on CUDA. The CPU runs fp32 only."
+    )
+    cuda_graphs: bool = Field(True, description="One CUDA graph per batch-size bucket, replayed per batch (CUDA only).")
+
+    @model_validator(mode="after")
+    def _cpu_is_fp32(self) -> TorchConfig:
+        if self.device == "cpu" and self.precision not in (None, "fp32"):
+            raise ValueError(f"device cpu runs fp32 only, not {self.precision}; leave precision out or use a cuda:N device")
+        return self
+
+    @property
+    def compute_precision(self) -> str:
+        """The precision the backend runs: the configured one, else fp16 on CUDA and fp32 on the CPU."""
+        return self.precision or ("fp32" if self.device == "cpu" else "fp16")
+
+
 class AutoBackendConfig(_Strict):
     """TensorRT when it is importable and a CUDA GPU is present, else ONNX Runtime (default settings)."""
 
@@ -129,7 +151,7 @@ class AutoBackendConfig(_Strict):
 
 
 BackendConfig = Annotated[
-    Union[OnnxRuntimeConfig, TensorRTConfig, AutoBackendConfig], Field(discriminator="type")
+    Union[OnnxRuntimeConfig, TensorRTConfig, TorchConfig, AutoBackendConfig], Field(discriminator="type")
 ]
 
 
