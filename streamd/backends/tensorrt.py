@@ -39,6 +39,7 @@ from streamd.model.bundle import Bundle
 log = logging.getLogger(__name__)
 
 SLOTS = 2  # batches in flight: one copying in while the other computes
+SUPPORTED_MAJORS = (10,)
 
 
 def engine_key(onnx_sha256: str, gpu_name: str, trt_version: str, precision: str, max_batch: int) -> str:
@@ -56,8 +57,13 @@ def _import_tensorrt():
             "backend tensorrt: the tensorrt Python package is not installed "
             "(pip install tensorrt matching your CUDA driver), or use backend: onnxruntime"
         ) from exc
-    if int(tensorrt.__version__.split(".")[0]) < 10:
-        raise BackendError(f"backend tensorrt: TensorRT >= 10 is required, found {tensorrt.__version__}")
+    major = tensorrt.__version__.split(".")[0]
+    if not major.isdigit() or int(major) not in SUPPORTED_MAJORS:
+        # TensorRT 11 removed BuilderFlag.FP16/INT8 and the implicit int8 calibrator this backend uses.
+        raise BackendError(
+            f"backend tensorrt: TensorRT {'/'.join(map(str, SUPPORTED_MAJORS))}.x is supported, found "
+            f"{tensorrt.__version__} (pip install 'tensorrt-cu13>=10.13,<11')"
+        )
     return tensorrt
 
 
@@ -209,6 +215,14 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, config: TensorRTConfig, max_batch: int = 8):
+        try:
+            self._setup(bundle, config, max_batch)
+        except BackendError:
+            raise
+        except Exception as exc:  # any TensorRT or CUDA setup failure: `auto` falls back from a BackendError
+            raise BackendError(f"backend tensorrt: setup failed: {type(exc).__name__}: {exc}") from exc
+
+    def _setup(self, bundle: Bundle, config: TensorRTConfig, max_batch: int) -> None:
         trt = _import_tensorrt()
         torch = _import_torch()
         self._trt, self._torch = trt, torch
@@ -274,8 +288,9 @@ class TensorRTBackend:
             self._host_out = [torch.empty(output_shape, dtype=out_dtype, pin_memory=True) for _ in range(SLOTS)]
             self._copy_stream = torch.cuda.Stream(self.device)
             self._compute_stream = torch.cuda.Stream(self.device)
-            self._copied = [torch.cuda.Event() for _ in range(SLOTS)]
-            self._done = [torch.cuda.Event() for _ in range(SLOTS)]
+            # blocking: wait() sleeps on the event instead of spinning a core the decoders need
+            self._copied = [torch.cuda.Event(blocking=True) for _ in range(SLOTS)]
+            self._done = [torch.cuda.Event(blocking=True) for _ in range(SLOTS)]
         except RuntimeError as exc:
             raise BackendError(f"backend tensorrt: cannot allocate buffers for batch {self.max_batch}: {exc}") from exc
         self._in_flight: list[_Pending | None] = [None] * SLOTS
@@ -320,9 +335,13 @@ class TensorRTBackend:
         return pending
 
     def close(self) -> None:
-        for pending in self._in_flight:
-            if pending is not None:
-                pending.wait()
+        """Wait for both streams, even after a failed submit() left work queued without a handle."""
+        try:
+            self._copy_stream.synchronize()
+            self._compute_stream.synchronize()
+        except RuntimeError as exc:
+            log.warning("backend tensorrt: %s while closing", exc)
+        self._in_flight = [None] * SLOTS
         self.context = None
         self.engine = None
 

@@ -234,12 +234,23 @@ class FakeTensor:
         return self.array
 
 
+FAKE_CALLS: list[str] = []  # what the fake CUDA runtime was asked to do, in order
+
+
+def fake_stream(device=None):
+    return types.SimpleNamespace(cuda_stream=7, wait_event=lambda event: None,
+                                 synchronize=lambda: FAKE_CALLS.append("stream.synchronize"))  # fmt: skip
+
+
+def fake_event(blocking: bool = False):
+    FAKE_CALLS.append(f"Event(blocking={blocking})")
+    return types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
+
+
 def fake_torch():
     cuda = types.SimpleNamespace(
         is_available=lambda: True, set_device=lambda device: None, get_device_name=lambda device: "Fake GPU 80GB",
-        Stream=lambda device=None: types.SimpleNamespace(cuda_stream=7, wait_event=lambda event: None),
-        Event=lambda: types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None),
-        stream=lambda stream: contextlib.nullcontext(),
+        Stream=fake_stream, Event=fake_event, stream=lambda stream: contextlib.nullcontext(),
     )  # fmt: skip
     return types.SimpleNamespace(
         cuda=cuda, device=lambda name: name, from_numpy=FakeTensor,
@@ -368,7 +379,46 @@ def fake_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTRT)
     monkeypatch.setitem(sys.modules, "torch", fake_torch())
     FakeTRT.builds.clear()
+    FAKE_CALLS.clear()
     return FakeTRT
+
+
+@pytest.mark.parametrize("version, supported", [("10.0.1", True), ("10.13.3", True), ("11.0.0", False), ("9.2.0", False), ("x.1", False)])
+def test_fake_gpu_accepts_exactly_the_supported_tensorrt_majors(tiny_bundle, tmp_path, fake_gpu, monkeypatch, version, supported):
+    monkeypatch.setattr(FakeTRT, "__version__", version)
+    config = TensorRTConfig(type="tensorrt", engine_cache_dir=tmp_path)
+    if supported:
+        assert make_backend(tiny_bundle, config, max_batch=2).name == "tensorrt"
+    else:
+        with pytest.raises(BackendError, match=r"TensorRT 10.x is supported, found .*tensorrt-cu13>=10.13,<11"):
+            make_backend(tiny_bundle, config, max_batch=2)
+
+
+@pytest.mark.parametrize("version, broken", [("11.0.0", None), ("10.0.1", TypeError("deserialize_cuda_engine(): incompatible"))])
+def test_fake_gpu_any_tensorrt_setup_failure_lets_auto_fall_back(tiny_bundle, fake_gpu, monkeypatch, caplog, version, broken):
+    monkeypatch.setattr(FakeTRT, "__version__", version)
+    if broken is not None:
+        def raise_(*_args):
+            raise broken
+
+        monkeypatch.setattr(FakeTRT.Runtime, "deserialize_cuda_engine", raise_)
+        monkeypatch.setattr(FakeTRT.Builder, "build_serialized_network", raise_)
+    monkeypatch.setattr(backends_module, "tensorrt_usable", lambda: (True, "pretend"))
+    monkeypatch.setattr(backends_module, "torch_cuda_usable", lambda bundle: (False, "pretend"))
+    assert make_backend(tiny_bundle, AutoBackendConfig(type="auto")).name == "onnxruntime"
+    assert "TensorRT failed" in caplog.text
+
+
+def test_fake_gpu_events_block_and_close_after_a_failed_submit_waits_for_both_streams(tiny_bundle, tmp_path, fake_gpu):
+    backend = make_backend(tiny_bundle, TensorRTConfig(type="tensorrt", engine_cache_dir=tmp_path), max_batch=2)
+    events = [call for call in FAKE_CALLS if call.startswith("Event")]
+    assert events and set(events) == {"Event(blocking=True)"}  # a non-blocking event's synchronize() spins a core
+    backend.context.execute_async_v3 = lambda stream: False  # the engine refuses the batch after the upload
+    with pytest.raises(BackendError, match="execute_async_v3 failed"):
+        backend.submit(images(2))
+    FAKE_CALLS.clear()
+    backend.close()
+    assert FAKE_CALLS == ["stream.synchronize", "stream.synchronize"]  # the copy already queued is waited for
 
 
 def test_fake_gpu_backend_builds_caches_binds_and_matches_onnxruntime(tiny_bundle, tmp_path, fake_gpu):
