@@ -61,3 +61,9 @@ bench: sysdeps venv sample
 
 clean:
 	rm -rf $(DEMO_OUT) runs eval predictions
+
+# On a machine with an NVIDIA GPU and PyTorch: the gpu-marked tests, then the GPU benchmark table.
+.PHONY: gpu-check
+gpu-check: venv
+	$(PY) -m pip install -q -e '.[gpu]' 2> >(grep -v "^WARNING: Location" >&2)
+	$(PY) benchmarks/gpu_check.py
