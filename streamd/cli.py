@@ -26,6 +26,7 @@ from rich.console import Console
 
 from streamd.config import StreamdConfig, load_config
 from streamd.errors import ConfigError, StreamdError
+from streamd.messages import SCHEMA_FILES
 from streamd.messages import schema as message_schema
 from streamd.model.bundle import load_bundle
 from streamd.ops.logging import setup_logging
@@ -211,14 +212,17 @@ def listen(
 
 
 def _parse_message(parts: list[bytes]) -> tuple[dict | None, str]:
-    """The message of [topic, json] if it is a valid streamd.detections/1 message, else (None, why)."""
+    """The message of [topic, json] if it is valid against its own schema version, else (None, why)."""
     if len(parts) != 2:
         return None, f"{len(parts)} frames (expected [topic, json])"
     try:
         message = json.loads(parts[1])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, f"not JSON ({exc})"
-    errors = sorted(_validator().iter_errors(message), key=lambda e: list(e.absolute_path))
+    version = message.get("schema") if isinstance(message, dict) else None
+    if version not in SCHEMA_FILES:
+        return None, f"schema: {version!r} is not one of {', '.join(SCHEMA_FILES)}"
+    errors = sorted(_validator(version).iter_errors(message), key=lambda e: list(e.absolute_path))
     if errors:
         where = ".".join(map(str, errors[0].absolute_path)) or "message"
         return None, f"{where}: {errors[0].message}"
@@ -226,8 +230,8 @@ def _parse_message(parts: list[bytes]) -> tuple[dict | None, str]:
 
 
 @functools.cache
-def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(message_schema())
+def _validator(version: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(message_schema(version))
 
 
 def _message_line(message: dict) -> str:
@@ -237,12 +241,14 @@ def _message_line(message: dict) -> str:
         f"{message['stream']} #{message['seq']} pts {message['pts']:.3f} s  "
         f"{len(message['detections'])} det{': ' + detections if detections else ''}  "
         f"total {message['latency_ms']['total']:.1f} ms"
+        + (" FROZEN" if message.get("frozen") else "")
+        + (f" after a {message['gap_s']:.1f} s outage" if message.get("gap_s") else "")
     )
 
 
 @app.command()
 def schema() -> None:
-    """Print the JSON Schema of the detection message (streamd.detections/1)."""
+    """Print the JSON Schema of the detection message this daemon publishes (streamd.detections/2)."""
     typer.echo(json.dumps(message_schema(), indent=2))
 
 

@@ -183,10 +183,12 @@ class ThresholdsConfig(_Strict):
 
 
 class ReconnectConfig(_Strict):
-    """Exponential back-off between attempts to reopen a lost live source."""
+    """How a lost live source is reopened: tried every initial_s while it is away (so it is back within about
+    initial_s + its open time of returning, whatever the outage length); a source that is lost again soon
+    after it came back (flapping) waits twice as long each time, up to max_s."""
 
-    initial_s: float = Field(0.5, gt=0, le=60, description="First wait after a loss, seconds.")
-    max_s: float = Field(30.0, gt=0, le=3600, description="Longest wait between attempts, seconds.")
+    initial_s: float = Field(0.5, gt=0, le=60, description="Wait between attempts to reopen a lost source, s.")
+    max_s: float = Field(30.0, gt=0, le=3600, description="Longest wait for a flapping source, s.")
 
     @model_validator(mode="after")
     def _ordered(self) -> ReconnectConfig:
@@ -259,6 +261,13 @@ class StreamConfig(_Strict):
     segment_s: float = Field(
         600, ge=1, le=86400, description="Length of one recording and detection-log file, seconds (one rule for both)."
     )
+    max_age_ms: float | None = Field(
+        150, gt=0, le=60_000, description="Live and realtime streams: a result older than this (from capture) is "
+        "never published (dropped, counted as stale) and the recording shows 'AI stale' without its boxes; null: off.",
+    )
+    frozen_after_s: float | None = Field(
+        2.0, gt=0, le=3600, description="Live streams: a picture unchanged for this long is flagged frozen; null: off."
+    )
     record: RecordConfig | None = Field(None, description="Annotated recording; omitted: none.")
     detection_log: DetectionLogConfig | None = Field(None, description="Detection log (JSON lines); omitted: none.")
 
@@ -286,6 +295,11 @@ class StreamConfig(_Strict):
     def kind(self) -> SourceKind:
         """The source's kind (the source was validated, so this never raises)."""
         return classify_source(self.source)
+
+    @property
+    def paced(self) -> bool:
+        """Frames come at the source's own rate (a live source, or a realtime file): live policies apply."""
+        return self.kind.live or self.realtime
 
 
 # --- outputs and process ---------------------------------------------------------------------------

@@ -55,6 +55,7 @@ def draw_detections(
     class_names: Sequence[str],
     colors: Sequence[tuple[int, int, int]] | None = None,
     timestamp_text: str | None = None,
+    status: tuple[str, tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
     """An annotated copy of a uint8 HxWx3 BGR frame; the input (possibly read-only) is not modified.
 
@@ -62,6 +63,7 @@ def draw_detections(
     its class colour with a "label score" tag above it; a class id without a
     name is shown as its number. colors: BGR per class id (cycled), default
     PALETTE_BGR. timestamp_text: written top-left on a black box when given.
+    status: (text, BGR colour) of a small marker written top-right ("AI active", "AI stale").
     """
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
         raise ValueError(f"expected a uint8 HxWx3 BGR image, got {image_bgr.dtype} {image_bgr.shape}")
@@ -73,6 +75,10 @@ def draw_detections(
     if timestamp_text:
         # First, so that a detection's tag at the top edge is drawn over the timestamp, never under it.
         _tag(canvas, timestamp_text, 0, 0, (0, 0, 0), scale, thickness)  # pushed down to sit at the top edge
+    if status:
+        text, color = status
+        (text_w, _), _ = cv2.getTextSize(text, FONT, scale, thickness)
+        _tag(canvas, text, canvas.shape[1] - text_w - 2 * max(1, thickness), 0, color, scale, thickness)
     for (x1, y1, x2, y2), score, class_id in zip(
         np.rint(detections.xyxy).astype(np.int32), detections.confidence, detections.class_id
     ):

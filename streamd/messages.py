@@ -16,7 +16,9 @@ from importlib import resources
 from streamd.model.detections import Detections
 from streamd.types import Frame, Latency, ModelRef
 
-SCHEMA_ID = "streamd.detections/1"
+SCHEMA_ID = "streamd.detections/2"
+# Every version ever published, for subscribers that meet an older daemon: id -> schema file.
+SCHEMA_FILES = {"streamd.detections/1": "detections.v1.json", "streamd.detections/2": "detections.v2.json"}
 
 
 def iso_utc(wall_clock_s: float) -> str:
@@ -36,6 +38,9 @@ def detection_message(frame: Frame, detections: Detections, model: ModelRef, lat
         "frame": {"width": frame.width, "height": frame.height},
         "detections": detections.to_records(model.class_names),
         "latency_ms": latency.as_message(),
+        "frozen": frame.frozen,
+        "gap_s": round(frame.gap_s, 3),
+        "pts_jump_s": round(frame.pts_jump_s, 6),
     }
 
 
@@ -50,6 +55,6 @@ def encode_message(frame: Frame, detections: Detections, model: ModelRef, latenc
 
 
 @cache
-def schema() -> dict:
-    """The JSON Schema of the message (streamd/schemas/detections.v1.json)."""
-    return json.loads(resources.files("streamd.schemas").joinpath("detections.v1.json").read_text())
+def schema(schema_id: str = SCHEMA_ID) -> dict:
+    """The JSON Schema of a message version (default: the one this daemon writes, detections.v2.json)."""
+    return json.loads(resources.files("streamd.schemas").joinpath(SCHEMA_FILES[schema_id]).read_text())

@@ -42,7 +42,8 @@ class Segmenter:
     Segment 0 starts on the first frame. Segment k+1 starts on the first frame
     whose pts reaches first_pts + n * segment_s for the next n (so segments do
     not drift, and a gap in the stream just makes one segment shorter); a
-    change of frame size, or `cut()`, also starts a segment. Its name carries
+    change of frame size, a frame after an outage (gap_s > 0: never splice
+    across it), or `cut()`, also starts a segment. Its name carries
     the UTC wall-clock time of its first frame.
     """
 
@@ -67,7 +68,7 @@ class Segmenter:
         if self.current is None:
             index = 0
             self._first_pts_s = frame.pts_s
-        elif self._cut or frame.pts_s >= self._next_boundary_s - _BOUNDARY_EPS_S or size != self._size:
+        elif self._cut or frame.gap_s > 0 or frame.pts_s >= self._next_boundary_s - _BOUNDARY_EPS_S or size != self._size:
             index = self.current.index + 1
         else:
             return None

@@ -23,6 +23,10 @@ class Frame:
     decoded_at: wall-clock time.time() when the frame left the decoder.
     decode_ms: time from the packet leaving the demuxer to the decoded BGR frame.
     fps: the source's nominal frame rate (used by recorders).
+    gap_s: the outage of a live source just before this frame (seconds without a frame; 0 normally):
+        its recording and log start a new segment, its message says so.
+    pts_jump_s: a jump of the source's clock removed from pts_s just before this frame (0 normally).
+    frozen: the picture has not changed for streams[].frozen_after_s (a frozen capture card or screen).
     """
 
     stream_id: str
@@ -32,6 +36,9 @@ class Frame:
     decoded_at: float
     decode_ms: float = 0.0
     fps: float = 30.0
+    gap_s: float = 0.0
+    pts_jump_s: float = 0.0
+    frozen: bool = False
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:

@@ -6,7 +6,7 @@
   (streamd.pipeline.daemon.run_pipeline: PyAV source, batched inference,
   annotator, recorder, detection log) as a one-stream file config that loses
   no frame; it gives `<name>.mp4`, annotated H.264 at the source's frame rate,
-  and `<name>.jsonl`, its detection log: one streamd.detections/1 message per
+  and `<name>.jsonl`, its detection log: one streamd.detections/2 message per
   frame, exactly as the daemon writes it;
 - an image (.jpg .jpeg .png .bmp, any case) goes through the same inference
   and annotate stages and gives an annotated image of the same name and

@@ -27,7 +27,8 @@ COUNTERS = (
     "detections",  # objects found
     "published",  # messages handed to ZeroMQ
     "publish_dropped",  # messages ZeroMQ refused (EAGAIN at the high-water mark)
-    "reconnects",  # failed opens and lost connections of a live source, each followed by a new attempt
+    "outages",  # times a live source was lost (however many attempts it then took)
+    "reconnects",  # times a lost live source came back
     "errors",  # recoverable errors and failed outputs
     "opens",  # successful opens of the source (more than 1: it reconnected)
     "loops",  # restarts of a looping file
@@ -67,6 +68,7 @@ class StreamSummary:
     published: int
     publish_dropped: int
     reconnects: int
+    outages: int
     errors: int
     fps: float
     opens: int
@@ -131,6 +133,7 @@ class RunSummary:
                     "published": s.published,
                     "publish_dropped": s.publish_dropped,
                     "reconnects": s.reconnects,
+                    "outages": s.outages,
                     "errors": s.errors,
                     "end_error": s.end_error,
                     "opens": s.opens,
@@ -228,6 +231,7 @@ class Metrics:
             published=counts["published"],
             publish_dropped=counts["publish_dropped"],
             reconnects=counts["reconnects"],
+            outages=counts["outages"],
             errors=counts["errors"],
             fps=fps,
             opens=counts["opens"],
@@ -244,7 +248,7 @@ def summary_table(summary: RunSummary) -> Table:
     title = f"streamd: {summary.duration_s:.1f} s, stopped by {summary.stopped_by}"
     table = Table(title=title)
     for header in ("stream", "in", "processed", "dropped", "detections", "published", "fps",
-                   "queue ms", "infer ms", "total ms", "reconnects", "loops", "corrupt", "errors"):
+                   "queue ms", "infer ms", "total ms", "outages", "loops", "corrupt", "errors"):
         if header == "stream":
             table.add_column(header, justify="left", no_wrap=True)  # a stream id is never cut
         else:
@@ -255,7 +259,7 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row(
             s.stream_id, str(s.frames_in), str(s.processed), dropped, str(s.detections), published,
             f"{s.fps:.1f}", *(_p50_p99(s.latency(name)) for name in ("queue", "infer", "total")),
-            str(s.reconnects), str(s.loops), str(s.corrupt_packets), str(s.errors),
+            str(s.outages), str(s.loops), str(s.corrupt_packets), str(s.errors),
         )
     return table
 

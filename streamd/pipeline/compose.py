@@ -14,6 +14,7 @@ from streamd.pipeline.queues import Batcher, Policy
 from streamd.stages.annotate import AnnotateStage
 from streamd.stages.decode import open_source
 from streamd.stages.detection_log import DetectionLogStage
+from streamd.stages.freshness import FreshnessStage
 from streamd.stages.infer import ResultsStage, SubmitStage
 from streamd.stages.publish import PublishStage
 from streamd.stages.record import RecordStage
@@ -39,8 +40,8 @@ def compose(
     source:ID ──input:ID──► batch ──► submit ──in_flight──► results ──output:ID──► annotate ──► record
     (1 thread per stream)   (max_batch | max_wait_ms,        (decode, NMS,    │   (1 thread     └──► detection_log
      queue per stream:       fair, credits: a frame is        message)       │    per stream)
-     drop_oldest if live,    taken only when its stream's                    └──publish──► publish (ZeroMQ PUB)
-     block for files)        block queues have room)
+     drop_oldest if live,    taken only when its stream's                    └──publish──► freshness ──► publish
+     block for files)        block queues have room)                               (drop stale)   (ZeroMQ PUB)
 
     Every arrow with a name is a bounded queue and has its own worker thread; the
     others are calls in the same thread. A stage after `stream=` is that
@@ -57,7 +58,7 @@ def compose(
         graph.add_flow(open_source(stream, metrics), batch, Queue("input", stream.queue.size, policy))
         outputs = Queue("output", stream.queue.size, policy)
         if switches.record and stream.record is not None and stream.record.enabled:
-            annotate = AnnotateStage(detector.class_names)
+            annotate = AnnotateStage(detector.class_names, max_age_ms=max_age_ms(stream))
             graph.add_flow(results, annotate, outputs, stream=stream.id)
             graph.add_flow(annotate, RecordStage(stream.id, stream.record, stream.segment_s))
         if switches.detection_log and stream.detection_log is not None and stream.detection_log.enabled:
@@ -69,15 +70,23 @@ def compose(
             raise ValueError("publishing needs the process's zmq.Context")
         live = any(queue_policy(stream) == "drop_oldest" for stream in config.streams)
         size = sum(stream.queue.size for stream in config.streams)
-        graph.add_flow(results, PublishStage(zmq_context, publish, metrics),
-                       Queue("publish", size, "drop_oldest" if live else "block"))
+        budgets = {stream.id: max_age_ms(stream) for stream in config.streams if max_age_ms(stream) is not None}
+        fresh = FreshnessStage(budgets, metrics)
+        graph.add_flow(results, fresh, Queue("publish", size, "drop_oldest" if live else "block"))
+        graph.add_flow(fresh, PublishStage(zmq_context, publish, metrics))
     graph.check()
     return graph
 
 
+def max_age_ms(stream: StreamConfig) -> float | None:
+    """A paced stream's stale budget; a file read as fast as it decodes has none (its frames wait by design)."""
+    return stream.max_age_ms if stream.paced else None
+
+
 def queue_policy(stream: StreamConfig) -> Policy:
-    """`auto` is drop_oldest for live sources (never stall a camera) and block for files (lose no frame)."""
+    """`auto` is drop_oldest for paced streams (a live source or a realtime file: never fall behind the
+    source's clock) and block for files read as fast as possible (lose no frame)."""
     if stream.queue.policy != "auto":
         return stream.queue.policy
-    return "drop_oldest" if stream.kind.live else "block"
+    return "drop_oldest" if stream.paced else "block"
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.1  # every blocking get/put waits at most this long before looking at the stop event again
 RETRY_S = 5.0  # a failed stage of one stream is set up again after this long (doubling up to RETRY_MAX_S)
 RETRY_MAX_S = 60.0
+FLAPPING_S = 5.0  # a live source lost again within this long of reopening is flapping: its waits double
 
 
 class Control:
@@ -123,13 +124,22 @@ def _count_dropped(metrics: Metrics, item: Any, reason: str) -> None:
 
 
 def run_source(node: Node, out: BoundedQueue, control: Control, max_frames: int | None) -> None:
-    """Read one source into its input queue until it ends, the run stops, or max_frames; then its end-of-stream."""
+    """Read one source into its input queue until it ends, the run stops, or max_frames; then its end-of-stream.
+
+    A live source that is lost is an outage (counted once, logged once): it is
+    tried again every backoff.initial_s until it opens, so it is back within
+    about that of returning, however long it was away. One that is lost again
+    within FLAPPING_S of coming back waits twice as long each time, up to
+    backoff.max_s. A file's error ends its stream.
+    """
     source: Source = node.obj
     sid, worker, extra = source.stream_id, node.name, stream_extra(source.stream_id)
     backoff = source.backoff
     wait_s = backoff.initial_s
     error: str | None = None
     opened = False
+    opened_at: float | None = None  # monotonic: the last successful open
+    lost_at: float | None = None  # monotonic: when the current outage began
     count = 0
     try:
         while not control.stop_event.is_set():
@@ -137,23 +147,34 @@ def run_source(node: Node, out: BoundedQueue, control: Control, max_frames: int 
             try:
                 if not opened:
                     source.open()
-                    opened = True
-                    wait_s = backoff.initial_s
-                    log.info("connected", extra=extra)
+                    opened, opened_at = True, time.monotonic()
+                    if lost_at is not None:
+                        control.metrics.count(sid, "reconnects")
+                        log.info("back after an outage of %.1f s", opened_at - lost_at, extra=extra)
+                        lost_at = None
+                    else:
+                        log.info("connected", extra=extra)
                 frame = source.read()
             except Exception as exc:  # whatever a source raises is its own stream's error
-                opened = False
                 text = describe(f"source {sid}", exc)
-                control.metrics.error(sid, text)
                 log.debug("source error", exc_info=True, extra=extra)
                 if not source.live:
+                    control.metrics.error(sid, text)
                     error = text
                     log.error("%s; this stream ends, the others go on", text, extra=extra)
                     break
-                control.metrics.count(sid, "reconnects")
-                log.warning("lost: %s; reconnecting in %.1f s", text, wait_s, extra=extra)
+                now = time.monotonic()
+                if lost_at is None:  # a new outage
+                    lost_at = now
+                    control.metrics.count(sid, "outages")
+                    control.metrics.error(sid, text)
+                    flapping = opened_at is not None and now - opened_at < FLAPPING_S
+                    wait_s = min(wait_s * 2, backoff.max_s) if flapping else backoff.initial_s
+                    log.warning("lost: %s; trying again every %.1f s", text, wait_s, extra=extra)
+                else:
+                    log.debug("still away: %s", text, extra=extra)
+                opened = False
                 control.stop_event.wait(wait_s)
-                wait_s = min(wait_s * 2, backoff.max_s)
                 continue
             if frame is None:
                 log.info("end of stream after %d frames", count, extra=extra)

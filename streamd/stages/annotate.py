@@ -1,4 +1,11 @@
-"""Annotate: draw a frame's detections (and its time) on a copy, for the recorder."""
+"""Annotate: draw a frame's detections, its time and the AI state on a copy, for the recorder.
+
+The marker top-right says whether the drawing is current: "AI active" (green)
+when the frame's detections were ready within the stream's max_age_ms of its
+capture, "AI stale" (red) otherwise, and then the boxes are not drawn: a
+stale detection is never drawn over newer anatomy. Live endoscopy detectors
+show such a state; the annotation delay is what regulators ask to be measured.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 
 from streamd.draw import draw_detections
+from streamd.model.detections import Detections
 from streamd.types import AnnotatedFrame, FrameResult
 
 
@@ -16,11 +24,16 @@ def timestamp_text(result: FrameResult) -> str:
     return f"{frame.stream_id} #{frame.seq}  pts {frame.pts_s:.3f} s  {captured} UTC"
 
 
+AI_ACTIVE = ("AI active", (60, 160, 40))  # BGR green
+AI_STALE = ("AI stale", (40, 40, 200))  # BGR red
+
+
 class AnnotateStage:
-    """FrameResult -> AnnotatedFrame: boxes, "label score" tags and a timestamp drawn on a copy.
+    """FrameResult -> AnnotatedFrame: boxes, "label score" tags, a timestamp and the AI state drawn on a copy.
 
     class_names: label per class id (empty: use the result's model class names).
     colors: BGR per class id, default streamd.draw.PALETTE_BGR.
+    max_age_ms: the stream's stale budget (None: no marker, boxes always drawn: a file read at full speed).
     The input frame is never written (it is read-only and shared with the other outputs).
     """
 
@@ -32,21 +45,28 @@ class AnnotateStage:
         draw_timestamp: bool = True,
         *,
         colors: Sequence[tuple[int, int, int]] | None = None,
+        max_age_ms: float | None = None,
     ) -> None:
         self.class_names = tuple(class_names)
         self.draw_timestamp = draw_timestamp
         self.colors = colors
+        self.max_age_ms = max_age_ms
 
     def setup(self) -> None:
         pass
 
     def process(self, item: FrameResult) -> Iterator[AnnotatedFrame]:
+        status, detections = None, item.detections
+        if self.max_age_ms is not None:
+            stale = item.latency.total_ms > self.max_age_ms
+            status, detections = (AI_STALE, Detections.empty()) if stale else (AI_ACTIVE, detections)
         image = draw_detections(
             item.frame.image,
-            item.detections,
+            detections,
             self.class_names or item.model.class_names,
             colors=self.colors,
             timestamp_text=timestamp_text(item) if self.draw_timestamp else None,
+            status=status,
         )
         yield AnnotatedFrame(result=item, image=image)
 

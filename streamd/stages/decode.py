@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 
 import av
 import av.error
+import cv2
+import numpy as np
 
 from streamd.config import SourceKind, StreamConfig
 from streamd.errors import FatalError, SourceError
@@ -86,13 +88,83 @@ def open_source(stream: StreamConfig, metrics: Metrics, *, options: dict[str, st
     return AVSource(
         stream.id, url, kind=stream.kind, metrics=metrics, format=fmt, options=opts, realtime=stream.realtime,
         loop=stream.loop, timeout_s=stream.timeout_s, backoff=Backoff(stream.reconnect.initial_s, stream.reconnect.max_s),
+        frozen_after_s=stream.frozen_after_s if stream.kind.live else None,
     )
+
+
+class TimeLine:
+    """A stream's pts on one strictly increasing line, continuous across loops, reopens and clock jumps.
+
+    A missing pts is one frame after the last. The first frame after a reopen
+    goes on after the gap (by the wall clock). A source clock that goes back,
+    or forward by more than it may (JUMP_S or 10 frames, plus the wall-clock
+    time since the last packet for a paced source), has jumped (a corrupted
+    timestamp, a reset): the frame is placed one frame after the last, and the
+    jump is returned, to be flagged, and removed from every later frame.
+    """
+
+    JUMP_S = 1.0
+
+    def __init__(self, paced: bool):
+        self.paced = paced
+        self.offset_s = 0.0  # added to the source's time
+        self.last_pts_s: float | None = None
+        self.last_received: float | None = None
+        self._restarted = False
+
+    def restart(self) -> None:
+        """The source's clock starts again on purpose (a file loops): go on one frame later, no jump."""
+        self._restarted = True
+
+    def place(self, source_pts_s: float | None, received: float, gap_s: float, frame_s: float) -> tuple[float, float]:
+        """(pts_s, jump_s) of a frame whose packet left the demuxer at monotonic `received`."""
+        last, jump_s = self.last_pts_s, 0.0
+        if last is None:
+            pts_s = 0.0 if source_pts_s is None else source_pts_s + self.offset_s
+        elif gap_s or self._restarted or source_pts_s is None:
+            pts_s = last + max(frame_s, gap_s)
+        else:
+            raw = source_pts_s + self.offset_s
+            # How far pts may move on: by the wall clock for a paced source (it may move less: the consumer was
+            # late and the frames were buffered), by a few frames for a file read as fast as it decodes.
+            allowed_s = max(self.JUMP_S, 10 * frame_s)
+            if self.paced and self.last_received is not None:
+                allowed_s += max(0.0, received - self.last_received)
+            if raw <= last or raw - last > allowed_s:
+                pts_s, jump_s = last + frame_s, raw - (last + frame_s)
+            else:
+                pts_s = raw
+        if source_pts_s is not None:
+            self.offset_s += pts_s - (source_pts_s + self.offset_s)
+        self._restarted = False
+        self.last_pts_s, self.last_received = pts_s, received
+        return pts_s, jump_s
+
+
+class FreezeDetector:
+    """Whether a live picture has stopped changing: a 16x9 thumbnail equal (mean |difference| < 1 grey level)
+    to the last one for `after_s` of frames. A frozen capture card or screen repeats the same image."""
+
+    def __init__(self, after_s: float, fps: float):
+        self.frames_needed = max(2, round(after_s * fps))
+        self.same = 0
+        self._last: np.ndarray | None = None
+
+    def update(self, image: np.ndarray) -> bool:
+        thumbnail = cv2.resize(image, (16, 9), interpolation=cv2.INTER_AREA).astype(np.int16)
+        if self._last is not None and np.abs(thumbnail - self._last).mean() < 1.0:
+            self.same += 1
+        else:
+            self.same = 0
+        self._last = thumbnail
+        return self.same >= self.frames_needed
 
 
 class AVSource:
     """One stream read with PyAV; implements streamd.pipeline.stage.Source.
 
     live: the kind's (files False, the rest True).
+    frozen_after_s: flag frames as frozen once the picture has not changed for this long (None: never).
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
     files and "SLICE" for live sources, where frame threading would add a
     frame of latency per thread.
@@ -112,6 +184,7 @@ class AVSource:
         loop: bool = False,
         timeout_s: float = 5.0,
         backoff: Backoff = Backoff(),
+        frozen_after_s: float | None = None,
         thread_type: str | None = None,
     ) -> None:
         self.stream_id = stream_id
@@ -133,8 +206,10 @@ class AVSource:
         self.fps = DEFAULT_FPS
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[tuple[av.VideoFrame, float]] | None = None
-        self._last_pts_s: float | None = None
-        self._pts_offset_s = 0.0  # added to the source's time to keep pts_s increasing
+        self._timeline = TimeLine(paced=self.live or realtime)
+        self._freeze = FreezeDetector(frozen_after_s, self.fps) if frozen_after_s is not None else None
+        self._last_frame_at: float | None = None  # monotonic: when the last frame's packet arrived
+        self._lost_at: float | None = None  # monotonic: the last frame before the source was closed
         self._clock: tuple[float, float] | None = None  # realtime pacing: (monotonic, pts_s) of the anchor frame
 
     def __repr__(self) -> str:
@@ -201,6 +276,7 @@ class AVSource:
             container.seek(0)
             stream.codec_context.flush_buffers()  # leave the draining state the flush packet put it in
             self.metrics.count(self.stream_id, "loops")
+            self._timeline.restart()  # the file's clock starts again: not a jump
 
     def read(self) -> Frame | None:
         """The next frame; None at the end of a file; SourceError when a live stream fails or ends."""
@@ -221,7 +297,14 @@ class AVSource:
             self._frames = None
             raise self._error("read failed", exc) from exc
         decode_ms = (time.monotonic() - received) * 1000.0
-        pts_s = self._next_pts_s(av_frame.time)
+        gap_s = 0.0
+        if self._lost_at is not None:  # the first frame after a reopen: the outage is this frame's gap
+            gap_s, self._lost_at = max(0.0, received - self._lost_at), None
+            log.warning("stream %r: frames again after %.1f s without any (a new segment starts)", self.stream_id, gap_s)
+        pts_s, jump_s = self._timeline.place(av_frame.time, received, gap_s, 1.0 / self.fps)
+        if jump_s:
+            log.warning("stream %r: its clock jumped by %+.3f s at frame %d; pts kept continuous",
+                        self.stream_id, jump_s, self.frames)
         if self.realtime:
             self._pace(pts_s)
         frame = Frame(
@@ -232,27 +315,13 @@ class AVSource:
             decoded_at=time.time(),
             decode_ms=decode_ms,
             fps=self.fps,
+            gap_s=gap_s,
+            pts_jump_s=jump_s,
+            frozen=self._freeze.update(image) if self._freeze is not None else False,
         )
+        self._last_frame_at = received
         self.frames += 1
         return frame
-
-    def _next_pts_s(self, source_pts_s: float | None) -> float:
-        """The frame's time on a strictly increasing line.
-
-        A missing pts is one frame after the last; a pts that does not move
-        forward (a loop, a reconnect, a timestamp reset) shifts the rest of the
-        source's time line to go on one frame after the last.
-        """
-        frame_s = 1.0 / self.fps
-        if source_pts_s is None:
-            pts_s = self._last_pts_s + frame_s if self._last_pts_s is not None else self.frames * frame_s
-        else:
-            pts_s = source_pts_s + self._pts_offset_s
-            if self._last_pts_s is not None and pts_s <= self._last_pts_s:
-                self._pts_offset_s += self._last_pts_s + frame_s - pts_s
-                pts_s = self._last_pts_s + frame_s
-        self._last_pts_s = pts_s
-        return pts_s
 
     def _pace(self, pts_s: float) -> None:
         """Sleep until the frame is due at the file's own rate (restart the clock when far behind)."""
@@ -266,6 +335,8 @@ class AVSource:
 
     def close(self) -> None:
         self._frames = None
+        if self._last_frame_at is not None and self._lost_at is None:
+            self._lost_at = self._last_frame_at  # if it opens again, the frames in between are a gap
         if self._container is not None:
             container, self._container = self._container, None
             try:

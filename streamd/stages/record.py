@@ -58,6 +58,22 @@ def nvenc_opens() -> bool:
     return True
 
 
+# A segment with a frame in it has a movie fragment (MP4, "moof") or a cluster (Matroska, ID 0x1F43B675).
+_FRAME_MARKERS = {"mp4": b"moof", "mkv": b"\x1f\x43\xb6\x75"}
+_HEADER_BYTES_MAX = 64 * 1024  # an empty segment is its header alone: a few hundred bytes
+
+
+def has_frames(path: Path) -> bool:
+    """Whether a segment file holds at least one complete fragment (a file past the header size surely does)."""
+    try:
+        if path.stat().st_size > _HEADER_BYTES_MAX:
+            return True
+        data = path.read_bytes()
+    except OSError:
+        return True  # not ours to judge: leave it
+    return _FRAME_MARKERS[path.suffix.lstrip(".")] in data
+
+
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 
 
@@ -89,7 +105,9 @@ def _encoder_options(codec: str, preset: str, crf: int) -> dict[str, str]:
         # Constant quality (cq ~ crf) on NVENC's own preset scale; no B-frames keeps latency and timestamps simple.
         return {"preset": _NVENC_PRESETS.get(preset, preset), "rc": "vbr", "cq": str(crf), "bf": "0"}
     if codec == "libx264":
-        return {"preset": preset, "crf": str(crf)}
+        # zerolatency: no look-ahead and no frame threads, so a frame is muxed (and crash-safe) as soon as it is
+        # encoded; without it x264 held ~10 frames, which a kill -9 lost on top of the open fragment.
+        return {"preset": preset, "crf": str(crf), "tune": "zerolatency"}
     return {}
 
 
@@ -122,7 +140,7 @@ class RecordStage:
         *,
         fps: float | None = None,
         keyframe_s: float = 2.0,
-        fragment_s: float = 1.0,
+        fragment_s: float = 0.5,
         fsync_s: float | None = 5.0,
     ) -> None:
         self.stream_id = stream_id
@@ -140,8 +158,16 @@ class RecordStage:
         self._last_fsync = 0.0
 
     def setup(self) -> None:
-        """Create the folder; the next frame opens a new segment (at start, and when retried after a failure)."""
+        """Create the folder; the next frame opens a new segment (at start, and when retried after a failure).
+
+        A segment that a crash left without a single complete fragment cannot be
+        played: it is removed here, at the next start (and logged).
+        """
         start_output(self.segmenter, self.directory, "recording")
+        for path in sorted(self.directory.glob(f"{self.stream_id}_*.{self.config.container}")):
+            if path not in self.segments and not has_frames(path):
+                log.warning("stream %r: removing %s: a crash left it without a complete fragment", self.stream_id, path)
+                path.unlink(missing_ok=True)
 
     def process(self, item: AnnotatedFrame | FrameResult | Frame) -> Iterator[AnnotatedFrame | FrameResult | Frame]:
         match item:
@@ -173,6 +199,8 @@ class RecordStage:
         if config.container == "mp4":
             options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
             options["frag_duration"] = str(int(self.fragment_s * 1_000_000))
+        else:  # Matroska: a cluster per fragment_s, the same crash bound as an MP4 fragment
+            options["cluster_time_limit"] = str(int(self.fragment_s * 1000))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             container = av.open(

@@ -34,6 +34,16 @@ def test_segmenter_starts_a_segment_when_the_size_changes() -> None:
     assert [s.index if s else None for s in map(segmenter.advance, [*small, large])] == [0, None, 1]
 
 
+def test_a_frame_after_an_outage_starts_a_new_segment() -> None:
+    """Recordings never splice across an outage: the first frame after one (gap_s > 0) opens a segment."""
+    import dataclasses
+
+    segmenter = Segmenter("eus-1", 600)
+    frames = list(media.synthetic_frames(3))
+    back = dataclasses.replace(frames[2], gap_s=4.0)
+    assert [s.index if s else None for s in map(segmenter.advance, [frames[0], frames[1], back])] == [0, None, 1]
+
+
 def test_cut_starts_a_new_segment_at_the_next_frame() -> None:
     segmenter = Segmenter("eus-1", 600)
     frames = list(media.synthetic_frames(4))

@@ -26,11 +26,13 @@ class FakeSource:
     def __init__(
         self, stream_id: str, frames: int | None = 10, *, live: bool = False, open_failures: int = 0,
         read_delay_s: float = 0.0, fail_read_at: int | None = None, read_error: Exception | None = None,
-        hang_at: int | None = None, backoff: Backoff = Backoff(0.01, 0.04),
+        hang_at: int | None = None, backoff: Backoff = Backoff(0.01, 0.04), flaps: int = 0,
     ):  # fmt: skip
         self.stream_id, self.live, self.frames, self.backoff = stream_id, live, frames, backoff
         self.open_failures, self.read_delay_s = open_failures, read_delay_s
         self.fail_read_at, self.read_error, self.hang_at = fail_read_at, read_error, hang_at
+        self.flaps = flaps  # this many opens are each lost at their first read (a flapping source)
+        self._just_opened = False
         self.sent = 0
         self.opens = 0
         self.open_calls: list[float] = []
@@ -44,6 +46,7 @@ class FakeSource:
             self.open_failures -= 1
             raise SourceError(f"{self.stream_id}: connection refused")
         self.opens += 1
+        self._just_opened = True
 
     def read(self) -> Frame | None:
         if self.frames is not None and self.sent >= self.frames:
@@ -51,6 +54,10 @@ class FakeSource:
         if self.hang_at is not None and self.sent == self.hang_at:
             self.hanging.set()
             self.release.wait(30)
+        if self._just_opened and self.flaps:
+            self._just_opened, self.flaps = False, self.flaps - 1
+            raise SourceError(f"{self.stream_id}: lost again")
+        self._just_opened = False
         if self.fail_read_at is not None and self.sent == self.fail_read_at:
             self.fail_read_at = None
             raise self.read_error or SourceError(f"{self.stream_id}: lost")

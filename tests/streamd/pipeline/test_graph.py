@@ -67,10 +67,14 @@ def test_compose_shows_every_stage_queue_and_policy(tiny_bundle, clip, tmp_path:
           - id: cam
             source: udp://127.0.0.1:5000
             queue: {{size: 3}}
+          - id: paced                  # a realtime file keeps the file's clock like a camera: live policy
+            source: {clip}
+            realtime: true
+            queue: {{size: 2}}
         publish: {{bind: "tcp://127.0.0.1:5555"}}
     """))
     config = load_config(config_path)
-    metrics = Metrics(["file", "cam"])
+    metrics = Metrics(["file", "cam", "paced"])
     detector = Detector.for_bundle(tiny_bundle, FakeBackend())
     graph = compose(config, detector, metrics, zmq_context=object(), switches=Switches())
     workers = {w.name: ([n.name for n in w.nodes()], w.inbox) for w in graph.workers()}
@@ -78,14 +82,16 @@ def test_compose_shows_every_stage_queue_and_policy(tiny_bundle, clip, tmp_path:
         "batch": ["submit"],
         "in_flight": ["results"],
         "output:file": ["annotate:file", "record:file", "detection_log:file"],
-        "publish": ["publish"],
+        "publish": ["freshness", "publish"],  # a stale result is dropped right before the socket
     }
     queues = {q.name: (q.maxsize, q.policy) for _, (_, q) in workers.items() if q is not graph.batcher.obj}
     inputs = {q.name: (q.maxsize, q.policy) for _, q in graph.sources}
-    assert inputs == {"input:file": (8, "block"), "input:cam": (3, "drop_oldest")}
-    assert queues == {"in_flight": (1, "block"), "output:file": (8, "block"), "publish": (11, "drop_oldest")}
+    assert inputs == {"input:file": (8, "block"), "input:cam": (3, "drop_oldest"), "input:paced": (2, "drop_oldest")}
+    assert queues == {"in_flight": (1, "block"), "output:file": (8, "block"), "publish": (13, "drop_oldest")}
+    (fresh,) = [n.obj for n in graph.workers()[-1].nodes() if n.obj.name == "freshness"]
+    assert fresh.max_age_ms == {"cam": 150, "paced": 150}  # paced streams have a stale budget, files none
     # credits: the file stream's results need a place in its block output queue; the live camera's need none
     assert [q.name for q in graph.batcher.obj._credited["file"]] == ["output:file"]
     assert graph.batcher.obj._credited["cam"] == []
-    off = compose(config, detector, Metrics(["file", "cam"]), None, Switches(record=False, detection_log=False, publish=False))
+    off = compose(config, detector, Metrics(["file", "cam", "paced"]), None, Switches(record=False, detection_log=False, publish=False))
     assert [w.name for w in off.workers()] == ["batch", "in_flight"]

@@ -22,6 +22,7 @@ from streamd.ops.systemd import SystemdNotifier
 from streamd.pipeline import supervisor as supervisor_module
 from streamd.pipeline import worker as worker_module
 from streamd.pipeline.runner import Runner
+from streamd.pipeline.stage import Backoff
 from tests.streamd.pipeline.fakes import Built, CollectStage, FakeBackend, FakeSource, build
 
 
@@ -102,15 +103,26 @@ def test_a_slow_output_of_one_stream_slows_only_that_stream(tiny_bundle):
     assert p50_beside <= 3 * p50_alone + 25.0
 
 
-def test_live_sources_reconnect_with_exponential_back_off(tiny_bundle):
-    source = FakeSource("cam", 5, live=True, open_failures=3, fail_read_at=2)
+def test_an_outage_is_counted_once_and_probed_often(tiny_bundle):
+    """Away at the start for 3 attempts, then lost once: two outages (not four), each probed every initial_s."""
+    source = FakeSource("cam", 5, live=True, open_failures=3, fail_read_at=2, backoff=Backoff(0.05, 1.0))
     built = build(tiny_bundle, [source])
     summary = run(built)
     s = summary.stream("cam")
-    assert s.reconnects == 4 and s.errors == 4 and s.processed == 5
+    assert (s.outages, s.reconnects, s.errors, s.processed) == (2, 2, 2, 5)
+    assert source.opens == 2  # once after the start outage, once after the read failure
     gaps = np.diff(source.open_calls[:4])
-    assert gaps[0] >= 0.01 and gaps[1] >= 0.02 and gaps[2] >= 0.04  # 0.01, 0.02, then capped at max_s
-    assert source.opens == 2  # once, and again after the read failure
+    assert all(gap >= 0.05 for gap in gaps) and max(gaps) < 0.05 * 2 ** 3  # no exponential growth while away
+
+
+def test_a_flapping_source_backs_off_exponentially(tiny_bundle):
+    """Lost at once each time it comes back: the waits double (0.01, 0.02, 0.04), capped at max_s."""
+    source = FakeSource("cam", 5, live=True, flaps=4, backoff=Backoff(0.01, 0.04))
+    summary = run(build(tiny_bundle, [source]))
+    s = summary.stream("cam")
+    assert s.outages == 4 and s.frames_in == 5 and s.processed + s.dropped == 5
+    gaps = np.diff(source.open_calls)
+    assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.04  # doubled from the first loss, then capped
 
 
 def test_stop_event_stops_reading_drains_and_closes(tiny_bundle):
@@ -192,7 +204,7 @@ def test_a_live_source_that_raises_reconnects(tiny_bundle):
     source = FakeSource("cam", 10, live=True, fail_read_at=3, read_error=IndexError("demuxer bug"))
     summary = run(build(tiny_bundle, [source]))
     s = summary.stream("cam")
-    assert summary.ok and s.end_error is None and s.reconnects == 1 and s.frames_in == 10
+    assert summary.ok and s.end_error is None and (s.outages, s.reconnects) == (1, 1) and s.frames_in == 10
     assert s.processed + s.dropped == 10  # live: a frame is processed or counted as dropped
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamd.model.detections import Detections
-from streamd.stages.annotate import AnnotateStage, timestamp_text
+from streamd.stages.annotate import AI_ACTIVE, AI_STALE, AnnotateStage, timestamp_text
 from streamd.types import AnnotatedFrame
 from tests.streamd import media
 
@@ -55,3 +55,28 @@ def test_annotated_frame_must_match_its_frame() -> None:
     result = media.frame_result(next(media.synthetic_frames(1, size=(320, 240))))
     with pytest.raises(ValueError, match="annotated image"):
         AnnotatedFrame(result, np.zeros((10, 10, 3), np.uint8))
+
+
+def _with_total(result, total_ms: float):
+    return dataclasses.replace(result, latency=dataclasses.replace(result.latency, total_ms=total_ms))
+
+
+@pytest.mark.parametrize(
+    ("total_ms", "marker_bgr", "boxes_drawn"),
+    [(40.0, AI_ACTIVE[1], True), (400.0, AI_STALE[1], False)],
+    ids=["fresh: AI active, boxes", "stale: AI stale, no boxes"],
+)
+def test_the_ai_marker_and_a_stale_result_is_never_drawn(total_ms: float, marker_bgr, boxes_drawn: bool) -> None:
+    frame = next(media.synthetic_frames(1, size=(320, 240)))
+    result = _with_total(media.frame_result(frame), total_ms)
+    (annotated,) = AnnotateStage(media.MODEL.class_names, draw_timestamp=False, max_age_ms=150).process(result)
+    corner = annotated.image[:12, -40:].reshape(-1, 3)
+    assert (corner == marker_bgr).all(axis=1).sum() > 50  # the marker's box, top-right, in its colour
+    body = annotated.image[30:, :280] != frame.image[30:, :280]  # below the markers: boxes only
+    assert body.any() == boxes_drawn
+
+
+def test_no_marker_without_a_budget() -> None:
+    frame = next(media.synthetic_frames(1, size=(320, 240)))
+    (annotated,) = AnnotateStage(media.MODEL.class_names, draw_timestamp=False).process(_with_total(media.frame_result(frame), 9999))
+    assert (annotated.image[:12, -40:] == frame.image[:12, -40:]).all()

@@ -14,7 +14,7 @@ import pytest
 from streamd.config import StreamConfig
 from streamd.errors import FatalError, SourceError
 from streamd.ops.metrics import Metrics
-from streamd.stages.decode import AVSource, open_source
+from streamd.stages.decode import AVSource, FreezeDetector, TimeLine, open_source
 from streamd.types import Frame
 from tests.streamd import media
 
@@ -221,6 +221,10 @@ def test_live_udp_mpegts_and_reconnect() -> None:
         more = read_n(source, 5)
         assert metrics.summary("running").stream("eus-1").opens == 2
         assert more[0].seq > frames[-1].seq and more[0].pts_s > frames[-1].pts_s
+        # the outage is this frame's gap, and the time line goes on after it (by the wall clock)
+        # (counted from the last frame delivered, which the UDP buffer held a while after the sender stopped)
+        assert more[0].gap_s > 0.5 and more[0].pts_s > frames[-1].pts_s + more[0].gap_s - 0.5
+        assert all(f.gap_s == 0 for f in more[1:]) and all(f.pts_jump_s == 0 for f in [*frames, *more])
         assert_well_formed(more, "eus-1", (320, 240), first_seq=more[0].seq)
     finally:
         source.close()
@@ -247,3 +251,75 @@ def test_rtsp_from_a_real_server(transport: str) -> None:
     finally:
         source.close()
         media.stop(server)
+
+
+# (source pts, packet arrival (monotonic), gap) per frame -> (pts, jump) per frame; 10 fps
+_TIMELINES = {
+    "steady file": (False, [(0.0, 0, 0), (0.1, 0, 0), (0.2, 0, 0)], [(0.0, 0), (0.1, 0), (0.2, 0)]),
+    "missing pts": (False, [(0.0, 0, 0), (None, 0, 0), (0.2, 0, 0)], [(0.0, 0), (0.1, 0), (0.2, 0)]),
+    # a corrupted timestamp: +11,884 s, then the source goes on from there; removed, flagged once
+    "corrupt jump": (False, [(0.0, 0, 0), (0.1, 0, 0), (11884.2, 0, 0), (11884.3, 0, 0)],
+                     [(0.0, 0), (0.1, 0), (0.2, 11884.0), (0.3, 0)]),
+    "live corrupt jump": (True, [(1.0, 10.0, 0), (1.1, 10.1, 0), (11885.2, 10.2, 0), (11885.3, 10.3, 0)],
+                          [(1.0, 0), (1.1, 0), (1.2, 11884.0), (1.3, 0)]),
+    # live: the consumer was late and read buffered frames 3 s after they came: no jump
+    "late consumer": (True, [(1.0, 10.0, 0), (1.1, 13.0, 0), (1.2, 13.0, 0)], [(1.0, 0), (1.1, 0), (1.2, 0)]),
+    "reset backwards": (False, [(5.0, 0, 0), (5.1, 0, 0), (0.0, 0, 0), (0.1, 0, 0)],
+                        [(5.0, 0), (5.1, 0), (5.2, -5.2), (5.3, 0)]),
+    # live: a packet 3 s later whose pts is 3 s later is no jump (the source really paused)
+    "live pause": (True, [(1.0, 10.0, 0), (1.1, 10.1, 0), (4.1, 13.1, 0)], [(1.0, 0), (1.1, 0), (4.1, 0)]),
+    # live: a reopen after a 7 s outage restarts the source clock at 0: the time line goes on after the gap
+    "reopen": (True, [(1.0, 10.0, 0), (1.1, 10.1, 0), (0.0, 17.1, 7.0), (0.1, 17.2, 0)],
+               [(1.0, 0), (1.1, 0), (8.1, 0), (8.2, 0)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_TIMELINES))
+def test_timeline_table(name: str) -> None:
+    paced, frames, expected = _TIMELINES[name]
+    timeline = TimeLine(paced=paced)
+    placed = [timeline.place(pts, received, gap, 0.1) for pts, received, gap in frames]
+    assert [(round(p, 6), round(j, 6)) for p, j in placed] == [(pytest.approx(p), pytest.approx(j)) for p, j in expected]
+
+
+def test_a_looping_file_restarts_without_a_jump() -> None:
+    timeline = TimeLine(paced=False)
+    placed = [timeline.place(pts, 0, 0, 0.1) for pts in (0.0, 0.1)]
+    timeline.restart()
+    placed += [timeline.place(pts, 0, 0, 0.1) for pts in (0.0, 0.1)]
+    assert placed == [(0.0, 0), (0.1, 0), (pytest.approx(0.2), 0), (pytest.approx(0.3), 0)]
+
+
+def test_a_frozen_picture_is_flagged_after_its_time_and_clears_when_it_moves() -> None:
+    detector = FreezeDetector(after_s=0.5, fps=10)  # 5 unchanged frames
+    still = np.full((120, 160, 3), 80, np.uint8)
+    noisy = [still.copy() for _ in range(8)]
+    for n, image in enumerate(noisy):
+        image[n % 120, n % 160] = 255  # a pixel of encoder noise: still the same picture
+    flags = [detector.update(image) for image in noisy]
+    assert flags == [False] * 5 + [True] * 3
+    moved = still.copy()
+    moved[40:80, 40:80] = 200
+    assert detector.update(moved) is False
+
+
+def test_a_frozen_live_feed_is_flagged_for_real(tmp_path: Path) -> None:
+    """A still picture sent live over UDP (a frozen capture card): frames keep coming, flagged frozen."""
+    still = tmp_path / "still.png"
+    import cv2
+
+    cv2.imwrite(str(still), np.full((120, 160, 3), 90, np.uint8))
+    port = media.free_port()
+    sender = subprocess.Popen(
+        [media.FFMPEG, "-loglevel", "error", "-re", "-loop", "1", "-i", str(still), "-r", "25", "-c:v", "libx264",
+         "-preset", "ultrafast", "-tune", "zerolatency", "-g", "10", "-pix_fmt", "yuv420p", "-f", "mpegts",
+         f"udp://127.0.0.1:{port}?pkt_size=1316"],
+    )  # fmt: skip
+    source, _ = source_for(f"udp://127.0.0.1:{port}", timeout_s=5.0, frozen_after_s=0.4)
+    try:
+        source.open()
+        frames = read_n(source, 25)
+    finally:
+        source.close()
+        media.stop(sender)
+    assert not frames[0].frozen and frames[-1].frozen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -118,40 +119,36 @@ def test_choose_codec(codec: str, expected: str) -> None:
     assert choose_codec("auto") in ("h264_nvenc", "libx264")
 
 
-# Records synthetic 25 fps frames as fast as it can and reports its progress, until killed.
-_ENDLESS_RECORDER = """
-import sys
+# Records FRAMES synthetic frames at FPS as fast as it can, says so, then waits to be killed (so the parent
+# knows exactly how many frames the recorder had been handed when the SIGKILL came).
+_RECORDER = """
+import sys, time
 from pathlib import Path
 import numpy as np
 from streamd.config import RecordConfig
 from streamd.stages.record import RecordStage
 from streamd.types import Frame
 
-config = RecordConfig(dir=Path(sys.argv[1]), container=sys.argv[2], codec="libx264")
-recorder = RecordStage("eus-1", config, 600, fragment_s=0.5)
+folder, container, fps, frames = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+recorder = RecordStage("eus-1", RecordConfig(dir=folder, container=container, codec="libx264"), 600)
 recorder.setup()
-seq = 0
-while True:
+for seq in range(frames):
     image = np.full((120, 160, 3), seq % 256, np.uint8)
-    list(recorder.process(Frame("eus-1", seq, seq / 25, image, decoded_at=1.8e9 + seq / 25, fps=25)))
-    seq += 1
-    if seq % 25 == 0:
-        print(seq, flush=True)
+    list(recorder.process(Frame("eus-1", seq, seq / fps, image, decoded_at=1.8e9 + seq / fps, fps=fps)))
+print(frames, flush=True)
+time.sleep(3600)
 """
 
 
-@pytest.mark.parametrize("container", ["mp4", "mkv"])
-def test_sigkill_leaves_a_playable_file(tmp_path: Path, container: str) -> None:
+def record_then_kill(folder: Path, container: str, fps: float, frames: int) -> tuple[int, subprocess.CompletedProcess]:
+    """Have a recorder process write `frames` frames, then SIGKILL it; (frames it was handed, process)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", _ENDLESS_RECORDER, str(tmp_path), container],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        [sys.executable, "-c", _RECORDER, str(folder), container, str(fps), str(frames)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    written = -1
     try:
-        for line in process.stdout:
-            if int(line) >= 100:  # 4 s of video: several complete fragments on disk
-                break
+        written = int(process.stdout.readline() or -1)  # every frame handed over; the process now only waits
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
     finally:
@@ -162,10 +159,27 @@ def test_sigkill_leaves_a_playable_file(tmp_path: Path, container: str) -> None:
         stderr = process.stderr.read()
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL, stderr
+    return written, process
+
+
+@pytest.mark.parametrize(("container", "fps"), [("mp4", 10), ("mp4", 30), ("mkv", 10), ("mkv", 30)])
+def test_sigkill_loses_at_most_one_second_and_leaves_a_playable_file(tmp_path: Path, container: str, fps: int) -> None:
+    written, _ = record_then_kill(tmp_path, container, fps, frames=5 * fps)  # 5 s of video
     (path,) = tmp_path.iterdir()
     assert path.suffix == f".{container}"
     assert media.probe_codec(path) == "h264"
-    assert media.probe_frame_count(path) > 0
+    on_disk = media.probe_frame_count(path)
+    assert written - fps <= on_disk <= written  # at most 1 s of video lost, whatever the frame rate
+
+
+def test_a_segment_killed_before_its_first_fragment_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    written, _ = record_then_kill(tmp_path, "mp4", 10, frames=1)
+    (empty,) = tmp_path.iterdir()
+    assert written == 1 and media.probe_frame_count(empty) == 0  # a header and nothing to play
+    recorder = recorder_for(tmp_path)
+    recorder.setup()
+    assert list(tmp_path.iterdir()) == []
+    recorder.close()
 
 
 def test_a_full_disk_is_an_output_error_and_setup_again_starts_a_new_segment(small_disk: Path, tmp_path: Path) -> None:
@@ -179,8 +193,8 @@ def test_a_full_disk_is_an_output_error_and_setup_again_starts_a_new_segment(sma
             image = noise.integers(0, 256, frame.image.shape, np.uint8)
             list(recorder.process(Frame(frame.stream_id, frame.seq, frame.pts_s, image, frame.decoded_at, fps=FPS)))
     assert "No space left" in str(failed.value) or "Errno 28" in str(failed.value)
-    with pytest.raises(OutputError):
-        recorder.close()  # flushing into a full disk fails too; the stage is closed all the same
+    with contextlib.suppress(OutputError):  # the final flush into a full disk may fail too
+        recorder.close()  # either way the stage is closed
     for path in small_disk.iterdir():
         path.unlink()  # space comes back
     recorder.setup()

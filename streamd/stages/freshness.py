@@ -1,0 +1,43 @@
+"""Freshness: a result older than its stream's budget is never published; it is dropped and counted as stale.
+
+It sits in the publisher's worker, right before the socket, so the age it
+checks is the age at the send: from the packet leaving the demuxer
+(decode_ms before decoded_at) to now. Streams without a budget (files read as
+fast as they decode) are never stale.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+
+from streamd.ops.metrics import Metrics, dropped
+from streamd.types import FrameResult
+
+
+class FreshnessStage:
+    """FrameResult -> the same FrameResult, or nothing (counted as dropped: stale) when older than max_age_ms.
+
+    max_age_ms: the budget per stream id; a stream missing from it has none.
+    """
+
+    name = "freshness"
+
+    def __init__(self, max_age_ms: Mapping[str, float], metrics: Metrics):
+        self.max_age_ms = dict(max_age_ms)
+        self.metrics = metrics
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, result: FrameResult) -> Iterator[FrameResult]:
+        budget = self.max_age_ms.get(result.stream_id)
+        if budget is not None:
+            age_ms = result.frame.decode_ms + (time.time() - result.frame.decoded_at) * 1e3
+            if age_ms > budget:
+                self.metrics.count(result.stream_id, dropped("stale"))
+                return
+        yield result
+
+    def close(self) -> None:
+        pass
