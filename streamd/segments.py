@@ -11,6 +11,7 @@ after the first frame.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +84,19 @@ class Segmenter:
         return self.current
 
 
+FOLDER_MODE = 0o700  # recordings and logs are the procedure's: only the service user reads them
+FILE_MODE = 0o600
+
+
 def start_output(segmenter: Segmenter, directory: Path, what: str) -> None:
-    """An output's setup(): create its folder; the next frame opens a new segment (at start, and on a retry)."""
+    """An output's setup(): create its folder (0700); the next frame opens a new segment (at start, and on a retry).
+
+    A folder this user owns is set to 0700 even when it was there before.
+    """
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        if directory.stat().st_uid == os.getuid():
+            directory.chmod(FOLDER_MODE)
     except OSError as exc:
         raise OutputError(f"stream {segmenter.stream_id!r}: cannot create the {what} folder {directory}: {exc}") from exc
     segmenter.cut()

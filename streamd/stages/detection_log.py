@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from streamd.errors import OutputError
-from streamd.segments import Segmenter, start_output
+from streamd.segments import FILE_MODE, Segmenter, start_output
 from streamd.types import AnnotatedFrame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class DetectionLogStage:
             self.close()
             path = self.directory / f"{self.segmenter.current.base_name}.jsonl"
             try:
-                # Append, unbuffered: a restart within the same second continues the file instead of truncating it.
-                self._file = open(path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
+                # Append, unbuffered, 0600: a restart within the same second continues the file instead of
+                # truncating it, and only the service user can read it.
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+                self._file = os.fdopen(fd, "ab", buffering=0)  # noqa: SIM115 (closed in close())
             except OSError as exc:
                 raise OutputError(f"stream {self.stream_id!r}: cannot open detection log {path}: {exc}") from exc
             self.segments.append(path)

@@ -28,7 +28,7 @@ import numpy as np
 
 from streamd.config import RecordConfig
 from streamd.errors import OutputError
-from streamd.segments import Segment, Segmenter, start_output
+from streamd.segments import FILE_MODE, Segment, Segmenter, start_output
 from streamd.types import AnnotatedFrame, Frame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ class RecordStage:
             stream.codec_context.max_b_frames = 0
             stream.options = _encoder_options(codec, config.preset, config.crf)
             container.start_encoding()
+            path.chmod(FILE_MODE)  # only the service user reads a procedure's recording
         except (av.error.FFmpegError, OSError) as exc:
             raise OutputError(f"stream {self.stream_id!r}: cannot start recording {path} with {codec}: {exc}") from exc
         self._container, self._stream = container, stream

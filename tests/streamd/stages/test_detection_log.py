@@ -94,3 +94,23 @@ def test_rejects_other_streams_and_types(tmp_path: Path) -> None:
         list(stage.process(next(media.synthetic_frames(1))))
     stage.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_logs_and_recordings_are_0600_in_0700_folders(tmp_path: Path) -> None:
+    """What a procedure leaves on disk is the service user's alone (logs carry messages, never pixels)."""
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    log = DetectionLogStage("eus-1", loose / "log")
+    recorder = RecordStage("eus-1", RecordConfig(dir=loose, codec="libx264"), 600)
+    annotate = AnnotateStage(media.MODEL.class_names)
+    for stage in (log, recorder):
+        stage.setup()
+    for annotated in annotate.process(media.frame_result(next(media.synthetic_frames(1)))):
+        list(log.process(annotated))
+        list(recorder.process(annotated))
+    log.close()
+    recorder.close()
+    for folder in (loose, loose / "log"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    for path in (*log.segments, *recorder.segments):
+        assert path.stat().st_mode & 0o777 == 0o600, path
