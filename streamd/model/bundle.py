@@ -169,8 +169,10 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not meta_path.is_file():
         raise BundleError(f"{meta_path}: missing")
     try:
-        raw = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{meta_path}: not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}") from exc
+    except (OSError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{meta_path}: not valid JSON: {exc}") from exc
     try:
         meta = BundleMeta.model_validate(raw)
