@@ -12,11 +12,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from streamd.errors import BackendError
-from streamd.model import letterbox_batch, load_bundle
+from streamd.model import load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +27,6 @@ class EngineResult:
     precision: str
     max_batch: int
     seconds: float
-
-
-def calibration_batches(paths: list[Path], input_hw, preprocess, batch_size: int):
-    """float32 [B, 3, H, W] letterboxed batches of the calibration images."""
-    for start in range(0, len(paths), batch_size):
-        images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths[start:start + batch_size]]
-        images = [im for im in images if im is not None]
-        if len(images) == batch_size:
-            yield letterbox_batch(images, input_hw, preprocess)[0]
 
 
 def make_int8_calibrator(batches, batch_size: int, cache_path: Path):
@@ -99,13 +89,12 @@ def build_engine(
         if calibration_data is None:
             raise ValueError("int8 needs calibration images: pass --data EXPERIMENT.yaml (its train split is used)")
         from trainer.config import load_experiment
-        from trainer.datasets import load_split
+        from trainer.export.calibration import calibration_set
 
-        split = load_split(load_experiment(calibration_data), "train")
-        paths = [r.path for r in split.records][:calibration_images]
+        calibration = calibration_set(load_experiment(calibration_data), bundle, calibration_images, calibration_data)
         batch_size = min(8, max_batch)
         calibrator = make_int8_calibrator(
-            calibration_batches(paths, tuple(bundle.meta.input_hw), bundle.meta.preprocess, batch_size),
+            calibration.batches(batch_size, drop_last=True),  # TensorRT takes every batch at its declared size
             batch_size,
             bundle.path / f"calibration-{bundle.sha256[:12]}.cache",
         )
