@@ -93,9 +93,16 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: eval/<model>-<split>).")] = None,
     record: Annotated[bool, typer.Option(help="Write the metrics into the bundle's bundle.json.")] = False,
+    compare: Annotated[Optional[Path], typer.Option(help="Also evaluate this model (e.g. the fp32 bundle an int8 one came from) and print the AP change.")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """VOC mAP (07 and area), mAP@0.5:0.95, COCO AP/AP50/AP75, per-class table, PR curves, JSON report."""
+    """VOC mAP (07 and area), mAP@0.5:0.95, COCO AP/AP50/AP75, per-class table, PR curves, JSON report.
+
+    --compare REFERENCE evaluates REFERENCE on the same split too, prints each AP of this model, of
+    REFERENCE and the change, and writes them to comparison.json in the report folder. It is explicit
+    (not read from an int8 bundle's provenance) so that any two models can be compared and nothing is
+    evaluated that was not asked for.
+    """
     from trainer.config import load_experiment
     from trainer.datasets import load_split
     from trainer.evaluate import evaluate, load_detector, print_report
@@ -112,6 +119,15 @@ def eval_cmd(
     report = evaluate(detector, target, out_dir=out)
     print_report(report)
     typer.echo(f"report: {out / 'report.json'}  PR curves: {out / 'pr_curves.png'}")
+    if compare is not None:
+        from trainer.checkpoint import resolve_checkpoint
+        from trainer.export.quantize import metric_changes, print_changes
+
+        if compare.is_dir() and not (compare / "bundle.json").is_file():
+            compare = resolve_checkpoint(compare)
+        changes = metric_changes(report, evaluate(load_detector(compare, exp), target))
+        print_changes(changes, str(source), str(compare))
+        (out / "comparison.json").write_text(json.dumps({"reference": str(compare), "metrics": changes}, indent=2) + "\n")
     if record and (source / "bundle.json").is_file():
         from trainer.export.bundle import add_metrics
 
@@ -157,6 +173,25 @@ def export(
 
     _setup_logging(verbose)
     result = export_bundle(source, out, name)
+    typer.echo(json.dumps(asdict(result), indent=2))
+
+
+@app.command()
+@_friendly
+def quantize(
+    bundle: Annotated[Path, typer.Argument(help="The fp32 model bundle folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Experiment YAML; calibrates on its train split.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write, NAME.bundle.")],
+    calibration_images: Annotated[int, typer.Option(min=1, help="First N images of the train split.")] = 64,
+    name: Annotated[Optional[str], typer.Option(help="Model name (default: the source's, with -int8).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """int8 bundle for ONNX Runtime (static quantization, calibrated on the train split); check it with
+    `trainer eval INT8.bundle --data EXP.yaml --compare FP32.bundle`."""
+    from trainer.export.quantize import quantize_bundle
+
+    _setup_logging(verbose)
+    result = quantize_bundle(bundle, data, out, calibration_images, name)
     typer.echo(json.dumps(asdict(result), indent=2))
 
 
