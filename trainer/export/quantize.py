@@ -29,6 +29,7 @@ the table is in docs/trainer.md):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 import time
@@ -74,12 +75,10 @@ class QuantizeResult:
 
 
 class _Reader(CalibrationDataReader):
-    """ONNX Runtime's calibration interface over a CalibrationSet: one {input_name: [B, 3, H, W]} feed per batch."""
+    """ONNX Runtime's calibration interface over CalibrationSet.batches: one {input_name: [B, 3, H, W]} feed per batch."""
 
-    def __init__(self, calibration: CalibrationSet, input_name: str, batch_size: int = CALIBRATION_BATCH):
-        self._feeds: Iterator[dict[str, np.ndarray]] = (
-            {input_name: batch} for batch in calibration.batches(batch_size)
-        )
+    def __init__(self, batches: Iterator[np.ndarray], input_name: str):
+        self._feeds: Iterator[dict[str, np.ndarray]] = ({input_name: batch} for batch in batches)
         self.images = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -153,7 +152,11 @@ def quantize_bundle(
         raise ValueError(f"{bundle.onnx_path}: already quantized ({', '.join(already)} nodes); quantize the fp32 bundle")
     calibration = calibration_set(load_experiment(experiment_file), bundle, calibration_images, experiment_file)
     float_nodes = decode_tail(model) + input_stem(model)
-    reader = _Reader(calibration, bundle.meta.onnx.input_name)
+    batches = calibration.batches(CALIBRATION_BATCH)
+    first = next(batches, None)  # ONNX Runtime's own error for an empty feed would not name the data
+    if first is None:
+        raise ValueError(f"{experiment_file}: none of the {len(calibration.paths)} calibration images could be read")
+    reader = _Reader(itertools.chain([first], batches), bundle.meta.onnx.input_name)
     with tempfile.TemporaryDirectory(prefix="trainer-quantize-") as tmp:
         quantized_path = Path(tmp) / "model.int8.onnx"
         quantize_static(
@@ -168,8 +171,6 @@ def quantize_bundle(
             nodes_to_exclude=float_nodes,
         )
         onnx_bytes = quantized_path.read_bytes()
-    if reader.images == 0:
-        raise ValueError(f"{experiment_file}: none of the {len(calibration.paths)} calibration images could be read")
     log.info("calibrated on %d images of %s/%s; %d nodes left in float", reader.images, calibration.dataset, calibration.split, len(float_nodes))
     written = write_bundle(out, onnx_bytes, _int8_meta(bundle, calibration, reader.images, onnx_bytes, name))
     return QuantizeResult(

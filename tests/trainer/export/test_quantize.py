@@ -172,6 +172,14 @@ def test_bad_inputs_are_one_clear_line(bccd_experiment, tmp_path, make, exit_cod
     assert not out.exists()
 
 
+def test_calibration_images_that_cannot_be_read_are_named(bccd_experiment, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(cv2, "imread", lambda *args: None)  # readable when the split was listed, not any more
+    with pytest.raises(ValueError, match=r"bccd.yaml: none of the 16 calibration images could be read"):
+        quantize_bundle(SHIPPED, bccd_experiment, tmp_path / "out.bundle")
+    assert "BloodImage_" in caplog.text and "left out of calibration" in caplog.text
+    assert not (tmp_path / "out.bundle").exists()
+
+
 def test_output_over_the_source_is_refused(bccd_experiment) -> None:
     result = runner.invoke(app, ["quantize", str(SHIPPED), "--data", str(bccd_experiment), "-o", str(SHIPPED)])
     assert result.exit_code == 1 and "is the source bundle" in result.output
