@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/bench.py [--bundle models/bccd-nano.bundle] [--live-s 60]
 
-Rows:
-  bare backend      backend.submit(batch).wait() alone on letterboxed batches of `max_batch` frames
-  pipeline          file source as fast as possible, decode -> batch -> infer -> NMS -> publish, no recording
-  pipeline + rec    the same with the annotated 720p recording and the detection log
+Tables:
+  stages            each stage alone over the same frames, CPU ms per frame (benchmarks/limits.py)
+  pipeline vs limit the pipeline on a 720p file as fast as possible (fp32 and int8 bundles, with and without
+                    the annotated 720p recording and the log), as a ratio to cores / (sum of its stages)
+  bare backend      backend.submit(batch).wait() alone on letterboxed batches of `max_batch` frames (reference)
   naive loop        one thread: read, infer (batch 1), draw, write (the seed's test_video.py shape)
   live UDP          a 30 fps 640x480 MPEG-TS stream from ffmpeg on 127.0.0.1 for --live-s seconds:
                     latency total (packet out of the demuxer -> detections ready, p50/p99) and frames dropped
+  x264              presets x tune (zerolatency, none) at CRF 23: CPU ms per frame and bitrate
 
 Input: a 1280x720 30 fps video made from BCCD test images (ffmpeg), so that the
 recording is 720p. Results are also written as JSON (--json).
@@ -40,6 +42,9 @@ from streamd.draw import draw_detections  # noqa: E402
 from streamd.model import letterbox_batch, load_bundle, postprocess  # noqa: E402
 from streamd.pipeline.compose import Switches  # noqa: E402
 from streamd.pipeline.daemon import run_pipeline  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import limits  # noqa: E402
 
 BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
 
@@ -160,9 +165,16 @@ def bench_live(folder, bundle_path, video, max_batch, max_wait_ms, threads, seco
             "infer_p50_ms": s.latency("infer")[0], "queue_p50_ms": s.latency("queue")[0]}
 
 
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "bccd-nano.bundle")
+    parser.add_argument("--int8", type=Path, default=REPO / "models" / "bccd-nano-int8.bundle")
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
@@ -172,41 +184,59 @@ def main() -> None:
     args = parser.parse_args()
 
     bundle = load_bundle(args.bundle)
+    int8 = args.int8 if args.int8 and args.int8.is_dir() else None
     with tempfile.TemporaryDirectory(prefix="streamd-bench-") as tmp:
         folder = Path(tmp)
         print(f"making inputs ({args.seconds} s of 1280x720 and 640x480 at 30 fps) ...", flush=True)
         video_720 = make_video(folder / "bccd-720p.mp4", "1280x720", args.seconds)
         video_480 = make_video(folder / "bccd-480p.mp4", "640x480", min(args.seconds, 20))
-        frames = read_frames(video_720, args.max_batch)
+        frames = read_frames(video_720, max(args.max_batch, 60))
         results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "bundle": bundle.meta.name,
                    "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms}
+        print("each stage alone (CPU time per frame) ...", flush=True)
+        costs = limits.stage_costs(video_720, args.bundle, int8, args.max_batch)
+        results["stages_ms"] = costs.ms
+        print("x264 presets ...", flush=True)
+        results["x264"] = {f"{p} {t}": v for (p, t), v in limits.encode_costs(frames[:60]).items()}
         print("bare backend ...", flush=True)
         results["bare_fps"] = bench_bare(bundle, frames, args.max_batch, args.threads)
-        results["bare_fps_batch1"] = bench_bare(bundle, frames, 1, args.threads)
-        print("pipeline without recording ...", flush=True)
-        results["pipeline"] = bench_pipeline(folder, args.bundle, video_720, args.max_batch, args.max_wait_ms, args.threads, record=False)
-        print("pipeline with 720p recording ...", flush=True)
-        results["pipeline_rec"] = bench_pipeline(folder, args.bundle, video_720, args.max_batch, args.max_wait_ms, args.threads, record=True)
+        results["pipelines"] = {}
+        for name, path in (("fp32", args.bundle), ("int8", int8)):
+            if path is None:
+                continue
+            for record in (False, True):
+                print(f"pipeline {name}, {'with' if record else 'without'} recording ...", flush=True)
+                results["pipelines"][f"{name} {'rec' if record else 'norec'}"] = bench_pipeline(
+                    folder, path, video_720, args.max_batch, args.max_wait_ms, args.threads, record=record
+                )  # fmt: skip
         print("naive one-thread loop ...", flush=True)
         results["naive_fps"] = bench_naive(bundle, video_720, folder / "naive.mp4", args.threads)
         print(f"live UDP 640x480 30 fps for {args.live_s:.0f} s ...", flush=True)
         results["live"] = bench_live(folder, args.bundle, video_480, args.max_batch, args.max_wait_ms, args.threads, args.live_s)
 
-    bare, pipe, rec, naive, live = results["bare_fps"], results["pipeline"]["fps"], results["pipeline_rec"]["fps"], results["naive_fps"], results["live"]
-    rows = [
-        ("bare backend (batch %d)" % args.max_batch, f"{bare:.1f} fps", "1.00x bare", ""),
-        ("bare backend (batch 1)", f"{results['bare_fps_batch1']:.1f} fps", f"{results['bare_fps_batch1'] / bare:.2f}x bare", ""),
-        ("pipeline, file, no recording", f"{pipe:.1f} fps", f"{pipe / bare:.2f}x bare", "target >= 0.90x"),
-        ("pipeline, file, 720p recording", f"{rec:.1f} fps", f"{rec / bare:.2f}x bare", "target >= 0.75x"),
-        ("naive one-thread loop (720p)", f"{naive:.1f} fps", f"pipeline+rec {rec / naive:.2f}x naive", "target >= 1.6x"),
-        ("live UDP 640x480@30, total p50/p99", f"{live['total_p50_ms']:.1f} / {live['total_p99_ms']:.1f} ms",
-         f"dropped {live['dropped']} of {live['frames_in']}", "target p99 <= 33 ms, 0 drops"),
-    ]
-    widths = [max(len(r[i]) for r in rows + [("benchmark", "result", "ratio", "target")]) for i in range(4)]
+    print(f"\nstreamd benchmark: {results['machine']}, bundle {results['bundle']}, ONNX Runtime CPU, "
+          f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, 1280x720 H.264\n")
+    table([(name, f"{value:.2f}") for name, value in costs.ms.items()], ("stage alone", "CPU ms per frame"))
     print()
-    print(f"streamd benchmark: {results['machine']}, bundle {results['bundle']}, ONNX Runtime CPU, max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}")
-    for row in [("benchmark", "result", "ratio", "target"), tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
+    rows = []
+    for key, run in results["pipelines"].items():
+        model, rec = key.split()
+        limit = costs.limit(rec == "rec", f"infer {model}")
+        rows.append((f"pipeline {model}, {'720p recording' if rec == 'rec' else 'no recording'}", f"{run['fps']:.1f} fps",
+                     f"{limit:.1f} fps", f"{run['fps'] / limit:.2f}x limit", "target >= 0.95x"))
+    table(rows, ("benchmark", "result", f"limit ({costs.cores} cores / stage sum)", "ratio", "target"))
+    print()
+    bare, naive, live = results["bare_fps"], results["naive_fps"], results["live"]
+    fp32_rec = results["pipelines"]["fp32 rec"]["fps"]
+    table([
+        ("bare backend (batch %d), reference" % args.max_batch, f"{bare:.1f} fps", ""),
+        ("naive one-thread loop (720p), reference", f"{naive:.1f} fps", f"pipeline fp32 + rec {fp32_rec / naive:.2f}x naive"),
+        ("live UDP 640x480@30, total p50/p99", f"{live['total_p50_ms']:.1f} / {live['total_p99_ms']:.1f} ms",
+         f"dropped {live['dropped']} of {live['frames_in']}"),
+    ], ("benchmark", "result", "note"))  # fmt: skip
+    print()
+    table([(key, f"{ms:.2f}", f"{kbps:.0f}") for key, (ms, kbps) in results["x264"].items()],
+          ("libx264 preset and tune, 720p CRF 23", "CPU ms per frame", "kbit/s"))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nraw numbers: {args.json}")
 

@@ -26,12 +26,13 @@ from rich.console import Console
 
 from streamd.config import StreamdConfig, load_config
 from streamd.errors import ConfigError, StreamdError
-from streamd.messages import SCHEMA_FILES
+from streamd.messages import HEARTBEAT_SCHEMA_ID, SCHEMA_FILES
 from streamd.messages import schema as message_schema
 from streamd.model.bundle import load_bundle
 from streamd.ops.logging import setup_logging
 from streamd.ops.metrics import summary_table
 from streamd.ops.systemd import SystemdNotifier
+from streamd.types import HEARTBEAT_TOPIC
 
 app = typer.Typer(
     name="streamd",
@@ -145,6 +146,9 @@ def listen(
     stream: Annotated[Optional[list[str]], typer.Option("--stream", help="Only this stream id (repeatable).")] = None,
     raw_json: Annotated[bool, typer.Option("--json", help="Print each message as its raw JSON line.")] = False,
     count: Annotated[Optional[int], typer.Option(min=1, help="Exit after N messages.")] = None,
+    heartbeats: Annotated[bool, typer.Option(
+        "--heartbeats", help="Also print the daemon's heartbeat (its state and each stream's, once a second).",
+    )] = False,
     timeout_s: Annotated[Optional[float], typer.Option(min=0.0, help="Exit after S seconds without a message.")] = None,
 ) -> None:
     """Subscribe to a daemon's detections: one line per message, and the missed seq numbers per stream.
@@ -162,6 +166,8 @@ def listen(
     socket.setsockopt(zmq.RECONNECT_IVL, 50)  # join a daemon that starts after us quickly
     for topic in sorted(wanted) or [""]:
         socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    if wanted:
+        socket.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC.encode())  # the daemon's state comes whatever the streams
     try:
         socket.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -181,6 +187,11 @@ def listen(
                 break
             parts = socket.recv_multipart()
             topic = parts[0].decode(errors="replace")
+            if topic == HEARTBEAT_TOPIC:  # the daemon's state once a second: shown with --heartbeats, never counted
+                beat, why = _parse_message(parts)
+                if beat is not None and beat.get("schema") == HEARTBEAT_SCHEMA_ID and heartbeats:
+                    typer.echo(parts[1].decode() if raw_json else _heartbeat_line(beat), err=not raw_json)
+                continue
             if wanted and topic not in wanted:  # SUBSCRIBE matches prefixes: "room1" also gets "room10"
                 continue
             message, why = _parse_message(parts)
@@ -232,6 +243,15 @@ def _parse_message(parts: list[bytes]) -> tuple[dict | None, str]:
 @functools.cache
 def _validator(version: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(message_schema(version))
+
+
+def _heartbeat_line(beat: dict) -> str:
+    """heartbeat: running 12.0 s; eus-1 running 24.8 fps, eus-2 reconnecting"""
+    streams = ", ".join(
+        f"{sid} {s['state']}" + (f" {s['fps']:.1f} fps" if s["state"] in ("running", "frozen") else "")
+        for sid, s in beat["streams"].items()
+    )
+    return f"heartbeat: {beat['state']} {beat['uptime_s']:.1f} s; {streams}"
 
 
 def _message_line(message: dict) -> str:

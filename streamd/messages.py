@@ -18,7 +18,12 @@ from streamd.types import Frame, Latency, ModelRef
 
 SCHEMA_ID = "streamd.detections/2"
 # Every version ever published, for subscribers that meet an older daemon: id -> schema file.
-SCHEMA_FILES = {"streamd.detections/1": "detections.v1.json", "streamd.detections/2": "detections.v2.json"}
+HEARTBEAT_SCHEMA_ID = "streamd.heartbeat/1"
+SCHEMA_FILES = {
+    "streamd.detections/1": "detections.v1.json",
+    "streamd.detections/2": "detections.v2.json",
+    HEARTBEAT_SCHEMA_ID: "heartbeat.v1.json",
+}
 
 
 def iso_utc(wall_clock_s: float) -> str:
@@ -42,6 +47,18 @@ def detection_message(frame: Frame, detections: Detections, model: ModelRef, lat
         "gap_s": round(frame.gap_s, 3),
         "pts_jump_s": round(frame.pts_jump_s, 6),
     }
+
+
+def heartbeat_message(wall_clock_s: float, uptime_s: float, state: str, model: ModelRef, streams: dict) -> bytes:
+    """The encoded heartbeat (streamd.heartbeat/1): the pipeline's state and each stream's (streamd.ops.heartbeat)."""
+    return encode({
+        "schema": HEARTBEAT_SCHEMA_ID,
+        "sent_at": iso_utc(wall_clock_s),
+        "uptime_s": round(uptime_s, 3),
+        "state": state,
+        "model": {"name": model.name, "sha256": model.sha256},
+        "streams": streams,
+    })  # fmt: skip
 
 
 def encode(message: dict) -> bytes:

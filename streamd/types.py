@@ -27,6 +27,9 @@ class Frame:
         its recording and log start a new segment, its message says so.
     pts_jump_s: a jump of the source's clock removed from pts_s just before this frame (0 normally).
     frozen: the picture has not changed for streams[].frozen_after_s (a frozen capture card or screen).
+    source_hw: the decoded frame's (height, width) when `image` is smaller: a stream that is not recorded
+        is converted and scaled for the model in one pass by the decoder (image = source scaled by `scale`),
+        and never kept at full size. None: `image` is the full frame (scale 1).
     """
 
     stream_id: str
@@ -39,6 +42,8 @@ class Frame:
     gap_s: float = 0.0
     pts_jump_s: float = 0.0
     frozen: bool = False
+    source_hw: tuple[int, int] | None = None
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -50,11 +55,13 @@ class Frame:
 
     @property
     def height(self) -> int:
-        return int(self.image.shape[0])
+        """The source frame's height in pixels (the coordinate space of detections), whatever `image` holds."""
+        return self.source_hw[0] if self.source_hw is not None else int(self.image.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.image.shape[1])
+        """The source frame's width in pixels."""
+        return self.source_hw[1] if self.source_hw is not None else int(self.image.shape[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +133,33 @@ class FrameResult:
     @property
     def stream_id(self) -> str:
         return self.frame.stream_id
+
+    @property
+    def topic(self) -> str:
+        """The ZeroMQ topic of its message: the stream id."""
+        return self.frame.stream_id
+
+
+HEARTBEAT_TOPIC = "_heartbeat"  # no stream id starts with "_", so no stream's subscription matches it
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The daemon's state, made by the supervisor once a second and published like a result (streamd.heartbeat/1).
+
+    It belongs to no stream and carries no frame, so the workers pass it along without counting it.
+    """
+
+    message: bytes
+    topic: str = HEARTBEAT_TOPIC
+
+    @property
+    def stream_id(self) -> None:
+        return None
+
+    @property
+    def frames(self) -> tuple[()]:
+        return ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,12 +61,22 @@ class Detector:
         return cls(backend, tuple(meta.input_hw), meta.class_names, meta.preprocess, meta.name, bundle.sha256,
                    meta.thresholds.conf_threshold, meta.thresholds.iou_threshold)
 
-    def submit(self, images_bgr: list[np.ndarray]) -> Submitted:
-        """Letterbox uint8 HxWx3 BGR images and start the backend on them, max_batch at a time."""
+    def submit(
+        self, images_bgr: list[np.ndarray], prescales: list[float] | None = None,
+        source_hw: list[tuple[int, int]] | None = None,
+    ) -> Submitted:  # fmt: skip
+        """Letterbox uint8 HxWx3 BGR images and start the backend on them, max_batch at a time.
+
+        prescales / source_hw: for images that are already their source scaled down (by the decoder), the
+        scale each was made with and the source's (H, W), so that boxes come back in source pixels.
+        """
         tensor, scales = letterbox_batch(images_bgr, self.input_hw, self.preprocess)
+        if prescales is not None:
+            scales = scales * np.asarray(prescales, np.float32)
+        sizes = source_hw or [(int(im.shape[0]), int(im.shape[1])) for im in images_bgr]
         step = self.backend.max_batch
         pending = tuple(self.backend.submit(tensor[start : start + step]) for start in range(0, len(tensor), step))
-        return Submitted(scales, tuple((int(im.shape[0]), int(im.shape[1])) for im in images_bgr), pending)
+        return Submitted(scales, tuple(sizes), pending)
 
     def collect(self, submitted: Submitted, conf_threshold: float, iou_threshold: float) -> list[Detections]:
         """Wait for a submitted batch and decode it: one Detections per image, boxes in source pixels."""

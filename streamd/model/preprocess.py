@@ -25,35 +25,46 @@ class Letterbox:
     scale: float  # input pixels per source pixel
 
 
-def letterbox(image_bgr: np.ndarray, input_hw: tuple[int, int], preprocess: Preprocess = Preprocess()) -> Letterbox:
-    """Letterbox one HxWx3 uint8 BGR image into a float32 [3, H, W] tensor."""
+def _place(image_bgr: np.ndarray, input_hw: tuple[int, int], pad_value: int) -> tuple[np.ndarray, float]:
+    """The uint8 HxWx3 canvas: the image resized by r = min(H / h, W / w) top-left, the rest pad_value; and r."""
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 image, got shape {image_bgr.shape}")
-    canvas = np.full((input_hw[0], input_hw[1], 3), preprocess.pad_value, dtype=np.uint8)
+    canvas = np.full((input_hw[0], input_hw[1], 3), pad_value, dtype=np.uint8)
     scale = min(input_hw[0] / image_bgr.shape[0], input_hw[1] / image_bgr.shape[1])
     new_h, new_w = int(image_bgr.shape[0] * scale), int(image_bgr.shape[1] * scale)
-    resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    canvas[:new_h, :new_w] = resized
-    if preprocess.channel_order == "rgb":
-        canvas = canvas[:, :, ::-1]
-    tensor = canvas.transpose(2, 0, 1).astype(np.float32)
+    if (new_h, new_w) == image_bgr.shape[:2]:
+        canvas[:new_h, :new_w] = image_bgr  # already the letterbox's size (decoded for the model): pad only
+    else:
+        canvas[:new_h, :new_w] = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    return canvas, scale
+
+
+def _to_tensor(canvas: np.ndarray, preprocess: Preprocess, out: np.ndarray) -> None:
+    """Write the canvas into `out` (float32 [3, H, W]) in the model's channel order and scaling, in one pass."""
+    out[...] = (canvas[:, :, ::-1] if preprocess.channel_order == "rgb" else canvas).transpose(2, 0, 1)
     if preprocess.mean is not None:
-        tensor -= np.asarray(preprocess.mean, np.float32).reshape(3, 1, 1)
+        out -= np.asarray(preprocess.mean, np.float32).reshape(3, 1, 1)
     if preprocess.std is not None:
-        tensor /= np.asarray(preprocess.std, np.float32).reshape(3, 1, 1)
+        out /= np.asarray(preprocess.std, np.float32).reshape(3, 1, 1)
     if preprocess.scale != 1.0:
-        tensor *= preprocess.scale
-    return Letterbox(tensor=np.ascontiguousarray(tensor), scale=scale)
+        out *= preprocess.scale
+
+
+def letterbox(image_bgr: np.ndarray, input_hw: tuple[int, int], preprocess: Preprocess = Preprocess()) -> Letterbox:
+    """Letterbox one HxWx3 uint8 BGR image into a float32 [3, H, W] tensor."""
+    canvas, scale = _place(image_bgr, input_hw, preprocess.pad_value)
+    tensor = np.empty((3, input_hw[0], input_hw[1]), dtype=np.float32)
+    _to_tensor(canvas, preprocess, tensor)
+    return Letterbox(tensor=tensor, scale=scale)
 
 
 def letterbox_batch(
     images_bgr: list[np.ndarray], input_hw: tuple[int, int], preprocess: Preprocess = Preprocess()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Letterbox a list of images into one float32 [N, 3, H, W] batch and float32 [N] scales."""
+    """Letterbox a list of images into one float32 [N, 3, H, W] batch (written in place) and float32 [N] scales."""
     batch = np.empty((len(images_bgr), 3, input_hw[0], input_hw[1]), dtype=np.float32)
     scales = np.empty(len(images_bgr), dtype=np.float32)
     for i, image in enumerate(images_bgr):
-        boxed = letterbox(image, input_hw, preprocess)
-        batch[i] = boxed.tensor
-        scales[i] = boxed.scale
+        canvas, scales[i] = _place(image, input_hw, preprocess.pad_value)
+        _to_tensor(canvas, preprocess, batch[i])
     return batch, scales

@@ -54,6 +54,8 @@ class _StreamCounters:
     last_result_at: float | None = None
     last_error: str | None = None
     end_error: str | None = None
+    source_state: str = "starting"  # starting | running | reconnecting | ended | failed (run_source says)
+    last_frozen: bool = False  # whether the last result's frame was frozen
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,13 +171,14 @@ class Metrics:
             if name == "frames_in" and counters.first_frame_at is None:
                 counters.first_frame_at = time.monotonic()
 
-    def result(self, stream_id: str, detections: int, latency: Latency) -> None:
+    def result(self, stream_id: str, detections: int, latency: Latency, frozen: bool = False) -> None:
         """One frame through inference: counted as processed, its detections counted, its latency sampled."""
         with self._lock:
             counters = self._streams[stream_id]
             counters.counts["processed"] += 1
             counters.counts["detections"] += detections
             counters.last_result_at = time.monotonic()
+            counters.last_frozen = frozen
             for name in LATENCY_NAMES:
                 counters.latency_ms[name].append(getattr(latency, f"{name}_ms"))
 
@@ -185,6 +188,20 @@ class Metrics:
             counters = self._streams[stream_id]
             counters.counts["errors"] += 1
             counters.last_error = text
+
+    def source_state(self, stream_id: str, state: str) -> None:
+        """Where a stream's source is: starting, running, reconnecting, ended or failed (for the heartbeat)."""
+        with self._lock:
+            self._streams[stream_id].source_state = state
+
+    def states(self) -> dict[str, tuple[str, bool, float | None]]:
+        """Per stream: (source state, last result frozen, seconds since the last result or None)."""
+        now = time.monotonic()
+        with self._lock:
+            return {
+                sid: (c.source_state, c.last_frozen, None if c.last_result_at is None else now - c.last_result_at)
+                for sid, c in self._streams.items()
+            }
 
     def ended(self, stream_id: str, error: str) -> None:
         """A stream ended early with an error (the first reason is kept)."""

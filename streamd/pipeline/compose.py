@@ -8,6 +8,7 @@ import zmq
 
 from streamd.config import StreamConfig, StreamdConfig
 from streamd.model.detector import Detector
+from streamd.ops.heartbeat import HeartbeatSource
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.graph import Graph, Queue
 from streamd.pipeline.queues import Batcher, Policy
@@ -41,7 +42,8 @@ def compose(
     (1 thread per stream)   (max_batch | max_wait_ms,        (decode, NMS,    │   (1 thread     └──► detection_log
      queue per stream:       fair, credits: a frame is        message)       │    per stream)
      drop_oldest if live,    taken only when its stream's                    └──publish──► freshness ──► publish
-     block for files)        block queues have room)                               (drop stale)   (ZeroMQ PUB)
+     block for files)        block queues have room)                         ▲     (drop stale)   (ZeroMQ PUB)
+                                                                   heartbeat ┘ (the supervisor, once a second)
 
     Every arrow with a name is a bounded queue and has its own worker thread; the
     others are calls in the same thread. A stage after `stream=` is that
@@ -55,9 +57,12 @@ def compose(
     graph.add_flow(submit, results, Queue("in_flight", size=1, policy="block", per_frame=False))
     for stream in config.streams:
         policy = queue_policy(stream)
-        graph.add_flow(open_source(stream, metrics), batch, Queue("input", stream.queue.size, policy))
+        recorded = switches.record and stream.record is not None and stream.record.enabled
+        # A stream that is not recorded is decoded straight to the model's size: no full-size BGR frame.
+        source = open_source(stream, metrics, model_hw=None if recorded else detector.input_hw)
+        graph.add_flow(source, batch, Queue("input", stream.queue.size, policy))
         outputs = Queue("output", stream.queue.size, policy)
-        if switches.record and stream.record is not None and stream.record.enabled:
+        if recorded:
             annotate = AnnotateStage(detector.class_names, max_age_ms=max_age_ms(stream))
             graph.add_flow(results, annotate, outputs, stream=stream.id)
             graph.add_flow(annotate, RecordStage(stream.id, stream.record, stream.segment_s))
@@ -72,8 +77,10 @@ def compose(
         size = sum(stream.queue.size for stream in config.streams)
         budgets = {stream.id: max_age_ms(stream) for stream in config.streams if max_age_ms(stream) is not None}
         fresh = FreshnessStage(budgets, metrics)
-        graph.add_flow(results, fresh, Queue("publish", size, "drop_oldest" if live else "block"))
+        published = Queue("publish", size, "drop_oldest" if live else "block")
+        graph.add_flow(results, fresh, published)
         graph.add_flow(fresh, PublishStage(zmq_context, publish, metrics))
+        graph.add_heartbeat(HeartbeatSource(metrics, results.model, budgets), published)  # once a second
     graph.check()
     return graph
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamd.ops.heartbeat import HeartbeatSource
 from streamd.ops.metrics import Metrics, dropped
 from streamd.pipeline.queues import Batcher, BoundedQueue, Policy
 from streamd.pipeline.stage import Source, Stage
@@ -100,6 +101,7 @@ class Graph:
         self._queue_roots: dict[int, list[Node]] = {}
         self.sources: list[tuple[Node, BoundedQueue]] = []
         self.batcher: Node | None = None
+        self.heartbeat: tuple[HeartbeatSource, BoundedQueue] | None = None
         self._checked = False
 
     # --- building -----------------------------------------------------------------------------------
@@ -149,6 +151,12 @@ class Graph:
             up.queued.append((stream, bounded))
         self._queue_roots.setdefault(id(queue), []).append(down)
 
+    def add_heartbeat(self, source: HeartbeatSource, queue: Queue) -> None:
+        """The supervisor puts source.beat() into `queue` once a second (a Queue already in a flow: the publisher's)."""
+        if id(queue) not in self._queues:
+            raise ValueError(f"the heartbeat goes into a queue of the graph; {queue.role!r} is in no flow")
+        self.heartbeat = (source, self._queues[id(queue)][1])
+
     def _node(self, obj: Any, stream: str | None = None) -> Node:
         node = self._nodes.get(id(obj))
         if node is None:
@@ -169,7 +177,12 @@ class Graph:
 
     def _counter(self, role: str):
         reason = dropped(role)
-        return lambda item: self.metrics.count(item.stream_id, reason)
+
+        def count(item: Any) -> None:
+            if item.stream_id is not None:  # a frame's item; a dropped heartbeat counts for no stream
+                self.metrics.count(item.stream_id, reason)
+
+        return count
 
     # --- checking -----------------------------------------------------------------------------------
 

@@ -87,8 +87,8 @@ class Runner:
             thread.start()
         self.notifier.ready(f"running {len(sources)} stream(s)")
         log.info("running %d stream(s)", len(sources))
-        supervisor = Supervisor(control, self.notifier, sources, threads,
-                                drain_timeout_s=self.drain_timeout_s, duration_s=self.duration_s)
+        supervisor = Supervisor(control, self.notifier, sources, threads, drain_timeout_s=self.drain_timeout_s,
+                                duration_s=self.duration_s, heartbeat=graph.heartbeat)
         supervisor.watch(started)
         self.left_behind = supervisor.left_behind()
         if self.left_behind:

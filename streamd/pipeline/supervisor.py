@@ -16,7 +16,8 @@ import time
 
 from streamd.ops.logging import stream_extra
 from streamd.ops.systemd import SystemdNotifier
-from streamd.pipeline.queues import BoundedQueue
+from streamd.ops.heartbeat import HEARTBEAT_EVERY_S, HeartbeatSource
+from streamd.pipeline.queues import BoundedQueue, Full
 from streamd.pipeline.worker import TICK_S, Control
 from streamd.types import EndOfStream
 
@@ -41,6 +42,7 @@ class Supervisor:
         *,
         drain_timeout_s: float,
         duration_s: float | None,
+        heartbeat: tuple[HeartbeatSource, BoundedQueue] | None = None,
     ):
         self.control = control
         self.notifier = notifier
@@ -49,6 +51,7 @@ class Supervisor:
         self.drain_timeout_s = drain_timeout_s
         self.duration_s = duration_s
         self._drops_logged: dict[str, int] = {}
+        self.heartbeat = heartbeat  # (its source, the queue it goes into): one per HEARTBEAT_EVERY_S
 
     def watch(self, started: float) -> None:
         control = self.control
@@ -56,6 +59,7 @@ class Supervisor:
         last_ping = last_status = time.monotonic()
         stop_seen_at: float | None = None
         forced = False
+        last_heartbeat = 0.0
         while any(t.is_alive() for t in self.threads):
             next(t for t in self.threads if t.is_alive()).join(timeout=0.2)
             now = time.monotonic()
@@ -73,6 +77,9 @@ class Supervisor:
                 if now - stop_seen_at > self.drain_timeout_s:
                     control.give_up_at = now
                     break
+            if self.heartbeat is not None and now - last_heartbeat >= HEARTBEAT_EVERY_S:
+                last_heartbeat = now
+                self._send_heartbeat(stopping=stop_seen_at is not None)
             if interval_s is not None and now - last_ping >= interval_s:
                 stalled = self.stalled(now)
                 if stalled:
@@ -92,6 +99,14 @@ class Supervisor:
             t.name for t in self.threads
             if t.is_alive() and id(t) not in source_threads and now - self.control.beats.get(t.name, now) > STALL_S
         ]
+
+    def _send_heartbeat(self, stopping: bool) -> None:
+        """Into the publisher's queue without waiting: a heartbeat that does not fit now is skipped."""
+        source, queue = self.heartbeat
+        try:
+            queue.put(source.beat(stopping), timeout_s=0)
+        except Full:
+            log.debug("heartbeat skipped: the publish queue is full")
 
     def _report(self) -> None:
         summary = self.control.metrics.summary("running")

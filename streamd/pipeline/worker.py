@@ -148,6 +148,7 @@ def run_source(node: Node, out: BoundedQueue, control: Control, max_frames: int 
                 if not opened:
                     source.open()
                     opened, opened_at = True, time.monotonic()
+                    control.metrics.source_state(sid, "running")
                     if lost_at is not None:
                         control.metrics.count(sid, "reconnects")
                         log.info("back after an outage of %.1f s", opened_at - lost_at, extra=extra)
@@ -167,6 +168,7 @@ def run_source(node: Node, out: BoundedQueue, control: Control, max_frames: int 
                 if lost_at is None:  # a new outage
                     lost_at = now
                     control.metrics.count(sid, "outages")
+                    control.metrics.source_state(sid, "reconnecting")
                     control.metrics.error(sid, text)
                     flapping = opened_at is not None and now - opened_at < FLAPPING_S
                     wait_s = min(wait_s * 2, backoff.max_s) if flapping else backoff.initial_s
@@ -193,6 +195,7 @@ def run_source(node: Node, out: BoundedQueue, control: Control, max_frames: int 
             log.warning("close failed: %s", describe("close", exc), extra=extra)
         if error is not None:
             control.metrics.ended(sid, error)
+        control.metrics.source_state(sid, "failed" if error is not None else "ended")
         control.put(out, EndOfStream(sid, error=error), worker)
 
 

@@ -55,9 +55,13 @@ _REALTIME_MAX_LAG_S = 0.5
 _UDP_FIFO_SIZE = 100_000
 
 
-def open_source(stream: StreamConfig, metrics: Metrics, *, options: dict[str, str] | None = None) -> AVSource:
+def open_source(
+    stream: StreamConfig, metrics: Metrics, *, model_hw: tuple[int, int] | None = None,
+    options: dict[str, str] | None = None,
+) -> AVSource:  # fmt: skip
     """The source of a validated stream config (not opened yet: the runner calls open()).
 
+    model_hw: see AVSource (compose passes it for streams that are not recorded).
     options: extra FFmpeg options, applied last (tests, benchmarks).
     """
     micros = str(int(stream.timeout_s * 1_000_000))
@@ -88,7 +92,7 @@ def open_source(stream: StreamConfig, metrics: Metrics, *, options: dict[str, st
     return AVSource(
         stream.id, url, kind=stream.kind, metrics=metrics, format=fmt, options=opts, realtime=stream.realtime,
         loop=stream.loop, timeout_s=stream.timeout_s, backoff=Backoff(stream.reconnect.initial_s, stream.reconnect.max_s),
-        frozen_after_s=stream.frozen_after_s if stream.kind.live else None,
+        frozen_after_s=stream.frozen_after_s if stream.kind.live else None, model_hw=model_hw,
     )
 
 
@@ -165,6 +169,8 @@ class AVSource:
 
     live: the kind's (files False, the rest True).
     frozen_after_s: flag frames as frozen once the picture has not changed for this long (None: never).
+    model_hw: the model's input (H, W) for a stream that is not recorded: each frame is converted and scaled
+    to the letterbox's size in one swscale pass, never made at full size (None: full-size BGR frames).
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
     files and "SLICE" for live sources, where frame threading would add a
     frame of latency per thread.
@@ -185,6 +191,7 @@ class AVSource:
         timeout_s: float = 5.0,
         backoff: Backoff = Backoff(),
         frozen_after_s: float | None = None,
+        model_hw: tuple[int, int] | None = None,
         thread_type: str | None = None,
     ) -> None:
         self.stream_id = stream_id
@@ -198,6 +205,7 @@ class AVSource:
         self.loop = loop
         self.timeout_s = timeout_s
         self.backoff = backoff
+        self.model_hw = model_hw
         # Frame threading holds back one frame per extra thread (up to 16 on a big machine): fine for a
         # file's throughput, not for a live feed that must be out within a frame's time. Live sources
         # thread within a frame (slices) instead.
@@ -284,7 +292,7 @@ class AVSource:
             raise self._error("read() without a successful open()")
         try:
             av_frame, received = next(self._frames)
-            image = av_frame.to_ndarray(format="bgr24")
+            image, source_hw, scale = self._convert(av_frame)
         except StopIteration:
             if self.live:
                 self._frames = None
@@ -318,6 +326,8 @@ class AVSource:
             gap_s=gap_s,
             pts_jump_s=jump_s,
             frozen=self._freeze.update(image) if self._freeze is not None else False,
+            source_hw=source_hw,
+            scale=scale,
         )
         self._last_frame_at = received
         self.frames += 1
@@ -332,6 +342,21 @@ class AVSource:
         due = self._clock[0] + pts_s - self._clock[1]
         if due > now:
             time.sleep(due - now)
+
+    def _convert(self, av_frame: av.VideoFrame) -> tuple[np.ndarray, tuple[int, int] | None, float]:
+        """The frame as uint8 BGR: full size, or (model_hw set) scaled for the model by swscale in the same pass.
+
+        The scaled size is the letterbox's own (int(h * r), int(w * r)), r = min(H / h, W / w), so the letterbox
+        only pads it; returns (image, source (H, W) or None, r).
+        """
+        height, width = av_frame.height, av_frame.width
+        if self.model_hw is not None:
+            scale = min(self.model_hw[0] / height, self.model_hw[1] / width)
+            if scale < 1.0:
+                size = (int(width * scale), int(height * scale))
+                image = av_frame.to_ndarray(width=size[0], height=size[1], format="bgr24", interpolation="AREA")
+                return image, (height, width), scale
+        return av_frame.to_ndarray(format="bgr24"), None, 1.0
 
     def close(self) -> None:
         self._frames = None

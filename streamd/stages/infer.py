@@ -57,7 +57,11 @@ class SubmitStage:
 
     def process(self, batch: Batch) -> Iterator[InFlight]:
         began = time.perf_counter()
-        yield InFlight(batch, self.detector.submit([frame.image for frame in batch.frames]), began)
+        frames = batch.frames
+        submitted = self.detector.submit(
+            [frame.image for frame in frames], [frame.scale for frame in frames], [(frame.height, frame.width) for frame in frames]
+        )  # fmt: skip
+        yield InFlight(batch, submitted, began)
 
     def close(self) -> None:
         pass
@@ -96,7 +100,7 @@ class ResultsStage:
                 infer_ms=infer_ms,
                 total_ms=frame.decode_ms + max(0.0, (now - frame.decoded_at) * 1e3),
             )
-            self.metrics.result(frame.stream_id, len(detections), latency)
+            self.metrics.result(frame.stream_id, len(detections), latency, frozen=frame.frozen)
             yield FrameResult(
                 frame=frame,
                 detections=detections,

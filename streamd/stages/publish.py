@@ -17,7 +17,7 @@ import zmq
 from streamd.config import PublishConfig
 from streamd.errors import OutputError
 from streamd.ops.metrics import Metrics
-from streamd.types import FrameResult
+from streamd.types import FrameResult, Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,21 @@ class PublishStage:
         self.socket = socket
         log.info("publishing on %s (SNDHWM %d, LINGER %d ms)", self.bind, self.sndhwm, self.linger_ms)
 
-    def process(self, result: FrameResult) -> tuple[()]:
+    def process(self, item: FrameResult | Heartbeat) -> tuple[()]:
+        """Send [topic, message]: a result's on its stream id, a heartbeat's on _heartbeat (counted for no stream)."""
         if self.socket is None:
             raise OutputError("publish: process() before setup()")
-        stream_id = result.stream_id
+        stream_id = item.stream_id
         try:
-            self.socket.send_multipart([stream_id.encode(), result.message], flags=zmq.NOBLOCK)
+            self.socket.send_multipart([item.topic.encode(), item.message], flags=zmq.NOBLOCK)
         except zmq.Again:
-            self.metrics.count(stream_id, "publish_dropped")
+            if stream_id is not None:
+                self.metrics.count(stream_id, "publish_dropped")
         except zmq.ZMQError as exc:
             raise OutputError(f"publish: send on {self.bind} failed: {exc}") from exc
         else:
-            self.metrics.count(stream_id, "published")
+            if stream_id is not None:
+                self.metrics.count(stream_id, "published")
         return ()
 
     def close(self) -> None:

@@ -196,3 +196,25 @@ def test_a_malformed_message_is_counted_and_skipped_not_fatal():
     assert "skipped a malformed message: seq: 'two' is not of type 'integer'" in result.stderr
     assert "skipped a malformed message: 3 frames" in result.stderr
     assert "malformed messages skipped: 3" in result.stderr
+
+
+def test_listen_shows_heartbeats_on_request_and_never_counts_them():
+    beat = {
+        "schema": "streamd.heartbeat/1", "sent_at": "2026-11-22T18:00:00.123456Z", "uptime_s": 12.0, "state": "running",
+        "model": {"name": "m", "sha256": "a" * 64},
+        "streams": {"room1": {"state": "running", "frames_in": 300, "processed": 300, "fps": 24.8,
+                              "last_result_age_ms": 12.5},
+                    "room2": {"state": "reconnecting", "frames_in": 10, "processed": 10, "fps": 0.0,
+                              "last_result_age_ms": 8000.0}},
+    }  # fmt: skip
+    publisher = RawPublisher([[b"_heartbeat", encode(beat)], [b"room1", encode(message("room1", 0))]])
+    publisher.start()
+    result = runner.invoke(app, ["listen", publisher.endpoint, "--stream", "room1", "--heartbeats", "--count", "1",
+                                 "--timeout-s", "10"])  # fmt: skip
+    publisher.join()
+    assert result.exit_code == 0, result.output
+    assert "heartbeat: running 12.0 s; room1 running 24.8 fps, room2 reconnecting" in result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines()] == ["#0"]  # --count 1 counted the detection
+
+
+# --- CURVE keys: `keys generate` and `listen` with client keys ---------------------------------------

@@ -309,3 +309,55 @@ def test_a_full_recording_disk_stops_only_that_recording(tmp_path: Path, tiny_bu
     assert media.probe_frame_count(recording) == 150
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
     assert "record failed" in rows["a"] and rows["b"].split("│")[-2].strip() == "0"  # a: drops counted; b: no error
+
+
+def test_the_heartbeat_tells_running_from_reconnecting_and_not_running(tmp_path: Path, tiny_bundle, clip):
+    """A real subscriber reads _heartbeat once a second: a live stream running, then reconnecting once its sender
+    stops; a file stream ended; and nothing once the daemon has exited."""
+    import zmq
+
+    port = media.free_port("udp")
+    sender = media.udp_sender(port, size=(160, 120), fps=25)
+    endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
+    config = write(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: {{type: onnxruntime, threads: 1}}
+        streams:
+          - id: live
+            source: "udp://127.0.0.1:{port}"
+            timeout_s: 1
+          - id: file
+            source: {clip}
+        publish: {{bind: "{endpoint}"}}
+        """,
+    )
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"_heartbeat")
+    sub.connect(endpoint)
+    daemon = streamd("run", str(config), "--duration-s", "12")
+    states: list[dict] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and daemon.poll() is None:
+            if not sub.poll(200):
+                continue
+            topic, payload = sub.recv_multipart()
+            beat = json.loads(payload)
+            jsonschema.validate(beat, schema("streamd.heartbeat/1"))
+            states.append({sid: s["state"] for sid, s in beat["streams"].items()})
+            if states[-1]["live"] == "running" and sender.poll() is None:
+                media.stop(sender)  # the camera goes away while the daemon keeps running
+        out, err = daemon.communicate(timeout=30)
+        assert not sub.poll(2500)  # the daemon is gone: no heartbeat any more
+    finally:
+        media.stop(sender)
+        media.stop(daemon)
+        sub.close(linger=0)
+        context.term()
+    assert daemon.returncode == 0, err
+    live = [s["live"] for s in states]
+    assert "running" in live and "reconnecting" in live[live.index("running"):]
+    assert states[-1]["file"] == "ended"

@@ -323,3 +323,70 @@ def test_a_frozen_live_feed_is_flagged_for_real(tmp_path: Path) -> None:
         source.close()
         media.stop(sender)
     assert not frames[0].frozen and frames[-1].frozen
+
+
+BCCD = Path(__file__).resolve().parents[4] / "shared" / "datasets" / "BCCD"
+SHIPPED = Path(__file__).resolve().parents[3] / "models" / "bccd-nano.bundle"
+
+
+@pytest.fixture(scope="module")
+def bccd_video(tmp_path_factory) -> Path:
+    """6 BCCD test images as a 1280x720 H.264 clip, 2 frames each: real cells, upscaled like a 720p feed."""
+    if not (BCCD / "JPEGImages").is_dir():
+        pytest.skip("the BCCD dataset is not beside the checkout")
+    folder = tmp_path_factory.mktemp("bccd")
+    ids = (BCCD / "ImageSets" / "Main" / "test.txt").read_text().split()[:6]
+    listing = folder / "frames.txt"
+    listing.write_text("".join(f"file '{BCCD / 'JPEGImages' / (i + '.jpg')}'\nduration 0.08\n" for i in ids))
+    video = folder / "bccd-720p.mp4"
+    subprocess.run(
+        [media.FFMPEG, "-loglevel", "error", "-y", "-f", "concat", "-safe", "0", "-i", str(listing), "-vf",
+         "fps=25,scale=1280:720,format=yuv420p", "-c:v", "libx264", "-crf", "18", str(video)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    return video
+
+
+def test_a_stream_decoded_for_the_model_is_never_made_full_size_and_detects_the_same(bccd_video: Path) -> None:
+    """Not recorded: swscale converts and scales each frame to the letterbox's size in one pass; the boxes still
+    come back in source pixels and match the full-frame path: every box scoring 0.5 or more is found again at
+    IoU >= 0.95 with its score within 0.03 (swscale's area resampling is within ~1 grey level of OpenCV's
+    bilinear, so a box near the threshold can move a little: measured, min IoU 0.954 above 0.5)."""
+    from streamd.backends.onnxruntime import OnnxRuntimeBackend
+    from streamd.model import load_bundle
+    from streamd.model.detector import Detector
+
+    bundle = load_bundle(SHIPPED)
+    detector = Detector.for_bundle(bundle, OnnxRuntimeBackend(bundle, max_batch=4, intra_op_threads=1))
+    runs = {}
+    for name, model_hw in (("full", None), ("scaled", tuple(bundle.meta.input_hw))):
+        source = open_source(stream(str(bccd_video)), Metrics(["eus-1"]), model_hw=model_hw)
+        source.open()
+        try:
+            frames = read_all(source)
+        finally:
+            source.close()
+        runs[name] = frames
+    full, scaled = runs["full"], runs["scaled"]
+    assert len(full) == len(scaled) >= 10
+    assert scaled[0].image.shape == (234, 416, 3) and (scaled[0].width, scaled[0].height) == (1280, 720)  # 416/1280
+    assert full[0].image.shape == (720, 1280, 3) and scaled[0].scale == pytest.approx(0.325)
+    matched = 0
+    for a, b in zip(full, scaled):
+        (da,) = detector.collect(detector.submit([a.image]), 0.3, 0.45)
+        (db,) = detector.collect(detector.submit([b.image], [b.scale], [(b.height, b.width)]), 0.3, 0.45)
+        for box, score, cls in zip(da.xyxy, da.confidence, da.class_id):
+            candidates = [(iou(box, other), abs(score - s)) for other, s, c in zip(db.xyxy, db.confidence, db.class_id)
+                          if c == cls]  # fmt: skip
+            if score >= 0.5:  # a box well above the threshold must be found again, in source pixels
+                best_iou, score_diff = max(candidates, default=(0.0, 1.0))
+                assert best_iou >= 0.95 and score_diff <= 0.03, (box, score, candidates)
+                matched += 1
+    assert matched >= 20  # real cells were found and compared
+
+
+def iou(a, b) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
