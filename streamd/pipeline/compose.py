@@ -41,7 +41,7 @@ def compose(
     source:ID ──input:ID──► batch ──► submit ──in_flight──► results ──output:ID──► annotate ──► record
     (1 thread per stream)   (max_batch | max_wait_ms,        (decode, NMS,    │   (1 thread     └──► detection_log
      queue per stream:       fair, credits: a frame is        message)       │    per stream)
-     drop_oldest if live,    taken only when its stream's                    └──publish──► freshness ──► publish
+     drop_oldest if paced,   taken only when its stream's                    └──publish──► freshness ──► publish
      block for files)        block queues have room)                         ▲     (drop stale)   (ZeroMQ PUB)
                                                                    heartbeat ┘ (the supervisor, once a second)
 
