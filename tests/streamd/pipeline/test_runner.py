@@ -66,9 +66,9 @@ def test_a_live_source_never_waits_for_slow_inference_and_drops_are_counted(tiny
     built = build(tiny_bundle, [source], backend=FakeBackend(max_batch=1, delay_s=0.02), queue_size=2, max_batch=1)
     summary = run(built)
     s = summary.stream("cam")
-    assert s.frames_in == 60 and s.dropped > 0
-    assert s.processed + s.dropped == 60  # every frame is either processed or counted
-    assert dict(s.dropped_by_queue)["input"] == s.dropped
+    dropped_before_inference = dict(s.dropped_by_queue).get("input", 0)
+    assert s.frames_in == 60 and dropped_before_inference > 0  # inference is the slow part: frames wait there
+    assert s.processed + dropped_before_inference == 60  # every frame is either processed or counted
     seqs = built.outputs["cam"][0].seqs("cam")
     assert seqs == sorted(seqs) and len(seqs) < 60  # newest frames kept, in order
 
@@ -120,7 +120,8 @@ def test_a_flapping_source_backs_off_exponentially(tiny_bundle):
     source = FakeSource("cam", 5, live=True, flaps=4, backoff=Backoff(0.01, 0.04))
     summary = run(build(tiny_bundle, [source]))
     s = summary.stream("cam")
-    assert s.outages == 4 and s.frames_in == 5 and s.processed + s.dropped == 5
+    assert s.outages == 4 and s.frames_in == 5
+    assert s.processed + dict(s.dropped_by_queue).get("input", 0) == 5  # a live frame is processed or dropped before
     gaps = np.diff(source.open_calls)
     assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.04  # doubled from the first loss, then capped
 
@@ -205,7 +206,7 @@ def test_a_live_source_that_raises_reconnects(tiny_bundle):
     summary = run(build(tiny_bundle, [source]))
     s = summary.stream("cam")
     assert summary.ok and s.end_error is None and (s.outages, s.reconnects) == (1, 1) and s.frames_in == 10
-    assert s.processed + s.dropped == 10  # live: a frame is processed or counted as dropped
+    assert s.processed + dict(s.dropped_by_queue).get("input", 0) == 10  # live: processed, or dropped before it
 
 
 def test_a_source_stuck_in_read_is_ended_by_the_supervisor(tiny_bundle):
