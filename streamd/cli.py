@@ -1,4 +1,4 @@
-"""The `streamd` command: validate a config, run the daemon, listen to its messages, print the schema.
+"""The `streamd` command: validate a config, run the daemon, listen to its messages, print the schema, make keys.
 
 Exit codes: 0 done; 1 a fatal error while loading or running, or a stream
 that ended with an error while the others ran on (one line on stderr); 2 an
@@ -15,6 +15,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,9 +24,11 @@ import jsonschema
 import typer
 import zmq
 from rich.console import Console
+from zmq.utils.monitor import recv_monitor_message
 
 from streamd.config import StreamdConfig, load_config
 from streamd.errors import ConfigError, StreamdError
+from streamd.keys import KeyFileError, generate, read_key_pair, read_public_key
 from streamd.messages import HEARTBEAT_SCHEMA_ID, SCHEMA_FILES
 from streamd.messages import schema as message_schema
 from streamd.model.bundle import load_bundle
@@ -42,6 +45,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+keys_app = typer.Typer(
+    help="CURVE key pairs: the daemon's, and one per subscriber (docs/operations.md, 'CURVE keys').",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
 log = logging.getLogger("streamd")
 
 EXIT_FATAL = 1
@@ -150,42 +158,83 @@ def listen(
         "--heartbeats", help="Also print the daemon's heartbeat (its state and each stream's, once a second).",
     )] = False,
     timeout_s: Annotated[Optional[float], typer.Option(min=0.0, help="Exit after S seconds without a message.")] = None,
+    curve_server_key: Annotated[Optional[Path], typer.Option(
+        help="The daemon's public key file (NAME.key), when it publishes with curve; needs --curve-client-key.",
+    )] = None,
+    curve_client_key: Annotated[Optional[Path], typer.Option(
+        help="This subscriber's secret key file (NAME.key_secret, mode 0600), whose NAME.key is in the daemon's "
+        "authorized_clients_dir; needs --curve-server-key.",
+    )] = None,
 ) -> None:
     """Subscribe to a daemon's detections: one line per message, and the missed seq numbers per stream.
 
     Exits 0 after --count messages, after --timeout-s of silence (1 if nothing
     came at all), or on Ctrl-C; a summary of received/missed goes to stderr.
+    Exits 1 at once when the daemon refuses this subscriber's CURVE key, and 2
+    for a bad argument or key file.
     """
     if timeout_s is not None and not math.isfinite(timeout_s):
         raise _fail(f"listen: --timeout-s must be a finite number of seconds, got {timeout_s}", EXIT_CONFIG)
+    if (curve_server_key is None) != (curve_client_key is None):
+        raise _fail("listen: --curve-server-key and --curve-client-key go together (CURVE needs both)", EXIT_CONFIG)
+    try:
+        server_key = None if curve_server_key is None else read_public_key(curve_server_key)
+        client_keys = None if curve_client_key is None else read_key_pair(curve_client_key)
+    except KeyFileError as exc:
+        raise _fail(f"listen: {exc}", EXIT_CONFIG) from None
     wanted = set(stream or ())
     context = zmq.Context()
     socket = context.socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 100_000)
     socket.setsockopt(zmq.RECONNECT_IVL, 50)  # join a daemon that starts after us quickly
+    if server_key is not None and client_keys is not None:
+        socket.curve_serverkey = server_key
+        socket.curve_publickey = client_keys.public
+        socket.curve_secretkey = client_keys.secret
     for topic in sorted(wanted) or [""]:
         socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
     if wanted:
         socket.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_TOPIC.encode())  # the daemon's state comes whatever the streams
+    monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)  # fmt: skip
     try:
         socket.connect(endpoint)
     except zmq.ZMQError as exc:
+        socket.disable_monitor()
+        monitor.close()
         socket.close()
         context.term()
         raise _fail(f"listen: cannot connect to {endpoint!r}: {exc} (expected e.g. tcp://127.0.0.1:5555)", EXIT_CONFIG) from None
     typer.echo(f"listening on {endpoint}", err=True)  # a readiness line for scripts (the daemon may start later)
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
     received: Counter[str] = Counter()
     missed: Counter[str] = Counter()
     malformed = 0
     last_seq: dict[str, int] = {}
-    timed_out = False
+    timed_out = refused = handshake_warned = False
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while count is None or sum(received.values()) < count:
-            if not socket.poll(None if timeout_s is None else int(timeout_s * 1000)):
+            wait_ms = None if deadline is None else max(0, round((deadline - time.monotonic()) * 1000))
+            ready = dict(poller.poll(wait_ms))
+            if not ready:
                 timed_out = True
                 break
+            if monitor in ready:
+                event = recv_monitor_message(monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZeroMQ does not retry after a refusal
+                    refused = True
+                    break
+                if not handshake_warned:  # it retries these: say it once, and wait on
+                    handshake_warned = True
+                    typer.echo(f"listen: {_handshake_hint(server_key is not None)}", err=True)
+                continue
             parts = socket.recv_multipart()
+            if deadline is not None:
+                deadline = time.monotonic() + timeout_s
             topic = parts[0].decode(errors="replace")
             if topic == HEARTBEAT_TOPIC:  # the daemon's state once a second: shown with --heartbeats, never counted
                 beat, why = _parse_message(parts)
@@ -212,14 +261,28 @@ def listen(
     except KeyboardInterrupt:
         pass
     finally:
+        socket.disable_monitor()
+        monitor.close()
         socket.close()
         context.term()
     for topic in sorted(received):
         typer.echo(f"{topic}: received {received[topic]}, missed {missed[topic]}", err=True)
     if malformed:
         typer.echo(f"malformed messages skipped: {malformed}", err=True)
+    if refused:
+        raise _fail(
+            f"listen: {endpoint} refused this subscriber's key: add the public key of {curve_client_key} (its NAME.key "
+            "file) to the daemon's publish.curve.authorized_clients_dir and restart the daemon", EXIT_FATAL,
+        )  # fmt: skip
     if timed_out and not received:
         raise _fail(f"no message from {endpoint} within {timeout_s} s", EXIT_FATAL)
+
+
+def _handshake_hint(curve: bool) -> str:
+    if curve:
+        return ("the CURVE handshake failed: is --curve-server-key the daemon's public key, and does the daemon "
+                "publish with curve? (retrying)")  # fmt: skip
+    return "the handshake failed: the daemon may publish with curve; give --curve-server-key and --curve-client-key (retrying)"
 
 
 def _parse_message(parts: list[bytes]) -> tuple[dict | None, str]:
@@ -264,6 +327,24 @@ def _message_line(message: dict) -> str:
         + (" FROZEN" if message.get("frozen") else "")
         + (f" after a {message['gap_s']:.1f} s outage" if message.get("gap_s") else "")
     )
+
+
+@keys_app.command("generate")
+def keys_generate(
+    name: Annotated[str, typer.Argument(help="The key's name: the daemon's (e.g. eus-room-1) or a subscriber's.")],
+    folder: Annotated[Path, typer.Option("--dir", help="Where to write NAME.key and NAME.key_secret (created 0700).")] = Path("."),
+) -> None:
+    """Write a new CURVE key pair: NAME.key (public, give it to the other side) and NAME.key_secret (mode 0600).
+
+    Never overwrites a file. Exit 2 (nothing written) when the name is not
+    allowed, a file exists, or the folder cannot be written.
+    """
+    try:
+        public_file, secret_file = generate(name, folder)
+    except KeyFileError as exc:
+        raise _fail(f"keys: {exc}", EXIT_CONFIG) from None
+    typer.echo(f"{public_file}: public key: give it to the other side (a subscriber's goes in authorized_clients_dir)")
+    typer.echo(f"{secret_file}: secret key, mode 0600: keep it where it is, never copy it")
 
 
 @app.command()

@@ -10,7 +10,10 @@ line and the field:
 - streams[].record: the encoder and preset exist in this FFmpeg build;
 - streams[].record.dir, streams[].detection_log.dir: the folder is, or can be
   created, and is writable;
-- publish.bind: the endpoint can be bound now (nothing else holds it).
+- publish.bind: the endpoint can be bound now (nothing else holds it);
+- publish.curve: the server's secret key file reads and is not open to other
+  users; the allow-list folder holds at least one client key and no secret
+  one (streamd.keys).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import zmq
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
 from streamd.config import StreamdConfig
 from streamd.errors import StreamdError
+from streamd.keys import KeyFileError, read_authorized_keys, read_key_pair
 from streamd.model.bundle import load_bundle
 from streamd.model.detector import Detector
 from streamd.stages.record import check_encoder
@@ -54,6 +58,12 @@ def preflight(config: StreamdConfig, config_path: Path) -> list[str]:
     if config.publish is not None and config.publish.enabled:
         if why := unbindable(config.publish.bind):
             problem(("publish", "bind"), why)
+        if (curve := config.publish.curve) is not None:
+            for field, read in (("server_secret_key_file", read_key_pair), ("authorized_clients_dir", read_authorized_keys)):
+                try:
+                    read(getattr(curve, field))
+                except KeyFileError as exc:
+                    problem(("publish", "curve", field), str(exc))
     return problems
 
 

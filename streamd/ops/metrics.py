@@ -9,6 +9,7 @@ table and a benchmark reads as numbers.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import Counter, deque
@@ -40,8 +41,15 @@ _DROPPED = "dropped:"
 def dropped(reason: str) -> str:
     """The counter name of frames dropped for `reason`: a queue name (input, output, publish), shutdown, or a failed stage."""
     return _DROPPED + reason
+
+
+def drop_reason(name: str) -> str | None:
+    """The reason of a dropped(reason) counter name; None for any other counter."""
+    return name.removeprefix(_DROPPED) if name.startswith(_DROPPED) else None
 # Enough samples for a stable p99 over a long run without growing without bound.
 MAX_LATENCY_SAMPLES = 20_000
+# Upper bounds (ms) of the cumulative latency histograms that /metrics exports; one more bucket holds the rest.
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 150, 250, 500, 1000, 2500, 5000, 10000)
 
 
 @dataclass
@@ -50,6 +58,11 @@ class _StreamCounters:
     latency_ms: dict[str, deque] = field(
         default_factory=lambda: {name: deque(maxlen=MAX_LATENCY_SAMPLES) for name in LATENCY_NAMES}
     )
+    # Every sample since start, never forgotten: a count per LATENCY_BUCKETS_MS bucket (+1 above them) and the sum.
+    latency_buckets: dict[str, list[int]] = field(
+        default_factory=lambda: {name: [0] * (len(LATENCY_BUCKETS_MS) + 1) for name in LATENCY_NAMES}
+    )
+    latency_sum_ms: Counter = field(default_factory=Counter)
     first_frame_at: float | None = None
     last_result_at: float | None = None
     last_error: str | None = None
@@ -90,6 +103,21 @@ class StreamSummary:
             if key == name:
                 return p50, p99
         raise KeyError(name)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCounts:
+    """One stream's raw counters and latency histograms at one moment, for exporters (streamd.ops.prometheus).
+
+    counts: every counter of COUNTERS and every dropped(reason) counted so far, by name.
+    latency_buckets: per latency name, (samples per LATENCY_BUCKETS_MS bucket, the last one above them all,
+    sum of the samples in ms). fps: as in StreamSummary.
+    """
+
+    stream_id: str
+    counts: tuple[tuple[str, int], ...]
+    latency_buckets: tuple[tuple[str, tuple[int, ...], float], ...]
+    fps: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +208,10 @@ class Metrics:
             counters.last_result_at = time.monotonic()
             counters.last_frozen = frozen
             for name in LATENCY_NAMES:
-                counters.latency_ms[name].append(getattr(latency, f"{name}_ms"))
+                value_ms = getattr(latency, f"{name}_ms")
+                counters.latency_ms[name].append(value_ms)
+                counters.latency_buckets[name][bisect.bisect_left(LATENCY_BUCKETS_MS, value_ms)] += 1
+                counters.latency_sum_ms[name] += value_ms
 
     def error(self, stream_id: str, text: str) -> None:
         """A recoverable error of a stream, or an output of it that failed (logged by the caller)."""
@@ -218,6 +249,21 @@ class Metrics:
         summary = self.summary("running")
         return "; ".join(f"{s.stream_id}: {s.processed} frames, {s.fps:.1f} fps, {s.dropped} dropped" for s in summary.streams)
 
+    def counts(self) -> tuple[StreamCounts, ...]:
+        """Every stream's counters and latency histograms now (read by the /metrics endpoint on each scrape)."""
+        with self._lock:
+            return tuple(
+                StreamCounts(
+                    stream_id=stream_id,
+                    counts=tuple(sorted({**dict.fromkeys(COUNTERS, 0), **c.counts}.items())),
+                    latency_buckets=tuple(
+                        (name, tuple(c.latency_buckets[name]), float(c.latency_sum_ms[name])) for name in LATENCY_NAMES
+                    ),
+                    fps=_fps(c),
+                )
+                for stream_id, c in self._streams.items()
+            )
+
     def summary(self, stopped_by: str, error: str | None = None) -> RunSummary:
         with self._lock:
             streams = tuple(self._stream_summary(stream_id, c) for stream_id, c in self._streams.items())
@@ -228,8 +274,7 @@ class Metrics:
     @staticmethod
     def _stream_summary(stream_id: str, c: _StreamCounters) -> StreamSummary:
         counts = c.counts
-        span_s = (c.last_result_at or 0.0) - (c.first_frame_at or 0.0)
-        fps = (counts["processed"] - 1) / span_s if counts["processed"] > 1 and span_s > 0 else 0.0
+        fps = _fps(c)
         latency = []
         for name in LATENCY_NAMES:
             samples = np.fromiter(c.latency_ms[name], dtype=np.float64)
@@ -258,6 +303,12 @@ class Metrics:
             last_error=c.last_error,
             end_error=c.end_error,
         )
+
+
+def _fps(c: _StreamCounters) -> float:
+    """Frames through inference per second, from the stream's first frame in to its last result."""
+    span_s = (c.last_result_at or 0.0) - (c.first_frame_at or 0.0)
+    return (c.counts["processed"] - 1) / span_s if c.counts["processed"] > 1 and span_s > 0 else 0.0
 
 
 def summary_table(summary: RunSummary) -> Table:

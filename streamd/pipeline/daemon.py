@@ -1,14 +1,16 @@
 """One owner for what a run shares: the detector (bundle and backend) and the process's one ZeroMQ context.
 
 `run_pipeline` loads the bundle, makes the backend, creates the context,
-composes the graph, runs it, and closes what it created, in reverse order,
-whatever happened. A caller that brings its own Detector (a benchmark,
+composes the graph, serves /metrics and /healthz when the config asks
+(streamd.ops.prometheus), runs the graph, and closes what it created, in
+reverse order, whatever happened. A caller that brings its own Detector (a benchmark,
 `trainer predict`) keeps it, and closes its backend itself.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import zmq
 
@@ -17,9 +19,14 @@ from streamd.config import StreamdConfig
 from streamd.model.bundle import load_bundle
 from streamd.model.detector import Detector
 from streamd.ops.metrics import Metrics, RunSummary
+from streamd.ops.prometheus import MetricsServer, RunCollector
 from streamd.ops.systemd import SystemdNotifier
 from streamd.pipeline.compose import Switches, compose
+from streamd.pipeline.graph import Graph
+from streamd.pipeline.queues import BoundedQueue
 from streamd.pipeline.runner import Runner
+from streamd.pipeline.worker import Control
+from streamd.stages.record import RecordStage
 
 
 def run_pipeline(
@@ -45,6 +52,7 @@ def run_pipeline(
         bundle = load_bundle(config.model)
         detector = Detector.for_bundle(bundle, make_backend(bundle, config.backend, max_batch=config.batch.max_batch))
     runner: Runner | None = None
+    server: MetricsServer | None = None
     publishing = switches.publish and config.publish is not None and config.publish.enabled
     context = zmq.Context() if publishing else None
     try:
@@ -54,8 +62,13 @@ def run_pipeline(
             graph, stop_event or threading.Event(), drain_timeout_s=config.drain_timeout_s,
             max_frames=max_frames, duration_s=duration_s, notifier=notifier,
         )  # fmt: skip
+        if config.metrics is not None:
+            server = _metrics_server(config.metrics.bind, graph, runner.control)
+            server.start()  # before setup and READY=1: /healthz says "starting" until the supervisor watches
         return runner.run()
     finally:
+        if server is not None:
+            server.close()
         left_behind = runner is not None and bool(runner.left_behind)
         if context is not None:
             if left_behind:
@@ -64,3 +77,16 @@ def run_pipeline(
                 context.term()
         if owns_backend and not left_behind:
             detector.backend.close()
+
+
+def _metrics_server(bind: str, graph: Graph, control: Control) -> MetricsServer:
+    """/metrics over the run's Metrics, every queue of the graph and its recorders; /healthz from its supervisor."""
+    queues = [q for _, q in graph.sources] + [w.inbox for w in graph.workers() if isinstance(w.inbox, BoundedQueue)]
+    recorders = [stage for stage in graph.stages() if isinstance(stage, RecordStage)]
+    return MetricsServer(bind, RunCollector(graph.metrics, queues, recorders), lambda: _silent(control))
+
+
+def _silent(control: Control) -> list[str] | None:
+    """/healthz's question to the run's supervisor: what keeps the watchdog unfed now (None: not running yet)."""
+    supervisor = getattr(control, "supervisor", None)  # set when the runner starts watching (after READY=1)
+    return None if supervisor is None else supervisor.silent(time.monotonic())

@@ -52,6 +52,8 @@ class Supervisor:
         self.duration_s = duration_s
         self._drops_logged: dict[str, int] = {}
         self.heartbeat = heartbeat  # (its source, the queue it goes into): one per HEARTBEAT_EVERY_S
+        self.watched_at = time.monotonic()  # the last turn of watch()'s loop
+        control.supervisor = self  # the hook /healthz asks (streamd.ops.prometheus, wired by run_pipeline)
 
     def watch(self, started: float) -> None:
         control = self.control
@@ -62,7 +64,7 @@ class Supervisor:
         last_heartbeat = 0.0
         while any(t.is_alive() for t in self.threads):
             next(t for t in self.threads if t.is_alive()).join(timeout=0.2)
-            now = time.monotonic()
+            now = self.watched_at = time.monotonic()
             if self.duration_s is not None and now - started >= self.duration_s:
                 control.stop("duration")
             if control.stop_event.is_set() and stop_seen_at is None:
@@ -99,6 +101,10 @@ class Supervisor:
             t.name for t in self.threads
             if t.is_alive() and id(t) not in source_threads and now - self.control.beats.get(t.name, now) > STALL_S
         ]
+
+    def silent(self, now: float) -> list[str]:
+        """What keeps the watchdog unfed now (for /healthz): stalled workers, and this loop when it stopped turning."""
+        return self.stalled(now) + (["supervisor"] if now - self.watched_at > STALL_S else [])
 
     def _send_heartbeat(self, stopping: bool) -> None:
         """Into the publisher's queue without waiting: a heartbeat that does not fit now is skipped."""

@@ -1,8 +1,9 @@
-"""streamd.cli in-process: validate, schema and listen (run is exercised as a real process in test_pipeline_e2e)."""
+"""streamd.cli in-process: validate, schema, keys and listen (run is exercised as a real process in test_pipeline_e2e)."""
 
 from __future__ import annotations
 
 import json
+import stat
 import textwrap
 import threading
 import time
@@ -13,7 +14,10 @@ import zmq
 from typer.testing import CliRunner
 
 from streamd.cli import app
+from streamd.config import CurveConfig
+from streamd.keys import generate, read_key_pair, read_public_key
 from streamd.messages import encode, schema
+from streamd.stages.publish import curve_server
 from tests.streamd import media
 
 runner = CliRunner()
@@ -218,3 +222,115 @@ def test_listen_shows_heartbeats_on_request_and_never_counts_them():
 
 
 # --- CURVE keys: `keys generate` and `listen` with client keys ---------------------------------------
+
+
+def test_keys_generate_writes_a_pair_with_a_private_secret(tmp_path: Path):
+    result = runner.invoke(app, ["keys", "generate", "viewer-1", "--dir", str(tmp_path / "keys")])
+    assert result.exit_code == 0, result.output
+    public_file, secret_file = tmp_path / "keys" / "viewer-1.key", tmp_path / "keys" / "viewer-1.key_secret"
+    assert result.stdout.splitlines()[0].startswith(f"{public_file}: public key")
+    assert result.stdout.splitlines()[1].startswith(f"{secret_file}: secret key, mode 0600")
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert read_key_pair(secret_file).public == read_public_key(public_file)
+
+
+def test_keys_generate_refuses_to_overwrite_with_exit_2(tmp_path: Path):
+    assert runner.invoke(app, ["keys", "generate", "a", "--dir", str(tmp_path)]).exit_code == 0
+    before = (tmp_path / "a.key_secret").read_bytes()
+    result = runner.invoke(app, ["keys", "generate", "a", "--dir", str(tmp_path)])
+    assert result.exit_code == 2 and "exists: remove it first" in result.stderr and "Traceback" not in result.output
+    assert (tmp_path / "a.key_secret").read_bytes() == before
+
+
+class CurvePublisher(Publisher):
+    """The Publisher above as a CURVE server with the daemon's own allow-list (streamd.stages.publish.curve_server).
+
+    It waits `wait_s` for a subscription (none comes from a refused subscriber).
+    """
+
+    def __init__(self, messages: list[dict], keys: Path, wait_s: float = 10.0):
+        super().__init__(messages)
+        self.wait_s = wait_s
+        self.socket.close(linger=0)  # a fresh socket on a fresh port: CURVE options are set before it binds
+        self.endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
+        self.socket = self.context.socket(zmq.XPUB)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        curve = CurveConfig(server_secret_key_file=keys / "server.key_secret", authorized_clients_dir=keys / "clients")
+        self.authenticator = curve_server(self.context, self.socket, curve)
+        self.socket.bind(self.endpoint)
+
+    def run(self) -> None:
+        if self.socket.poll(int(self.wait_s * 1000)):
+            self.socket.recv()  # the subscription: the handshake passed the allow-list
+            for m in self.messages:
+                self.socket.send_multipart([m["stream"].encode(), encode(m)])
+        self.socket.close()
+        self.authenticator.stop()  # before term(): its sockets belong to this context
+        self.context.term()
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """keys/server.*, keys/viewer.*, keys/stranger.*; keys/clients holds viewer.key only."""
+    folder = tmp_path / "keys"
+    for name in ("server", "viewer", "stranger"):
+        generate(name, folder)
+    (folder / "clients").mkdir()
+    (folder / "clients" / "viewer.key").write_bytes((folder / "viewer.key").read_bytes())
+    return folder
+
+
+def curve_args(keys: Path, client: str = "viewer") -> list[str]:
+    return ["--curve-server-key", str(keys / "server.key"), "--curve-client-key", str(keys / f"{client}.key_secret")]
+
+
+def test_listen_with_an_allowed_key_gets_every_message(keys: Path):
+    sent = [message("room1", s) for s in range(3)]
+    publisher = CurvePublisher(sent, keys)
+    publisher.start()
+    result = runner.invoke(app, ["listen", publisher.endpoint, "--json", "--count", "3", "--timeout-s", "10",
+                                 *curve_args(keys)])  # fmt: skip
+    publisher.join()
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines()] == sent
+
+
+def test_listen_with_a_key_the_daemon_refuses_says_so_and_exits_1_at_once(keys: Path):
+    publisher = CurvePublisher([message("room1", 0)], keys, wait_s=3)
+    publisher.start()
+    started = time.monotonic()
+    result = runner.invoke(app, ["listen", publisher.endpoint, "--timeout-s", "20", *curve_args(keys, "stranger")])
+    assert time.monotonic() - started < 10  # not the 20 s timeout: a refusal is final
+    assert result.exit_code == 1, result.output
+    assert "refused this subscriber's key" in result.stderr and "authorized_clients_dir" in result.stderr
+    publisher.join()
+
+
+def test_listen_without_keys_on_a_curve_daemon_hints_at_curve(keys: Path):
+    publisher = CurvePublisher([message("room1", 0)], keys, wait_s=2)
+    publisher.start()
+    result = runner.invoke(app, ["listen", publisher.endpoint, "--timeout-s", "1"])
+    assert result.exit_code == 1
+    assert "the daemon may publish with curve; give --curve-server-key" in result.stderr
+    assert result.stderr.count("handshake failed") == 1  # said once, though ZeroMQ retries
+    publisher.join()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--curve-server-key", "{keys}/server.key"], "--curve-server-key and --curve-client-key go together"),
+        (["--curve-client-key", "{keys}/viewer.key_secret"], "--curve-server-key and --curve-client-key go together"),
+        (["--curve-server-key", "{keys}/nope.key", "--curve-client-key", "{keys}/viewer.key_secret"], "cannot read the key file {keys}/nope.key"),
+        (["--curve-server-key", "{keys}/server.key_secret", "--curve-client-key", "{keys}/viewer.key_secret"], "holds a secret key"),
+        (["--curve-server-key", "{keys}/server.key", "--curve-client-key", "{keys}/viewer.key"], "has no secret key"),
+        (["--curve-server-key", "{keys}/server.key", "--curve-client-key", "{keys}/open.key_secret"], "open to other users (mode 0644)"),
+        (["--curve-server-key", "{keys}/clients", "--curve-client-key", "{keys}/viewer.key_secret"], "is not a key file"),
+    ],
+)  # fmt: skip
+def test_listen_refuses_bad_key_files_with_exit_2_and_no_traceback(keys: Path, args: list[str], expected: str):
+    (keys / "open.key_secret").write_bytes((keys / "viewer.key_secret").read_bytes())
+    (keys / "open.key_secret").chmod(0o644)
+    result = runner.invoke(app, ["listen", "tcp://127.0.0.1:5555", *[a.format(keys=keys) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert expected.format(keys=keys) in result.stderr and "Traceback" not in result.output

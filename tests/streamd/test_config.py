@@ -16,6 +16,7 @@ from streamd.config import (
     TensorRTConfig,
     SourceKind,
     classify_source,
+    is_local_endpoint,
     load_config,
 )
 from streamd.errors import ConfigError
@@ -137,6 +138,11 @@ BAD = [
     (MINIMAL + "publish: {bind: 'localhost:5555'}\n", ":5: publish.bind: String should match pattern"),
     (MINIMAL + "publish: {sndhwm: 0}\n", ":5: publish.sndhwm: Input should be greater than or equal to 1"),
     (MINIMAL + "publish: {bind: 'tcp://127.0.0.1:99999'}\n", ":5: publish.bind: Value error, the port of tcp://127.0.0.1:99999 must be 1..65535"),
+    (MINIMAL + "publish: {bind: 'tcp://0.0.0.0:5555'}\n", ":5: publish: Value error, bind tcp://0.0.0.0:5555 lets other machines connect, and without curve anyone"),
+    (MINIMAL + "publish:\n  bind: 'tcp://*:5555'\n", ":5: publish: Value error, bind tcp://*:5555 lets other machines connect"),
+    (MINIMAL + "publish: {curve: {server_secret_key_file: k}}\n", ":5: publish.curve.authorized_clients_dir: Field required"),
+    (MINIMAL + "publish: {curve: {server_secret_key: k, authorized_clients_dir: c}}\n", ":5: publish.curve.server_secret_key: unknown field; did you mean 'server_secret_key_file'?"),
+    (MINIMAL + "publish: {curve: {server_secret_key_file: k, authorized_clients_dir: c}, allow_plaintext_remote: true}\n", ":5: publish: Value error, allow_plaintext_remote has no effect with curve"),
 
     (MINIMAL + "logging: {level: LOUD}\n", ":5: logging.level: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
     ("model: models/tiny.bundle\nstreams: []\n", ":2: streams: List should have at least 1 item"),
@@ -163,6 +169,35 @@ def test_a_path_too_long_for_the_file_system_is_an_error_not_a_traceback(folder:
         load_config(path)
     (line,) = str(caught.value).splitlines()
     assert line.startswith(f"{path}{where}") and "File name too long" in line and len(line) < 600
+
+
+@pytest.mark.parametrize(
+    ("bind", "local"),
+    [("tcp://127.0.0.1:5555", True), ("tcp://127.4.5.6:5555", True), ("tcp://[::1]:5555", True),
+     ("tcp://localhost:5555", True), ("tcp://LocalHost:*", True), ("tcp://[::ffff:127.0.0.1]:5555", True),
+     ("ipc:///run/streamd/room.sock", True), ("inproc://room", True),
+     ("tcp://*:5555", False), ("tcp://0.0.0.0:5555", False), ("tcp://[::]:5555", False), ("tcp://[*]:5555", False),
+     ("tcp://10.0.0.5:5555", False), ("tcp://[fe80::1]:5555", False), ("tcp://eth0:5555", False),
+     ("tcp://lo:5555", False), ("tcp://eus-gateway.local:5555", False), ("tcp://localhost.example.com:5555", False),
+     ("tcp://128.0.0.1:5555", False)],
+)  # fmt: skip
+def test_only_loopback_and_local_transports_are_local(bind: str, local: bool):
+    assert is_local_endpoint(bind) is local
+
+
+@pytest.mark.parametrize(
+    ("publish", "curve"),
+    [("{bind: 'tcp://127.0.0.1:5555'}", False),
+     ("{bind: 'ipc:///run/streamd/room.sock'}", False),
+     ("{bind: 'tcp://0.0.0.0:5555', allow_plaintext_remote: true}", False),
+     ("{bind: 'tcp://*:5555', curve: {server_secret_key_file: keys/server.key_secret, authorized_clients_dir: clients}}", True)],
+)  # fmt: skip
+def test_binds_that_are_accepted(folder: Path, publish: str, curve: bool):
+    cfg = load_config(write(folder, MINIMAL + f"publish: {publish}\n"))
+    assert (cfg.publish.curve is not None) is curve
+    if curve:  # paths relative to the config file, like every other path
+        assert cfg.publish.curve.server_secret_key_file == folder / "keys" / "server.key_secret"
+        assert cfg.publish.curve.authorized_clients_dir == folder / "clients"
 
 
 def test_every_error_is_listed(folder: Path):

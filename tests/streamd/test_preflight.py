@@ -7,6 +7,7 @@ commands must refuse it with exit 2, one line per problem, no traceback.
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import zmq
 from typer.testing import CliRunner
 
 from streamd.cli import app
+from streamd.keys import generate
 from streamd.model import write_bundle
 from tests.streamd import media
 from tests.streamd.conftest import bundle_meta, tiny_onnx_bytes
@@ -23,7 +25,7 @@ runner = CliRunner()
 
 
 def config_text(bundle: Path, clip: Path, *, record: str = "{dir: rec}", log: str = "{dir: log}",
-                bind: str = "tcp://127.0.0.1:*") -> str:  # fmt: skip
+                bind: str = "tcp://127.0.0.1:*", publish_more: str = "") -> str:  # fmt: skip
     return textwrap.dedent(f"""
         model: {bundle}
         backend: onnxruntime
@@ -32,7 +34,7 @@ def config_text(bundle: Path, clip: Path, *, record: str = "{dir: rec}", log: st
             source: {clip}
             record: {record}
             detection_log: {log}
-        publish: {{bind: "{bind}"}}
+        publish: {{bind: "{bind}"{publish_more}}}
     """).lstrip()
 
 
@@ -131,3 +133,56 @@ def test_every_problem_is_listed_at_once(tmp_path: Path, tiny_bundle, clip, held
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2
     assert [line.split(": ")[1] for line in result.stderr.splitlines()] == ["streams.0.record", "publish.bind"]
+
+
+CURVE = ", curve: {server_secret_key_file: keys/server.key_secret, authorized_clients_dir: clients}"
+
+
+@pytest.fixture
+def curve_folder(tmp_path: Path) -> Path:
+    """keys/server.key{,_secret} and an allow-list clients/ holding one subscriber's viewer.key, beside the config."""
+    generate("server", tmp_path / "keys")
+    generate("viewer", tmp_path / "clients")
+    (tmp_path / "clients" / "viewer.key_secret").unlink()  # it stays with the subscriber
+    return tmp_path
+
+
+def test_a_good_curve_config_passes(curve_folder: Path, tiny_bundle, clip):
+    path = curve_folder / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip, bind="tcp://*:*", publish_more=CURVE))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("damage", "field", "words"),
+    [
+        ("secret readable", "server_secret_key_file", ("open to other users (mode 0644)", "chmod 600")),
+        ("secret group-readable", "server_secret_key_file", ("open to other users (mode 0640)",)),
+        ("secret missing", "server_secret_key_file", ("No such file or directory",)),
+        ("public key given", "server_secret_key_file", ("has no secret key",)),
+        ("no client key", "authorized_clients_dir", ("holds no client key",)),
+        ("allow-list missing", "authorized_clients_dir", ("No such file or directory",)),
+        ("secret in allow-list", "authorized_clients_dir", ("holds a secret key (viewer.key_secret)",)),
+    ],
+)
+def test_bad_curve_keys_are_refused(curve_folder: Path, tiny_bundle, clip, damage: str, field: str, words):
+    secret, clients = curve_folder / "keys" / "server.key_secret", curve_folder / "clients"
+    match damage:
+        case "secret readable":
+            secret.chmod(0o644)
+        case "secret group-readable":
+            secret.chmod(0o640)
+        case "secret missing":
+            secret.unlink()
+        case "public key given":
+            secret.write_text((curve_folder / "keys" / "server.key").read_text())
+        case "no client key":
+            (clients / "viewer.key").unlink()
+        case "allow-list missing":
+            shutil.rmtree(clients)
+        case "secret in allow-list":
+            shutil.copy(curve_folder / "keys" / "server.key_secret", clients / "viewer.key_secret")
+    path = curve_folder / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, clip, bind="tcp://*:*", publish_more=CURVE))
+    assert_refused(path, 8, f"publish.curve.{field}", *words)

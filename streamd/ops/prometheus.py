@@ -1,0 +1,197 @@
+"""Prometheus /metrics and /healthz for one run, over HTTP on a loopback address (config `metrics.bind`).
+
+Nothing here counts: `RunCollector` reads the pipeline's one `Metrics`
+(`Metrics.counts()`), the graph's queues and the recorders' files when
+Prometheus scrapes, so /metrics and the end-of-run table can never disagree.
+Exported (all per stream unless said otherwise):
+
+- `streamd_<counter>_total{stream}` for every counter of
+  `streamd.ops.metrics.COUNTERS` (frames_in, processed, published,
+  publish_dropped, reconnects, errors, ...), and
+  `streamd_frames_dropped_total{stream, reason}` per drop reason;
+- `streamd_fps{stream}`: frames through inference per second since the first
+  frame (for the current rate: `rate(streamd_processed_total[1m])`);
+- `streamd_latency_seconds{stream, stage}`: histograms of the decode, queue,
+  infer and total latencies (every frame since start);
+- `streamd_queue_depth{queue, policy}` and `streamd_queue_capacity{queue, policy}`;
+- `streamd_recording_bytes{stream}`: bytes on disk of the segments this run recorded;
+- the process's own `process_*` metrics (resident memory, CPU, open files).
+
+`/healthz` answers 200 `ok` while the supervisor feeds the systemd watchdog,
+and 503 with the reason when it would not (a worker or the supervisor silent
+for over `supervisor.STALL_S`), or before the pipeline runs (`starting`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from streamd.config import split_host_port
+from streamd.errors import OutputError
+from streamd.ops.metrics import LATENCY_BUCKETS_MS, Metrics, drop_reason
+from streamd.pipeline.queues import BoundedQueue
+
+log = logging.getLogger(__name__)
+
+_COUNTER_HELP = {
+    "frames_in": "Frames read from the source.",
+    "processed": "Frames through inference.",
+    "detections": "Objects found.",
+    "published": "Messages handed to ZeroMQ.",
+    "publish_dropped": "Messages ZeroMQ refused at its high-water mark.",
+    "outages": "Times a live source was lost (however many attempts it then took).",
+    "reconnects": "Times a lost live source came back.",
+    "errors": "Recoverable errors and failed outputs.",
+    "opens": "Successful opens of the source.",
+    "loops": "Restarts of a looping file.",
+    "corrupt_packets": "Packets the demuxer flagged or the decoder rejected (skipped).",
+}
+
+
+class Recorder(Protocol):
+    """What /metrics reads of a recorder (streamd.stages.record.RecordStage): its stream and its segment files."""
+
+    stream_id: str
+    segments: list[Path]
+
+
+class RunCollector:
+    """A prometheus_client collector that reads one run's Metrics, queues and recordings on every scrape."""
+
+    def __init__(self, metrics: Metrics, queues: Sequence[BoundedQueue], recorders: Sequence[Recorder]):
+        self.metrics = metrics
+        self.queues = tuple(queues)
+        self.recorders = tuple(recorders)
+
+    def collect(self) -> Iterator[Metric]:
+        streams = self.metrics.counts()
+        counters: dict[str, CounterMetricFamily] = {}
+        dropped = CounterMetricFamily(
+            "streamd_frames_dropped", "Frames dropped, by reason (streamd architecture: drop reasons).",
+            labels=["stream", "reason"],
+        )  # fmt: skip
+        fps = GaugeMetricFamily("streamd_fps", "Frames through inference per second since the stream's first frame.",
+                                labels=["stream"])  # fmt: skip
+        latency = HistogramMetricFamily(
+            "streamd_latency_seconds", "Per-frame latency of a stage: decode, queue, infer, and total "
+            "(packet out of the demuxer to detections ready).", labels=["stream", "stage"],
+        )  # fmt: skip
+        for s in streams:
+            for name, value in s.counts:
+                if (reason := drop_reason(name)) is not None:
+                    dropped.add_metric([s.stream_id, reason], value)
+                    continue
+                if name not in counters:
+                    text = _COUNTER_HELP.get(name, f"streamd counter {name} (streamd.ops.metrics.COUNTERS).")
+                    counters[name] = CounterMetricFamily(f"streamd_{name}", text, labels=["stream"])
+                counters[name].add_metric([s.stream_id], value)
+            fps.add_metric([s.stream_id], s.fps)
+            for stage, buckets, sum_ms in s.latency_buckets:
+                cumulative, total = [], 0
+                for bound_ms, count in zip((*LATENCY_BUCKETS_MS, float("inf")), buckets):
+                    total += count
+                    cumulative.append(("+Inf" if bound_ms == float("inf") else repr(bound_ms / 1e3), total))
+                latency.add_metric([s.stream_id, stage], cumulative, sum_ms / 1e3)
+        yield from counters.values()
+        yield from (dropped, fps, latency)
+        depth = GaugeMetricFamily("streamd_queue_depth", "Items in a bounded queue now.", labels=["queue", "policy"])
+        capacity = GaugeMetricFamily("streamd_queue_capacity", "Size of a bounded queue.", labels=["queue", "policy"])
+        for q in self.queues:
+            depth.add_metric([q.name, q.policy], len(q))
+            capacity.add_metric([q.name, q.policy], q.maxsize)
+        yield from (depth, capacity)
+        recorded = GaugeMetricFamily("streamd_recording_bytes", "Bytes on disk of the recording segments this run "
+                                     "wrote for the stream.", labels=["stream"])  # fmt: skip
+        for recorder in self.recorders:
+            recorded.add_metric([recorder.stream_id], sum(_size(path) for path in list(recorder.segments)))
+        yield recorded
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # removed since (retention, a cleaned-up empty segment)
+        return 0
+
+
+class MetricsServer:
+    """Serves /metrics (the collector) and /healthz on `bind` (HOST:PORT) from a thread of its own.
+
+    health: what keeps the watchdog unfed now ([] when nothing), or None before
+    the pipeline runs. start() binds (OutputError if it cannot); close() stops.
+    """
+
+    def __init__(self, bind: str, collector: RunCollector, health: Callable[[], list[str] | None]):
+        self.bind = bind
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+        ProcessCollector(registry=self.registry)
+        self.health = health
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        host, port = split_host_port(self.bind)
+        handler = type("Handler", (_Handler,), {"owner": self})
+        server_class = type("Server", (ThreadingHTTPServer,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True,
+        })  # fmt: skip
+        try:
+            self._server = server_class((host, int(port)), handler)
+        except OSError as exc:
+            raise OutputError(f"metrics: cannot serve on {self.bind}: {exc.strerror or exc}") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,), name="metrics", daemon=True)
+        self._thread.start()
+        log.info("serving /metrics and /healthz on http://%s", self.bind)
+
+    def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._server = None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: MetricsServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.path.partition("?")[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, content_type, encoder(self.owner.registry))
+        elif path == "/healthz":
+            silent = self.owner.health()
+            if silent is None:
+                self._reply(503, "text/plain; charset=utf-8", b"starting\n")
+            elif silent:
+                self._reply(503, "text/plain; charset=utf-8", f"stalled: {', '.join(silent)}\n".encode())
+            else:
+                self._reply(200, "text/plain; charset=utf-8", b"ok\n")
+        else:
+            self._reply(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+
+    def _reply(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("metrics: " + format, *args)
