@@ -8,7 +8,7 @@ BCCD := ../shared/datasets/BCCD
 DEMO_OUT := demo-out
 APT_PACKAGES := ffmpeg gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp \
-	gir1.2-gst-rtsp-server-1.0 python3-gi
+	gir1.2-gst-rtsp-server-1.0 python3-gi systemd
 
 .PHONY: demo test test-fast bench sysdeps venv sample clean
 
