@@ -74,12 +74,14 @@ def _load(config_path: Path) -> StreamdConfig:
 
 
 def _preflight(cfg: StreamdConfig, config: Path) -> None:
-    """Everything `run` would fail on before its first frame (streamd.preflight): exit 2 with every problem."""
+    """Everything `run` would fail on before its first frame (streamd.preflight), every problem listed: exit 2
+    when the config is at fault, 1 when only the machine is (a taken port, a folder not writable now)."""
     from streamd.preflight import preflight  # it loads the model and the media stack
 
     problems = preflight(cfg, config)
     if problems:
-        raise _fail("\n".join(problems), EXIT_CONFIG)
+        code = EXIT_FATAL if all(p.environment for p in problems) else EXIT_CONFIG
+        raise _fail("\n".join(p.text for p in problems), code)
 
 
 @app.command()

@@ -19,12 +19,14 @@ line and the field:
 from __future__ import annotations
 
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
-from streamd.config import StreamdConfig
+from streamd.config import StreamdConfig, split_host_port
 from streamd.errors import StreamdError
 from streamd.keys import KeyFileError, read_authorized_keys, read_key_pair
 from streamd.model.bundle import load_bundle
@@ -33,13 +35,23 @@ from streamd.stages.record import check_encoder
 from streamd.yamlconfig import field_lines
 
 
-def preflight(config: StreamdConfig, config_path: Path) -> list[str]:
-    """Every problem `run` would meet before its first frame, as "file:line: field: problem" lines."""
-    line = field_lines(config_path)
-    problems: list[str] = []
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing `run` would fail on: "file:line: field: problem", and whether the machine, not the config,
+    is at fault (a taken port, a folder not writable now: systemd may retry those; a bad config it may not)."""
 
-    def problem(loc: tuple, text: str) -> None:
-        problems.append(f"{config_path}:{line(loc)}: {'.'.join(map(str, loc))}: {' '.join(text.split())}")
+    text: str
+    environment: bool = False
+
+
+def preflight(config: StreamdConfig, config_path: Path) -> list[Problem]:
+    """Every problem `run` would meet before its first frame."""
+    line = field_lines(config_path)
+    problems: list[Problem] = []
+
+    def problem(loc: tuple, text: str, environment: bool = False) -> None:
+        where = f"{config_path}:{line(loc)}: {'.'.join(map(str, loc))}"
+        problems.append(Problem(f"{where}: {' '.join(text.split())}", environment))
 
     try:
         bundle = load_bundle(config.model)
@@ -51,13 +63,15 @@ def preflight(config: StreamdConfig, config_path: Path) -> list[str]:
             if why := check_encoder(stream.record.codec, stream.record.preset):
                 problem(("streams", index, "record"), why)
             if why := unwritable(stream.record.dir):
-                problem(("streams", index, "record", "dir"), why)
+                problem(("streams", index, "record", "dir"), why, environment=True)
         if stream.detection_log is not None and stream.detection_log.enabled:
             if why := unwritable(stream.detection_log.dir):
-                problem(("streams", index, "detection_log", "dir"), why)
+                problem(("streams", index, "detection_log", "dir"), why, environment=True)
+    if config.metrics is not None and (why := tcp_unbindable(config.metrics.bind)):
+        problem(("metrics", "bind"), why, environment=True)
     if config.publish is not None and config.publish.enabled:
         if why := unbindable(config.publish.bind):
-            problem(("publish", "bind"), why)
+            problem(("publish", "bind"), why, environment=True)
         if (curve := config.publish.curve) is not None:
             for field, read in (("server_secret_key_file", read_key_pair), ("authorized_clients_dir", read_authorized_keys)):
                 try:
@@ -79,6 +93,18 @@ def unwritable(folder: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "folder" if existing == folder else f"folder {existing}, where {folder} would be created,"
         return f"the {what} is not writable by this user (uid {os.getuid()})"
+    return None
+
+
+def tcp_unbindable(bind: str) -> str | None:
+    """Why an HTTP server could not listen on HOST:PORT now, or None (the socket is closed again at once)."""
+    host, port = split_host_port(bind)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            return f"cannot listen on {bind}: {exc.strerror or exc}"
     return None
 
 

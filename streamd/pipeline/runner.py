@@ -26,7 +26,8 @@ import time
 from streamd.errors import FatalError
 from streamd.ops.metrics import RunSummary
 from streamd.ops.systemd import SystemdNotifier
-from streamd.pipeline.graph import Graph
+from streamd.ops.logging import stream_extra
+from streamd.pipeline.graph import Graph, Worker
 from streamd.pipeline.supervisor import Supervisor
 from streamd.pipeline.worker import Control, describe, run_source, run_worker
 
@@ -73,13 +74,14 @@ class Runner:
         workers = graph.workers()
         if graph.batcher is not None:
             control.on_fail(graph.batcher.obj.disable_credits)
-        self._setup_all()
+        failed_at_setup = self._setup_all(workers)
         sources = [
             (node.stream, threading.Thread(target=run_source, args=(node, q, control, self.max_frames),
                                            name=node.name, daemon=True), q)
             for node, q in graph.sources
         ]  # fmt: skip
-        consumers = [threading.Thread(target=run_worker, args=(w, control), name=w.name, daemon=True) for w in workers]
+        consumers = [threading.Thread(target=run_worker, args=(w, control, failed_at_setup), name=w.name, daemon=True)
+                     for w in workers]  # fmt: skip
         threads = [thread for _, thread, _ in sources] + consumers
         started = time.monotonic()
         for thread in reversed(threads):  # consumers first, so the first frame finds them waiting
@@ -100,18 +102,29 @@ class Runner:
             stopped_by = "max_frames"
         return control.metrics.summary(stopped_by, control.error)
 
-    def _setup_all(self) -> None:
-        """setup() every stage in pipeline order in this thread, so a bad model or output fails before READY=1.
+    def _setup_all(self, workers: list[Worker]) -> dict[int, str]:
+        """setup() every stage in pipeline order in this thread, before READY=1; returns the stages of one stream
+        that failed (id(node) -> why): they start failed and are retried, the rest of the run goes on.
 
-        The publisher's socket is created here and then used only by its worker
-        (starting a thread is the memory barrier ZeroMQ asks for when a socket
-        changes threads).
+        A shared stage that fails (the model, the publisher's bind) stops the start: FatalError. The
+        publisher's socket is created here and then used only by its worker (starting a thread is the
+        memory barrier ZeroMQ asks for when a socket changes threads).
         """
-        done = []
+        done, failed = [], {}
         try:
-            for stage in self.graph.stages():
-                stage.setup()
-                done.append(stage)
+            for node in (node for worker in workers for node in worker.nodes()):
+                try:
+                    node.obj.setup()
+                except Exception as exc:
+                    if node.stream is None:
+                        raise
+                    failed[id(node)] = describe(node.name, exc)
+                    self.control.metrics.error(node.stream, failed[id(node)])
+                    log.error("%s; this output of the stream starts stopped and is retried (the rest goes on)",
+                              failed[id(node)], extra=stream_extra(node.stream))
+                    continue
+                done.append(node.obj)
+            return failed
         except Exception as exc:
             for stage in reversed(done):
                 try:

@@ -287,9 +287,16 @@ class _Runner:
                 self.end(child, end)
 
 
-def run_worker(worker: Worker, control: Control) -> None:
-    """Consume the worker's inbox until every stream that reaches it has ended; then close its stages."""
+def run_worker(worker: Worker, control: Control, failed_at_setup: dict[int, str] | None = None) -> None:
+    """Consume the worker's inbox until every stream that reaches it has ended; then close its stages.
+
+    failed_at_setup: id(node) -> why, for stages of one stream whose setup() failed before the start (a
+    folder on a full disk): they start failed and are set up again after RETRY_S, like a failure later.
+    """
     runner = _Runner(worker, control)
+    for node in worker.nodes():
+        if id(node) in (failed_at_setup or {}):
+            runner.failures[id(node)] = _Failure(failed_at_setup[id(node)], RETRY_S)
     waiting = set(worker.streams)
     try:
         while waiting:

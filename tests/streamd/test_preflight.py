@@ -55,9 +55,10 @@ def both(path: Path) -> list:
     return [runner.invoke(app, [command, str(path)]) for command in ("validate", "run")]
 
 
-def assert_refused(path: Path, line: int, field: str, *words: str) -> None:
+def assert_refused(path: Path, line: int, field: str, *words: str, code: int = 2) -> None:
+    """Both commands refuse it with the same exit code: 2 for the config's fault, 1 for the machine's."""
     for result in both(path):
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == code, result.output
         assert "Traceback" not in result.output
         (problem,) = [text for text in result.stderr.splitlines() if text.startswith(f"{path}:{line}: {field}: ")]
         for word in words:
@@ -89,20 +90,20 @@ def test_encoders_that_do_not_exist_here_are_refused(tmp_path: Path, tiny_bundle
 def test_a_folder_on_a_read_only_disk_is_refused(tmp_path: Path, tiny_bundle, clip, read_only: Path):
     path = tmp_path / "streamd.yaml"
     path.write_text(config_text(tiny_bundle.path, clip, record=f"{{dir: {read_only / 'rec'}}}"))
-    assert_refused(path, 6, "streams.0.record.dir", "not writable", str(read_only))
+    assert_refused(path, 6, "streams.0.record.dir", "not writable", str(read_only), code=1)  # a mount may come
 
 
 def test_a_folder_under_a_file_is_refused(tmp_path: Path, tiny_bundle, clip):
     (tmp_path / "a-file").write_text("x")
     path = tmp_path / "streamd.yaml"
     path.write_text(config_text(tiny_bundle.path, clip, log=f"{{dir: {tmp_path / 'a-file' / 'logs'}}}"))
-    assert_refused(path, 7, "streams.0.detection_log.dir", "is not a folder")
+    assert_refused(path, 7, "streams.0.detection_log.dir", "is not a folder", code=1)
 
 
 def test_a_bind_another_process_holds_is_refused(tmp_path: Path, tiny_bundle, clip, held_port: str):
     path = tmp_path / "streamd.yaml"
     path.write_text(config_text(tiny_bundle.path, clip, bind=held_port))
-    assert_refused(path, 8, "publish.bind", f"cannot bind {held_port}")
+    assert_refused(path, 8, "publish.bind", f"cannot bind {held_port}", code=1)  # systemd retries it later
 
 
 @pytest.mark.parametrize(
@@ -186,3 +187,15 @@ def test_bad_curve_keys_are_refused(curve_folder: Path, tiny_bundle, clip, damag
     path = curve_folder / "streamd.yaml"
     path.write_text(config_text(tiny_bundle.path, clip, bind="tcp://*:*", publish_more=CURVE))
     assert_refused(path, 8, f"publish.curve.{field}", *words)
+
+
+def test_a_metrics_port_another_process_holds_is_refused(tmp_path: Path, tiny_bundle, clip):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "streamd.yaml"
+        path.write_text(config_text(tiny_bundle.path, clip) + f'metrics: {{bind: "127.0.0.1:{port}"}}\n')
+        assert_refused(path, 9, "metrics.bind", f"cannot listen on 127.0.0.1:{port}", code=1)

@@ -223,14 +223,39 @@ def test_a_source_stuck_in_read_is_ended_by_the_supervisor(tiny_bundle):
     assert built.outputs["stuck"][0].closes == 1 and built.outputs["ok"][0].closes == 1  # downstream still ended
 
 
-def test_a_failed_setup_raises_before_ready_and_closes_what_was_set_up(tiny_bundle):
-    broken = CollectStage("rec", setup_error=OutputError("cannot create /recordings"))
+def test_a_shared_stage_that_fails_its_setup_stops_the_start_and_closes_what_was_set_up(tiny_bundle):
     first = CollectStage("first")
-    outputs = lambda sid: [first if sid == "a" else broken]  # noqa: E731
-    built = build(tiny_bundle, [FakeSource("a", 5), FakeSource("b", 5)], outputs=outputs)
-    with pytest.raises(FatalError, match="cannot create"):
+    publisher = CollectStage("publish", setup_error=OutputError("cannot bind tcp://127.0.0.1:5555"))
+    built = build(tiny_bundle, [FakeSource("a", 5)], outputs=lambda sid: [first], publisher=publisher)
+    with pytest.raises(FatalError, match="cannot bind"):
         run(built)
-    assert first.closes == 1 and broken.closes == 0
+    assert first.closes == 1 and publisher.closes == 0
+
+
+class FailsSetupOnce(CollectStage):
+    """A recorder whose folder cannot be created at the start (a full disk), and can be later."""
+
+    def setup(self) -> None:
+        self.setups += 1
+        if self.setups == 1:
+            raise OutputError("stream 'b': cannot create the recording folder /recordings: No space left on device")
+
+
+def test_a_stream_output_that_fails_its_setup_starts_stopped_and_is_retried(tiny_bundle, monkeypatch):
+    """A full disk at the start stops that recording only: the daemon starts, detects and publishes, and the
+    recording is set up again later (before, the daemon exited and systemd restarted it in a hot loop)."""
+    monkeypatch.setattr(worker_module, "RETRY_S", 0.05)
+    broken = FailsSetupOnce("rec-b")
+    publisher = CollectStage("publish")
+    sources = [FakeSource("a", 5), FakeSource("b", 200, read_delay_s=0.002)]
+    outputs = lambda sid: [CollectStage("rec-a") if sid == "a" else broken]  # noqa: E731
+    built = build(tiny_bundle, sources, outputs=outputs, publisher=publisher)
+    summary = run(built)
+    assert summary.ok and summary.stream("b").errors == 1
+    assert publisher.seqs("b") == list(range(200)) and built.outputs["a"][0].seqs("a") == list(range(5))
+    lost = dict(summary.stream("b").dropped_by_queue)["rec-b failed"]
+    assert broken.setups == 2 and 1 <= lost < 200 and len(broken.items) == 200 - lost  # it took frames again
+    assert broken.closes == 1  # closed once, after its setup worked
 
 
 def test_ready_then_watchdog_from_the_heartbeat_then_stopping(tiny_bundle, tmp_path: Path):
