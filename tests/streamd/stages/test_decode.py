@@ -79,7 +79,7 @@ def source_for(url: str, stream_id: str = "eus-1", *, validate: bool = True, **f
         ("rtsp://h/a", {}, True, None, {"rtsp_transport": "tcp", "timeout": "5000000"}),
         ("rtsp://h/a", {"rtsp_transport": "udp", "timeout_s": 2}, True, None,
          {"rtsp_transport": "udp", "timeout": "2000000"}),
-        ("udp://@:5000", {}, True, None, {"timeout": "5000000", "overrun_nonfatal": "1"}),
+        ("udp://@:5000", {}, True, None, {"timeout": "5000000", "overrun_nonfatal": "1", "analyzeduration": "300000"}),
         ("rtp://h:5004", {"timeout_s": 0.5}, True, None, {"timeout": "500000"}),
         ("/dev/video2", {"v4l2": {"video_size": "1280x720", "framerate": 30, "pixel_format": "mjpeg"}}, True, "v4l2",
          {"video_size": "1280x720", "framerate": "30", "input_format": "mjpeg"}),
