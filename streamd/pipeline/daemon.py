@@ -88,5 +88,5 @@ def _metrics_server(bind: str, graph: Graph, control: Control) -> MetricsServer:
 
 def _silent(control: Control) -> list[str] | None:
     """/healthz's question to the run's supervisor: what keeps the watchdog unfed now (None: not running yet)."""
-    supervisor = getattr(control, "supervisor", None)  # set when the runner starts watching (after READY=1)
+    supervisor = control.supervisor  # set when the runner starts watching (after READY=1)
     return None if supervisor is None else supervisor.silent(time.monotonic())

@@ -64,6 +64,8 @@ class Control:
         self.give_up_at: float | None = None  # monotonic; set when the drain budget after a stop runs out
         self._lock = threading.Lock()
         self._on_fail: list[Callable[[], None]] = []
+        # The supervisor watching the run (set when it starts, after READY=1): /healthz asks it what is silent.
+        self.supervisor: Any | None = None
 
     def on_fail(self, callback: Callable[[], None]) -> None:
         self._on_fail.append(callback)
