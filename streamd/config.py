@@ -21,41 +21,24 @@ small and read-only: they may look at the file system, never change it.
 
 from __future__ import annotations
 
-import ipaddress
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from streamd.config_outputs import (  # noqa: F401 (part of this module's names: streamd.config.PublishConfig ...)
+    CurveConfig,
+    MetricsConfig,
+    PublishConfig,
+    is_local_endpoint,
+    is_loopback_host,
+    split_host_port,
+)
+from streamd.configbase import StrictModel, path_is, resolve_path, short_path
 from streamd.yamlconfig import load_yaml_model
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _is(path: Path, kind: str) -> bool:
-    """path.is_file() / is_dir(), and False (not a traceback) for a path the file system refuses (too long, ...)."""
-    try:
-        return path.is_file() if kind == "file" else path.is_dir()
-    except OSError as exc:
-        raise ValueError(f"{_short(path)}: {exc.strerror}") from None
-
-
-def _short(path: Path) -> str:
-    """A path for an error line: long ones are cut in the middle."""
-    text = str(path)
-    return text if len(text) <= 200 else f"{text[:120]}...{text[-60:]} ({len(text)} characters)"
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    """A path relative to the config file's folder (the validation context's base_dir)."""
-    base_dir = Path((info.context or {}).get("base_dir", "."))
-    return Path(os.path.abspath(base_dir / value))
 
 
 class SourceKind(StrEnum):
@@ -97,14 +80,14 @@ def classify_source(source: str) -> SourceKind:
 # --- inference -------------------------------------------------------------------------------------
 
 
-class OnnxRuntimeConfig(_Strict):
+class OnnxRuntimeConfig(StrictModel):
     """ONNX Runtime on the CPU: runs everywhere, the default for demos, tests and CI."""
 
     type: Literal["onnxruntime"]
     threads: int = Field(0, ge=0, le=256, description="Intra-op threads; 0 lets ONNX Runtime use one per core.")
 
 
-class TensorRTConfig(_Strict):
+class TensorRTConfig(StrictModel):
     """TensorRT on an NVIDIA GPU; the engine is built on first start and cached."""
 
     type: Literal["tensorrt"]
@@ -120,10 +103,10 @@ class TensorRTConfig(_Strict):
     @field_validator("engine_cache_dir")
     @classmethod
     def _relative_to_config(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
+        return None if value is None else resolve_path(value, info)
 
 
-class TorchConfig(_Strict):
+class TorchConfig(StrictModel):
     """PyTorch (pixeltable-yolox) from the bundle's weights.safetensors, on a CUDA GPU or the CPU."""
 
     type: Literal["torch"]
@@ -145,7 +128,7 @@ class TorchConfig(_Strict):
         return self.precision or ("fp32" if self.device == "cpu" else "fp16")
 
 
-class AutoBackendConfig(_Strict):
+class AutoBackendConfig(StrictModel):
     """TensorRT when it is importable and a CUDA GPU is present, else ONNX Runtime (default settings)."""
 
     type: Literal["auto"]
@@ -156,7 +139,7 @@ BackendConfig = Annotated[
 ]
 
 
-class BatchConfig(_Strict):
+class BatchConfig(StrictModel):
     """How the inference worker batches frames across streams."""
 
     max_batch: int = Field(8, ge=1, le=64, description="Most frames in one batch.")
@@ -165,7 +148,7 @@ class BatchConfig(_Strict):
     )
 
 
-class ThresholdsConfig(_Strict):
+class ThresholdsConfig(StrictModel):
     """Detection thresholds; an omitted one comes from the bundle's defaults.
 
     DESIGN's sketch writes `confidence` / `nms_iou`; the project spells them
@@ -183,7 +166,7 @@ class ThresholdsConfig(_Strict):
 # --- streams ---------------------------------------------------------------------------------------
 
 
-class ReconnectConfig(_Strict):
+class ReconnectConfig(StrictModel):
     """How a lost live source is reopened: tried every initial_s while it is away (so it is back within about
     initial_s + its open time of returning, whatever the outage length); a source that is lost again soon
     after it came back (flapping) waits twice as long each time, up to max_s."""
@@ -198,7 +181,7 @@ class ReconnectConfig(_Strict):
         return self
 
 
-class QueueConfig(_Strict):
+class QueueConfig(StrictModel):
     """The bounded queue between a source and the inference worker (and before its outputs)."""
 
     size: int = Field(8, ge=1, le=1024, description="Frames held at most.")
@@ -209,7 +192,7 @@ class QueueConfig(_Strict):
     )
 
 
-class V4L2Config(_Strict):
+class V4L2Config(StrictModel):
     """Capture-card options, passed to the V4L2 demuxer (only for /dev/videoN sources)."""
 
     video_size: str | None = Field(None, pattern=r"^\d{2,5}x\d{2,5}$", description="WIDTHxHEIGHT, e.g. 1920x1080.")
@@ -217,7 +200,7 @@ class V4L2Config(_Strict):
     pixel_format: str | None = Field(None, min_length=1, max_length=32, description="e.g. yuyv422, mjpeg.")
 
 
-class RecordConfig(_Strict):
+class RecordConfig(StrictModel):
     """The annotated recording of a stream, in segments that stay playable after a crash."""
 
     enabled: bool = Field(True, description="Write the recording (false keeps the settings but records nothing).")
@@ -234,10 +217,10 @@ class RecordConfig(_Strict):
     @field_validator("dir")
     @classmethod
     def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
+        return resolve_path(value, info)
 
 
-class DetectionLogConfig(_Strict):
+class DetectionLogConfig(StrictModel):
     """The JSON-lines detection log of a stream: the published messages, one file per recording segment."""
 
     enabled: bool = Field(True, description="Write the log (false keeps the settings but logs nothing).")
@@ -246,10 +229,10 @@ class DetectionLogConfig(_Strict):
     @field_validator("dir")
     @classmethod
     def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
+        return resolve_path(value, info)
 
 
-class StreamConfig(_Strict):
+class StreamConfig(StrictModel):
     """One video stream: where it comes from and where its results go."""
 
     id: str = Field(pattern=STREAM_ID_PATTERN, description="Unique name: ZeroMQ topic, file-name prefix, log tag.")
@@ -281,10 +264,10 @@ class StreamConfig(_Strict):
     def _supported_and_present(cls, value: str, info: ValidationInfo) -> str:
         if classify_source(value) is not SourceKind.FILE:
             return value
-        path = _resolve(Path(value.removeprefix("file://")), info)
-        if not _is(path, "file"):
+        path = resolve_path(Path(value.removeprefix("file://")), info)
+        if not path_is(path, "file"):
             stream = info.data.get("id", "?")
-            raise ValueError(f"stream {stream!r}: no such file: {_short(path)}")
+            raise ValueError(f"stream {stream!r}: no such file: {short_path(path)}")
         return str(path)
 
     @model_validator(mode="after")
@@ -310,131 +293,11 @@ class StreamConfig(_Strict):
 # --- outputs and process ---------------------------------------------------------------------------
 
 
-class CurveConfig(_Strict):
-    """ZeroMQ CURVE on the PUB socket: messages encrypted, and only the subscribers whose keys are listed get in.
-
-    Key files are made by `streamd keys generate` and checked before start
-    (streamd.preflight: a secret key open to other users is refused).
-    """
-
-    server_secret_key_file: Path = Field(
-        description="The daemon's secret key file (NAME.key_secret), mode 0600; relative to this file."
-    )
-    authorized_clients_dir: Path = Field(
-        description="Folder of the public key files (NAME.key) of the subscribers let in, read at start; relative to "
-        "this file."
-    )
-
-    @field_validator("server_secret_key_file", "authorized_clients_dir")
-    @classmethod
-    def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """Whether only this machine can connect to `endpoint`: ipc://, inproc://, or tcp on 127.0.0.0/8, ::1, localhost.
-
-    Any other tcp interface is remote: `*`, 0.0.0.0, ::, another address, a
-    host name (not resolved: it may change) or an interface name (eth0).
-    """
-    scheme, _, rest = endpoint.partition("://")
-    if scheme != "tcp":
-        return True
-    return is_loopback_host(rest.rpartition(":")[0].removeprefix("[").removesuffix("]"))
-
-
-def is_loopback_host(host: str) -> bool:
-    """127.0.0.0/8, ::1 (also as ::ffff:127.x.y.z) or localhost; False for any other address or name."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
-class PublishConfig(_Strict):
-    """The daemon's one ZeroMQ PUB socket (DESIGN contract 2)."""
-
-    enabled: bool = Field(True, description="Publish detections (false keeps the settings but binds nothing).")
-    bind: str = Field(
-        "tcp://127.0.0.1:5555",
-        pattern=r"^(tcp|ipc|inproc)://.+$",
-        description="Endpoint to bind, e.g. tcp://127.0.0.1:5555 (loopback) or ipc:///run/streamd/room1.sock.",
-    )
-    sndhwm: int = Field(
-        1000, ge=1, le=1_000_000, description="ZMQ_SNDHWM: messages queued per subscriber before PUB drops them."
-    )
-    linger_ms: int = Field(
-        100, ge=0, le=60_000, description="ZMQ_LINGER: how long unsent messages may delay shutdown, ms."
-    )
-    curve: CurveConfig | None = Field(
-        None, description="Encryption and the subscribers' allow-list (ZeroMQ CURVE); omitted: plaintext, open to all."
-    )
-    allow_plaintext_remote: bool = Field(
-        False, description="Let a bind other machines can reach go without curve (they read every message unencrypted)."
-    )
-
-    @field_validator("bind")
-    @classmethod
-    def _tcp_port(cls, value: str) -> str:
-        """A tcp port must be 1..65535 (ZeroMQ would silently bind port 99999 as 34463) or *."""
-        if value.startswith("tcp://"):
-            port = value.rpartition(":")[2]
-            if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
-                raise ValueError(f"the port of {value} must be 1..65535 or *")
-        return value
-
-    @model_validator(mode="after")
-    def _remote_needs_curve(self) -> PublishConfig:
-        if self.curve is not None and self.allow_plaintext_remote:
-            raise ValueError("allow_plaintext_remote has no effect with curve (nothing is plaintext): remove it")
-        if self.curve is None and not self.allow_plaintext_remote and not is_local_endpoint(self.bind):
-            raise ValueError(
-                f"bind {self.bind} lets other machines connect, and without curve anyone who reaches the port reads "
-                "every message: set publish.curve, bind to 127.0.0.1 or ipc://, or set allow_plaintext_remote: true"
-            )
-        return self
-
-
-class MetricsConfig(_Strict):
-    """Prometheus /metrics and a /healthz for the supervisor's verdict, over HTTP on a loopback address."""
-
-    bind: str = Field(
-        "127.0.0.1:9108", max_length=64,
-        description="HOST:PORT to serve on; HOST is loopback (127.x.x.x, [::1] or localhost): the endpoint has no "
-        "authentication, so reach it from elsewhere through a local scraper or proxy.",
-    )  # fmt: skip
-
-    @field_validator("bind")
-    @classmethod
-    def _loopback_host_port(cls, value: str) -> str:
-        host, port = split_host_port(value)
-        if not host:
-            raise ValueError(f"{value}: expected HOST:PORT, e.g. 127.0.0.1:9108")
-        if ":" in host and not value.startswith("["):
-            raise ValueError(f"{value}: write an IPv6 address in brackets, e.g. [::1]:9108")
-        if not is_loopback_host(host):
-            raise ValueError(f"{value}: not a loopback address (127.x.x.x, [::1], localhost); /metrics and /healthz "
-                             "have no authentication")  # fmt: skip
-        if not (port.isdigit() and 1 <= int(port) <= 65535):
-            raise ValueError(f"{value}: the port must be 1..65535")
-        return value
-
-
-def split_host_port(bind: str) -> tuple[str, str]:
-    """("127.0.0.1", "9108") from "127.0.0.1:9108", ("::1", "9108") from "[::1]:9108"."""
-    host, _, port = bind.rpartition(":")
-    return host.removeprefix("[").removesuffix("]"), port
-
-
-class LoggingConfig(_Strict):
+class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
 
 
-class StreamdConfig(_Strict):
+class StreamdConfig(StrictModel):
     """One daemon instance: a model, its backend, the streams and the outputs."""
 
     model: Path = Field(description="Model bundle folder (NAME.bundle), relative to this file.")
@@ -455,9 +318,9 @@ class StreamdConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _bundle_folder(cls, value: Path, info: ValidationInfo) -> Path:
-        path = _resolve(value, info)
-        if not _is(path, "dir"):
-            raise ValueError(f"no model bundle folder at {_short(path)}")
+        path = resolve_path(value, info)
+        if not path_is(path, "dir"):
+            raise ValueError(f"no model bundle folder at {short_path(path)}")
         return path
 
     @field_validator("backend", mode="before")
