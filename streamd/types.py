@@ -53,6 +53,10 @@ class Frame:
             )
         self.image.setflags(write=False)
 
+    def age_ms(self, now: float) -> float:
+        """ms from its packet leaving the demuxer to wall-clock `now` (time.time()): the decode, then the rest."""
+        return self.decode_ms + max(0.0, (now - self.decoded_at) * 1e3)
+
     @property
     def height(self) -> int:
         """The source frame's height in pixels (the coordinate space of detections), whatever `image` holds."""

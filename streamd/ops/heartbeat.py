@@ -28,7 +28,7 @@ class HeartbeatSource:
         self.started = time.monotonic()
 
     def stream_states(self) -> dict[str, dict]:
-        summary = {s.stream_id: s for s in self.metrics.summary("running").streams}
+        counts = {c.stream_id: c for c in self.metrics.counts()}  # counters and fps only: no latency percentiles
         states = {}
         for stream_id, (source, frozen, since_result_s) in self.metrics.states().items():
             state = source
@@ -38,12 +38,13 @@ class HeartbeatSource:
                     state = "stale"
                 elif frozen:
                     state = "frozen"
-            counts = summary[stream_id]
+            stream = counts[stream_id]
+            totals = dict(stream.counts)
             states[stream_id] = {
                 "state": state,
-                "frames_in": counts.frames_in,
-                "processed": counts.processed,
-                "fps": round(counts.fps, 2),
+                "frames_in": totals["frames_in"],
+                "processed": totals["processed"],
+                "fps": round(stream.fps, 2),
                 "last_result_age_ms": None if since_result_s is None else round(since_result_s * 1e3, 1),
             }
         return states

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -148,38 +149,6 @@ class RunSummary:
                 return summary
         raise KeyError(stream_id)
 
-    def as_dict(self) -> dict:
-        """Plain JSON-able numbers, for benchmarks and reports."""
-        return {
-            "duration_s": round(self.duration_s, 3),
-            "stopped_by": self.stopped_by,
-            "error": self.error,
-            "streams": {
-                s.stream_id: {
-                    "frames_in": s.frames_in,
-                    "processed": s.processed,
-                    "dropped": dict(s.dropped_by_queue),
-                    "detections": s.detections,
-                    "published": s.published,
-                    "publish_dropped": s.publish_dropped,
-                    "reconnects": s.reconnects,
-                    "outages": s.outages,
-                    "errors": s.errors,
-                    "end_error": s.end_error,
-                    "opens": s.opens,
-                    "loops": s.loops,
-                    "corrupt_packets": s.corrupt_packets,
-                    "fps": round(s.fps, 2),
-                    "latency_ms": {k: {"p50": _round(p50), "p99": _round(p99)} for k, p50, p99 in s.latency_ms},
-                }
-                for s in self.streams
-            },
-        }
-
-
-def _round(value: float) -> float | None:
-    return None if np.isnan(value) else round(value, 3)
-
 
 class Metrics:
     """Thread-safe per-stream counters; every method is cheap enough to call per frame."""
@@ -198,6 +167,13 @@ class Metrics:
             counters.counts[name] += n
             if name == "frames_in" and counters.first_frame_at is None:
                 counters.first_frame_at = time.monotonic()
+
+    def count_dropped(self, item: Any, reason: str) -> None:
+        """Count a dropped queue item under dropped(reason): one drop per frame it carries (a batch carries
+        several, a frame's result one, a heartbeat none: an item of no stream carries `frames`)."""
+        streams = [item.stream_id] if item.stream_id is not None else [frame.stream_id for frame in item.frames]
+        for stream_id in streams:
+            self.count(stream_id, dropped(reason))
 
     def result(self, stream_id: str, detections: int, latency: Latency, frozen: bool = False) -> None:
         """One frame through inference: counted as processed, its detections counted, its latency sampled."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamd.ops.heartbeat import HeartbeatSource
-from streamd.ops.metrics import Metrics, dropped
+from streamd.ops.metrics import Metrics
 from streamd.pipeline.queues import Batcher, BoundedQueue, Policy
 from streamd.pipeline.stage import Source, Stage
 
@@ -176,13 +176,7 @@ class Graph:
         return node
 
     def _counter(self, role: str):
-        reason = dropped(role)
-
-        def count(item: Any) -> None:
-            if item.stream_id is not None:  # a frame's item; a dropped heartbeat counts for no stream
-                self.metrics.count(item.stream_id, reason)
-
-        return count
+        return lambda item: self.metrics.count_dropped(item, role)
 
     # --- checking -----------------------------------------------------------------------------------
 

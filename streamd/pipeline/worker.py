@@ -33,7 +33,7 @@ from typing import Any
 
 from streamd.errors import RecoverableError, StreamdError
 from streamd.ops.logging import stream_extra
-from streamd.ops.metrics import Metrics, dropped
+from streamd.ops.metrics import Metrics
 from streamd.pipeline.graph import Node, Worker
 from streamd.pipeline.queues import BoundedQueue, Empty, Full
 from streamd.pipeline.stage import Source
@@ -101,7 +101,7 @@ class Control:
             except Full:
                 self.beat(worker)
                 if self.gave_up():
-                    _count_dropped(self.metrics, item, "shutdown")
+                    self.metrics.count_dropped(item, "shutdown")
                     return False
 
 
@@ -110,16 +110,6 @@ def describe(where: str, exc: BaseException) -> str:
     if isinstance(exc, StreamdError):
         return str(exc)
     return f"{where}: {type(exc).__name__}: {exc}"
-
-
-def _streams_of(item: Any) -> list[str]:
-    """The stream of each frame an item carries: an item of no single stream (a batch) carries `frames`."""
-    return [item.stream_id] if item.stream_id is not None else [frame.stream_id for frame in item.frames]
-
-
-def _count_dropped(metrics: Metrics, item: Any, reason: str) -> None:
-    for stream_id in _streams_of(item):
-        metrics.count(stream_id, dropped(reason))
 
 
 # --- the producer --------------------------------------------------------------------------------------
@@ -231,7 +221,7 @@ class _Runner:
         try:
             outputs = list(node.obj.process(item))
         except RecoverableError as exc:
-            for stream_id in sorted(set(_streams_of(item))):
+            for stream_id in sorted({item.stream_id} if item.stream_id is not None else {f.stream_id for f in item.frames}):
                 self.control.metrics.error(stream_id, str(exc))
             log.warning("%s: %s (item skipped)", node.name, exc, extra=stream_extra(item.stream_id))
             return
@@ -239,7 +229,7 @@ class _Runner:
             if node.stream is None:
                 raise  # a shared stage: fatal (run_worker records it)
             self._fail(node, describe(node.name, exc))
-            _count_dropped(self.control.metrics, item, f"{node.obj.name} failed")
+            self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
             return
         for output in outputs:
             self.emit(node, output)
@@ -258,7 +248,7 @@ class _Runner:
                 del self.failures[id(node)]
                 log.info("%s works again after: %s", node.name, failure.error, extra=stream_extra(node.stream))
                 return True
-        _count_dropped(self.control.metrics, item, f"{node.obj.name} failed")
+        self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
         return False
 
     def _fail(self, node: Node, text: str, wait_s: float | None = None) -> None:
@@ -317,7 +307,7 @@ def run_worker(worker: Worker, control: Control, failed_at_setup: dict[int, str]
                         runner.end(root, item)
                 continue
             if runner.fatal:
-                _count_dropped(control.metrics, item, "failed")
+                control.metrics.count_dropped(item, "failed")
                 continue
             try:
                 for root in worker.roots:

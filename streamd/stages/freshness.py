@@ -33,8 +33,7 @@ class FreshnessStage:
     def process(self, result: FrameResult) -> Iterator[FrameResult]:
         budget = self.max_age_ms.get(result.stream_id)
         if budget is not None:
-            age_ms = result.frame.decode_ms + (time.time() - result.frame.decoded_at) * 1e3
-            if age_ms > budget:
+            if result.frame.age_ms(time.time()) > budget:
                 self.metrics.count(result.stream_id, dropped("stale"))
                 return
         yield result

@@ -98,7 +98,7 @@ class ResultsStage:
                 decode_ms=frame.decode_ms,
                 queue_ms=max(0.0, (batch.gathered_at - frame.decoded_at) * 1e3),
                 infer_ms=infer_ms,
-                total_ms=frame.decode_ms + max(0.0, (now - frame.decoded_at) * 1e3),
+                total_ms=frame.age_ms(now),
             )
             self.metrics.result(frame.stream_id, len(detections), latency, frozen=frame.frozen)
             yield FrameResult(

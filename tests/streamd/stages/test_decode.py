@@ -355,6 +355,7 @@ def test_a_stream_decoded_for_the_model_is_never_made_full_size_and_detects_the_
     from streamd.backends.onnxruntime import OnnxRuntimeBackend
     from streamd.model import load_bundle
     from streamd.model.detector import Detector
+    from streamd.model.postprocess import box_iou
 
     bundle = load_bundle(SHIPPED)
     detector = Detector.for_bundle(bundle, OnnxRuntimeBackend(bundle, max_batch=4, intra_op_threads=1))
@@ -376,17 +377,11 @@ def test_a_stream_decoded_for_the_model_is_never_made_full_size_and_detects_the_
         (da,) = detector.collect(detector.submit([a.image]), 0.3, 0.45)
         (db,) = detector.collect(detector.submit([b.image], [b.scale], [(b.height, b.width)]), 0.3, 0.45)
         for box, score, cls in zip(da.xyxy, da.confidence, da.class_id):
-            candidates = [(iou(box, other), abs(score - s)) for other, s, c in zip(db.xyxy, db.confidence, db.class_id)
-                          if c == cls]  # fmt: skip
+            same_class = db.class_id == cls
+            candidates = list(zip(box_iou(box, db.xyxy[same_class]).tolist(), np.abs(score - db.confidence[same_class]).tolist()))
             if score >= 0.5:  # a box well above the threshold must be found again, in source pixels
                 best_iou, score_diff = max(candidates, default=(0.0, 1.0))
                 assert best_iou >= 0.95 and score_diff <= 0.03, (box, score, candidates)
                 matched += 1
     assert matched >= 20  # real cells were found and compared
 
-
-def iou(a, b) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
