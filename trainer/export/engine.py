@@ -75,7 +75,7 @@ def build_engine(
     """
     import time
 
-    from streamd.backends.tensorrt import build_engine as build_cached_engine
+    from streamd.backends.tensorrt_build import build_engine as build_cached_engine
 
     try:
         import tensorrt  # noqa: F401  (the calibrator subclasses one of its classes)

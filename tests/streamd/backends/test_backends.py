@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +14,11 @@ import pytest
 from streamd.backends import select as backends_module
 from streamd.backends.select import make_backend, tensorrt_usable
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
-from streamd.backends.tensorrt import build_engine, engine_key, engine_path
+from streamd.backends.tensorrt_build import build_engine, engine_key, engine_path
 from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TensorRTConfig
 from streamd.errors import BackendError
+
+from tests.streamd.backends.fake_gpu import FAKE_CALLS, FakeTRT
 
 REPO = Path(__file__).parents[3]
 ORT = OnnxRuntimeConfig(type="onnxruntime", threads=1)
@@ -201,186 +201,7 @@ def test_tensorrt_int8_without_qdq_nodes_is_refused(tiny_bundle, trt_config):
         make_backend(tiny_bundle, trt_config("int8"))
 
 
-# --- The TensorRT backend's own code, against fakes of tensorrt and torch (no GPU needed) ----------
-# These check streamd's use of the two APIs (build, cache, bind, two slots, copies, events) and run
-# the model through ONNX Runtime where the engine would run; the real API is checked by the gpu tests.
-
-
-class FakeTensor:
-    """A numpy array that hands out a data_ptr() the fake engine can resolve."""
-
-    memory: dict[int, np.ndarray] = {}
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-
-    @property
-    def dtype(self):
-        return self.array.dtype
-
-    def __getitem__(self, index) -> FakeTensor:
-        return FakeTensor(self.array[index])
-
-    def copy_(self, other, non_blocking: bool = False) -> FakeTensor:
-        self.array[...] = other.array if isinstance(other, FakeTensor) else other
-        return self
-
-    def data_ptr(self) -> int:
-        address = self.array.__array_interface__["data"][0]
-        FakeTensor.memory[address] = self.array
-        return address
-
-    def numpy(self) -> np.ndarray:
-        return self.array
-
-
-FAKE_CALLS: list[str] = []  # what the fake CUDA runtime was asked to do, in order
-
-
-def fake_stream(device=None):
-    return types.SimpleNamespace(cuda_stream=7, wait_event=lambda event: None,
-                                 synchronize=lambda: FAKE_CALLS.append("stream.synchronize"))  # fmt: skip
-
-
-def fake_event(blocking: bool = False):
-    FAKE_CALLS.append(f"Event(blocking={blocking})")
-    return types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
-
-
-def fake_torch():
-    cuda = types.SimpleNamespace(
-        is_available=lambda: True, set_device=lambda device: None, get_device_name=lambda device: "Fake GPU 80GB",
-        Stream=fake_stream, Event=fake_event, stream=lambda stream: contextlib.nullcontext(),
-    )  # fmt: skip
-    return types.SimpleNamespace(
-        cuda=cuda, device=lambda name: name, from_numpy=FakeTensor,
-        empty=lambda shape, dtype, pin_memory=False, device=None: FakeTensor(np.zeros(shape, dtype)),
-    )  # fmt: skip
-
-
-class FakeTRT:
-    """The part of the tensorrt module streamd uses; the 'engine' runs the ONNX model with ONNX Runtime."""
-
-    __version__ = "10.0.1"
-    builds: list[dict] = []
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity):
-            pass
-
-    class MemoryPoolType:
-        WORKSPACE = "workspace"
-
-    class BuilderFlag:
-        FP16, INT8 = "fp16", "int8"
-
-    class LayerType:
-        QUANTIZE = "quantize"
-
-    class TensorIOMode:
-        INPUT, OUTPUT = "input", "output"
-
-    nptype = staticmethod(lambda dtype: dtype)
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.num_errors = network, 0
-
-        def parse_from_file(self, path: str) -> bool:
-            self.network["onnx"] = path
-            return True
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return FakeNetwork(flags=flags)
-
-        def create_builder_config(self):
-            config = types.SimpleNamespace(flags=set(), profiles=[], int8_calibrator=None)
-            config.set_memory_pool_limit = lambda pool, size: setattr(config, "workspace", size)
-            config.set_flag = config.flags.add
-            config.add_optimization_profile = config.profiles.append
-            config.set_calibration_profile = lambda profile: None
-            return config
-
-        def create_optimization_profile(self):
-            shapes = {}
-            return types.SimpleNamespace(shapes=shapes, set_shape=lambda name, *mmo: shapes.__setitem__(name, mmo))
-
-        def build_serialized_network(self, network, config):
-            FakeTRT.builds.append({"flags": set(config.flags), "profiles": config.profiles, "calibrator": config.int8_calibrator})
-            return json.dumps({"onnx": network["onnx"], "max": config.profiles[0].shapes["images"][2][0]}).encode()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes):
-            return FakeEngine(json.loads(data))
-
-
-class FakeNetwork(dict):
-    num_layers = 0  # no Q/DQ layers: int8 needs a calibrator
-
-    def get_layer(self, index: int):
-        raise IndexError(index)
-
-
-class FakeEngine:
-    num_io_tensors = 2
-
-    def __init__(self, spec: dict):
-        self.spec = spec
-
-    def get_tensor_name(self, index: int) -> str:
-        return ("images", "output")[index]
-
-    def get_tensor_mode(self, name: str) -> str:
-        return "input" if name == "images" else "output"
-
-    def get_tensor_dtype(self, name: str):
-        return np.dtype(np.float32)
-
-    def create_execution_context(self):
-        return FakeContext(self.spec)
-
-
-class FakeContext:
-    def __init__(self, spec: dict):
-        import onnxruntime
-
-        self.session = onnxruntime.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
-        self.max_batch, self.shapes, self.addresses = spec["max"], {}, {}
-
-    def set_input_shape(self, name: str, shape) -> bool:
-        self.shapes[name] = tuple(shape)
-        return 1 <= shape[0] <= self.max_batch
-
-    def get_tensor_shape(self, name: str):
-        return (self.shapes["images"][0], 84, 8)  # the tiny bundle: a YOLOX head at 64x64, 3 classes
-
-    def set_tensor_address(self, name: str, address: int) -> None:
-        self.addresses[name] = address
-
-    def execute_async_v3(self, stream_handle: int) -> bool:
-        count = self.shapes["images"][0]
-        images = FakeTensor.memory[self.addresses["images"]][:count]
-        (output,) = self.session.run(None, {"images": images})
-        FakeTensor.memory[self.addresses["output"]][:count] = output
-        return stream_handle == 7
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", FakeTRT)
-    monkeypatch.setitem(sys.modules, "torch", fake_torch())
-    FakeTRT.builds.clear()
-    FAKE_CALLS.clear()
-    return FakeTRT
+# --- The TensorRT backend's own code, against fakes of tensorrt and torch (fake_gpu.py, no GPU needed) ---
 
 
 @pytest.mark.parametrize("version, supported", [("10.0.1", True), ("10.13.3", True), ("11.0.0", False), ("9.2.0", False), ("x.1", False)])
