@@ -8,17 +8,24 @@ single stream (a Batch) has stream_id None and carries its `frames`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from streamd.model.detections import Detections
+
+PixelFormat = Literal["bgr24", "yuv420p"]
+"""How a frame's pixels are laid out: "bgr24" uint8 [H, W, 3]; "yuv420p" uint8 [H * 3 / 2, W] (PyAV's
+VideoFrame.to_ndarray(format="yuv420p"): the Y plane, then U and V at half size, row after row; H, W even)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame of one stream.
 
-    image: uint8 [H, W, 3] BGR, read-only (the annotator draws on a copy).
+    image: uint8 [H, W, 3] BGR, read-only (the annotator draws on a copy); or, pixel_format "yuv420p",
+        the decoder's planes as they are, for a backend that converts colour on its device (streamd.backends.
+        base.FrameBackend) on a stream nothing draws on.
     pts_s: presentation time in seconds in the source's own time line.
     decoded_at: wall-clock time.time() when the frame left the decoder.
     decode_ms: time from the packet leaving the demuxer to the decoded BGR frame.
@@ -44,14 +51,26 @@ class Frame:
     frozen: bool = False
     source_hw: tuple[int, int] | None = None
     scale: float = 1.0
+    pixel_format: PixelFormat = "bgr24"
 
     def __post_init__(self) -> None:
-        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
-            raise ValueError(
-                f"stream {self.stream_id!r} frame {self.seq}: expected uint8 HxWx3 BGR, "
-                f"got {self.image.dtype} {self.image.shape}"
-            )
-        self.image.setflags(write=False)
+        image = self.image
+        if self.pixel_format == "yuv420p":
+            ok = image.ndim == 2 and image.shape[0] % 3 == 0 and image.shape[1] % 2 == 0
+            expected = "uint8 [H * 3 / 2, W] yuv420p planes (H, W even)"
+        else:
+            ok = image.ndim == 3 and image.shape[2] == 3
+            expected = "uint8 HxWx3 BGR"
+        if not ok or image.dtype != np.uint8:
+            raise ValueError(f"stream {self.stream_id!r} frame {self.seq}: expected {expected}, got {image.dtype} {image.shape}")
+        image.setflags(write=False)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """The picture's (H, W) as `image` holds it (for yuv420p, the Y plane's)."""
+        if self.pixel_format == "yuv420p":
+            return int(self.image.shape[0]) * 2 // 3, int(self.image.shape[1])
+        return int(self.image.shape[0]), int(self.image.shape[1])
 
     def age_ms(self, now: float) -> float:
         """ms from its packet leaving the demuxer to wall-clock `now` (time.time()): the decode, then the rest."""
@@ -60,12 +79,12 @@ class Frame:
     @property
     def height(self) -> int:
         """The source frame's height in pixels (the coordinate space of detections), whatever `image` holds."""
-        return self.source_hw[0] if self.source_hw is not None else int(self.image.shape[0])
+        return self.source_hw[0] if self.source_hw is not None else self.image_hw[0]
 
     @property
     def width(self) -> int:
         """The source frame's width in pixels."""
-        return self.source_hw[1] if self.source_hw is not None else int(self.image.shape[1])
+        return self.source_hw[1] if self.source_hw is not None else self.image_hw[1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,13 @@ handle. Callers have one code path for both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from streamd.model.detections import Detections
+from streamd.types import PixelFormat
 
 
 class Pending(Protocol):
@@ -35,15 +38,50 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class PendingDetections(Protocol):
+    """Frames submitted to a FrameBackend. wait() blocks until their detections are on the host."""
+
+    def wait(self) -> list[Detections]: ...
+
+
+@runtime_checkable
+class FrameBackend(Protocol):
+    """A Backend that also takes frames as decoded and does the rest on its device (the GPU path).
+
+    submit_frames: up to max_batch uint8 frames in `pixel_formats` -> a PendingDetections whose wait()
+    gives one Detections per frame, in source pixels: the upload, colour conversion, letterbox, model,
+    score threshold and class-aware NMS all run on the device, and only the kept boxes come back.
+    prescales: each image is its source scaled by this (1.0: the image is the source); boxes are divided
+    by it. source_hw: each source's (H, W), to clip boxes to.
+    """
+
+    name: str
+    max_batch: int
+
+    def submit(self, batch: np.ndarray) -> Pending: ...
+
+    def submit_frames(
+        self,
+        images: Sequence[np.ndarray],
+        pixel_formats: Sequence[PixelFormat],
+        prescales: Sequence[float],
+        source_hw: Sequence[tuple[int, int]],
+        conf_threshold: float,
+        iou_threshold: float,
+    ) -> PendingDetections: ...
+
+    def close(self) -> None: ...
+
+
 class Ready:
-    """The Pending of a synchronous backend: the output was computed inside submit()."""
+    """The Pending (or PendingDetections) of a synchronous call: the result was computed inside submit()."""
 
     __slots__ = ("output",)
 
-    def __init__(self, output: np.ndarray):
+    def __init__(self, output):
         self.output = output
 
-    def wait(self) -> np.ndarray:
+    def wait(self):
         return self.output
 
 

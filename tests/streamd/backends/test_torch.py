@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from streamd.backends import select as select_module
 from streamd.backends.select import make_backend, torch_cuda_usable
-from streamd.backends.torch import GridDecode, TorchBackend, batch_buckets, letterbox_frames
+from streamd.backends.device_ops import GridDecode, letterbox_frames
+from streamd.backends.torch import TorchBackend, batch_buckets
 from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TorchConfig
 from streamd.errors import BackendError
 from streamd.model import load_bundle
