@@ -19,6 +19,13 @@ PixelFormat = Literal["bgr24", "yuv420p"]
 VideoFrame.to_ndarray(format="yuv420p"): the Y plane, then U and V at half size, row after row; H, W even)."""
 
 
+def picture_hw(image: np.ndarray, pixel_format: PixelFormat) -> tuple[int, int]:
+    """The (H, W) of the picture an image array holds in pixel_format (for yuv420p, the Y plane's)."""
+    if pixel_format == "yuv420p":
+        return int(image.shape[0]) * 2 // 3, int(image.shape[1])
+    return int(image.shape[0]), int(image.shape[1])
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame of one stream.
@@ -68,9 +75,7 @@ class Frame:
     @property
     def image_hw(self) -> tuple[int, int]:
         """The picture's (H, W) as `image` holds it (for yuv420p, the Y plane's)."""
-        if self.pixel_format == "yuv420p":
-            return int(self.image.shape[0]) * 2 // 3, int(self.image.shape[1])
-        return int(self.image.shape[0]), int(self.image.shape[1])
+        return picture_hw(self.image, self.pixel_format)
 
     def age_ms(self, now: float) -> float:
         """ms from its packet leaving the demuxer to wall-clock `now` (time.time()): the decode, then the rest."""

@@ -155,8 +155,8 @@ def _predict_images(
 ) -> tuple[int, int]:  # fmt: skip
     """The daemon's inference and annotate stages on still images; (images annotated, detections)."""
     streams = [str(job.output) for job in images]
-    submit = SubmitStage(detector)
-    results = ResultsStage(detector, Metrics(streams), conf_threshold, iou_threshold)
+    submit = SubmitStage(detector, conf_threshold, iou_threshold)
+    results = ResultsStage(detector, Metrics(streams))
     annotate = AnnotateStage(detector.class_names, draw_timestamp=False)
     count = found = 0
     with open(out_dir / IMAGES_LOG, "wb") as log_file, tqdm(

@@ -1,23 +1,30 @@
-"""The one path from BGR images to Detections: letterbox -> backend (in chunks of max_batch) -> decode + NMS.
+"""The one path from images to Detections, in chunks of the backend's max_batch.
+
+Two ways, chosen by what the backend is (streamd.backends.base):
+- a Backend (ONNX Runtime, or any `submit(batch) -> Pending`): letterbox on the host, the backend,
+  then decode + NMS on the host (NumPy);
+- a FrameBackend (torch, TensorRT): the frames go to the backend as decoded (BGR or yuv420p planes)
+  and colour, letterbox, model, threshold and NMS run on its device; only detections come back.
 
 Used by the daemon's inference stages, `trainer eval` and `trainer predict`,
-so what the trainer measures is what streamd runs. NumPy only: the backend
-is anything with `submit(batch) -> Pending` and `max_batch`
-(streamd.backends.base.Backend).
+so what the trainer measures is what streamd runs. NumPy only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from streamd.backends.base import Backend, Pending
+from streamd.backends.base import Backend, FrameBackend, Pending, PendingDetections
 from streamd.errors import BundleError
 from streamd.model.bundle import Bundle, Preprocess, Thresholds
 from streamd.model.detections import Detections
 from streamd.model.postprocess import postprocess
 from streamd.model.preprocess import letterbox_batch
+from streamd.types import PixelFormat, picture_hw
 
 YOLOX_STRIDES = (8, 16, 32)  # the head's output strides
 
@@ -28,13 +35,36 @@ def yolox_anchors(input_hw: tuple[int, int]) -> int:
     return sum((height // stride) * (width // stride) for stride in YOLOX_STRIDES)
 
 
+class Submitted(Protocol):
+    """Images handed to the backend. detections() blocks until they are done: one Detections per image."""
+
+    def detections(self) -> list[Detections]: ...
+
+
 @dataclass(frozen=True, slots=True)
-class Submitted:
-    """Images handed to the backend: their letterbox scales, source sizes (H, W) and one Pending per chunk."""
+class HostSubmitted:
+    """Letterboxed on the host: the scales, source sizes (H, W), thresholds and one Pending per chunk."""
 
     scales: np.ndarray
     source_hw: tuple[tuple[int, int], ...]
     pending: tuple[Pending, ...]
+    conf_threshold: float
+    iou_threshold: float
+
+    def detections(self) -> list[Detections]:
+        outputs = [pending.wait() for pending in self.pending]
+        output = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        return postprocess(output, self.scales, list(self.source_hw), self.conf_threshold, self.iou_threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSubmitted:
+    """Handed to a FrameBackend as decoded: one PendingDetections per chunk."""
+
+    pending: tuple[PendingDetections, ...]
+
+    def detections(self) -> list[Detections]:
+        return [found for pending in self.pending for found in pending.wait()]
 
 
 @dataclass(frozen=True)
@@ -62,31 +92,50 @@ class Detector:
                    meta.thresholds.conf_threshold, meta.thresholds.iou_threshold)
 
     def submit(
-        self, images_bgr: list[np.ndarray], prescales: list[float] | None = None,
-        source_hw: list[tuple[int, int]] | None = None,
-    ) -> Submitted:  # fmt: skip
-        """Letterbox uint8 HxWx3 BGR images and start the backend on them, max_batch at a time.
+        self,
+        images: Sequence[np.ndarray],
+        prescales: Sequence[float] | None = None,
+        source_hw: Sequence[tuple[int, int]] | None = None,
+        *,
+        pixel_formats: Sequence[PixelFormat] | None = None,
+        conf_threshold: float | None = None,
+        iou_threshold: float | None = None,
+    ) -> Submitted:
+        """Start the backend on uint8 images, max_batch at a time; collect() gives their detections.
 
+        images: HxWx3 BGR, or (pixel_formats "yuv420p", for a FrameBackend only) PyAV's yuv420p planes.
         prescales / source_hw: for images that are already their source scaled down (by the decoder), the
         scale each was made with and the source's (H, W), so that boxes come back in source pixels.
+        conf_threshold / iou_threshold: None takes the detector's (the bundle's).
         """
-        tensor, scales = letterbox_batch(images_bgr, self.input_hw, self.preprocess)
-        if prescales is not None:
-            scales = scales * np.asarray(prescales, np.float32)
-        sizes = source_hw or [(int(im.shape[0]), int(im.shape[1])) for im in images_bgr]
+        conf = self.conf_threshold if conf_threshold is None else conf_threshold
+        iou = self.iou_threshold if iou_threshold is None else iou_threshold
+        formats = list(pixel_formats or ["bgr24"] * len(images))
+        prescales = list(prescales or [1.0] * len(images))
+        sizes = list(source_hw or [picture_hw(image, fmt) for image, fmt in zip(images, formats)])
         step = self.backend.max_batch
+        if isinstance(self.backend, FrameBackend):
+            chunks = range(0, len(images), step)
+            return DeviceSubmitted(tuple(
+                self.backend.submit_frames(images[i : i + step], formats[i : i + step], prescales[i : i + step],
+                                           sizes[i : i + step], conf, iou)
+                for i in chunks
+            ))  # fmt: skip
+        if any(fmt != "bgr24" for fmt in formats):
+            raise ValueError(f"backend {self.backend.name}: takes BGR images only, got {sorted(set(formats))}")
+        tensor, scales = letterbox_batch(list(images), self.input_hw, self.preprocess)
+        scales = scales * np.asarray(prescales, np.float32)
         pending = tuple(self.backend.submit(tensor[start : start + step]) for start in range(0, len(tensor), step))
-        return Submitted(scales, tuple(sizes), pending)
+        return HostSubmitted(scales, tuple(sizes), pending, conf, iou)
 
-    def collect(self, submitted: Submitted, conf_threshold: float, iou_threshold: float) -> list[Detections]:
-        """Wait for a submitted batch and decode it: one Detections per image, boxes in source pixels."""
-        outputs = [pending.wait() for pending in submitted.pending]
-        output = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-        return postprocess(output, submitted.scales, list(submitted.source_hw), conf_threshold, iou_threshold)
+    @staticmethod
+    def collect(submitted: Submitted) -> list[Detections]:
+        """Wait for submitted images: one Detections per image, boxes in source pixels."""
+        return submitted.detections()
 
     def detect(self, images_bgr: list[np.ndarray], conf_threshold: float, iou_threshold: float) -> list[Detections]:
         """submit + collect in one call (evaluation, prediction)."""
-        return self.collect(self.submit(images_bgr), conf_threshold, iou_threshold)
+        return self.collect(self.submit(images_bgr, conf_threshold=conf_threshold, iou_threshold=iou_threshold))
 
     def warm_up(self, runs: int = 2) -> None:
         """Run the backend at batch 1 and at max_batch, so the first real frame is not slow (before READY=1).
@@ -98,6 +147,10 @@ class Detector:
             zeros = np.full((size, 3, height, width), self.preprocess.pad_value, np.float32)
             for _ in range(runs):
                 self.check_output(self.backend.submit(zeros).wait(), size)
+            if isinstance(self.backend, FrameBackend):  # the device's letterbox and NMS kernels too
+                frames = [np.full((height, width, 3), self.preprocess.pad_value, np.uint8)] * size
+                for _ in range(runs):
+                    self.collect(self.submit(frames))
 
     def check_output(self, output: np.ndarray, batch: int) -> None:
         """The output of a batch must be [batch, A, 5 + classes], A the YOLOX anchors of input_hw."""

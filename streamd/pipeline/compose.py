@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from streamd.backends.base import FrameBackend
 from streamd.config import StreamConfig, StreamdConfig
 from streamd.model.detector import Detector
 from streamd.ops.heartbeat import HeartbeatSource
@@ -51,15 +52,22 @@ def compose(
     """
     graph = Graph(metrics)
     batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms)
-    submit = SubmitStage(detector)
-    results = ResultsStage(detector, metrics, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
+    submit = SubmitStage(detector, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
+    results = ResultsStage(detector, metrics)
+    on_device = isinstance(detector.backend, FrameBackend)  # colour conversion and resize on the GPU
     graph.add_flow(batch, submit)
     graph.add_flow(submit, results, Queue("in_flight", size=1, policy="block", per_frame=False))
     for stream in config.streams:
         policy = queue_policy(stream)
         recorded = switches.record and stream.record is not None and stream.record.enabled
-        # A stream that is not recorded is decoded straight to the model's size: no full-size BGR frame.
-        source = open_source(stream, metrics, model_hw=None if recorded else detector.input_hw)
+        # A stream that is not recorded is never BGR at full size: decoded straight to the model's size,
+        # or, for a backend that converts and resizes on its device, handed over as the decoder's planes.
+        if recorded:
+            source = open_source(stream, metrics)
+        elif on_device:
+            source = open_source(stream, metrics, pixel_format="yuv420p")
+        else:
+            source = open_source(stream, metrics, model_hw=detector.input_hw)
         graph.add_flow(source, batch, Queue("input", stream.queue.size, policy))
         outputs = Queue("output", stream.queue.size, policy)
         if recorded:

@@ -1,6 +1,10 @@
 """Inference in two stages, so one batch can be prepared while the previous one computes:
 
-    Batch --> SubmitStage (letterbox, backend.submit) --> InFlight --> ResultsStage (wait, decode + NMS) --> FrameResult
+    Batch --> SubmitStage (Detector.submit) --> InFlight --> ResultsStage (Detector.collect) --> FrameResult
+
+On the CPU (ONNX Runtime) SubmitStage letterboxes on the host and ResultsStage
+decodes and NMSes with NumPy; with a FrameBackend (torch, TensorRT) the frames
+go up as decoded and all of it runs on the device (streamd.model.detector).
 
 The runner gathers the Batch (up to max_batch frames or max_wait_ms, fairly
 across streams, see `streamd.pipeline.queues.Batcher`). `compose` puts a
@@ -40,7 +44,7 @@ class InFlight:
 
 
 class SubmitStage:
-    """Batch -> InFlight: letterbox the frames and start the backend on them.
+    """Batch -> InFlight: start the detector on the frames (thresholds: None takes the bundle's).
 
     setup() warms the backend up (at batch 1 and at max_batch) before READY=1.
     The backend belongs to whoever made it (streamd.pipeline.daemon), which closes it.
@@ -48,8 +52,13 @@ class SubmitStage:
 
     name = "submit"
 
-    def __init__(self, detector: Detector, warmup_runs: int = 2):
+    def __init__(
+        self, detector: Detector, conf_threshold: float | None = None, iou_threshold: float | None = None,
+        warmup_runs: int = 2,
+    ):  # fmt: skip
         self.detector = detector
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
         self.warmup_runs = warmup_runs
 
     def setup(self) -> None:
@@ -59,7 +68,9 @@ class SubmitStage:
         began = time.perf_counter()
         frames = batch.frames
         submitted = self.detector.submit(
-            [frame.image for frame in frames], [frame.scale for frame in frames], [(frame.height, frame.width) for frame in frames]
+            [frame.image for frame in frames], [frame.scale for frame in frames], [(frame.height, frame.width) for frame in frames],
+            pixel_formats=[frame.pixel_format for frame in frames], conf_threshold=self.conf_threshold,
+            iou_threshold=self.iou_threshold,
         )  # fmt: skip
         yield InFlight(batch, submitted, began)
 
@@ -70,18 +81,13 @@ class SubmitStage:
 class ResultsStage:
     """InFlight -> one FrameResult per frame (same order): boxes in source pixels, latency, the encoded message.
 
-    conf_threshold / iou_threshold: None takes the detector's (the bundle's) defaults.
     Every result is counted in `metrics` (processed, detections, latency samples).
     """
 
     name = "results"
 
-    def __init__(
-        self, detector: Detector, metrics: Metrics, conf_threshold: float | None = None, iou_threshold: float | None = None
-    ):
+    def __init__(self, detector: Detector, metrics: Metrics):
         self.detector = detector
-        self.conf_threshold = detector.conf_threshold if conf_threshold is None else conf_threshold
-        self.iou_threshold = detector.iou_threshold if iou_threshold is None else iou_threshold
         self.metrics = metrics
         self.model = ModelRef(name=detector.name, sha256=detector.sha256, class_names=detector.class_names)
 
@@ -89,7 +95,7 @@ class ResultsStage:
         pass
 
     def process(self, in_flight: InFlight) -> Iterator[FrameResult]:
-        found = self.detector.collect(in_flight.submitted, self.conf_threshold, self.iou_threshold)
+        found = self.detector.collect(in_flight.submitted)
         infer_ms = (time.perf_counter() - in_flight.began) * 1e3
         now = time.time()
         batch = in_flight.batch

@@ -12,12 +12,13 @@ import pytest
 
 import json
 
-from streamd.backends.base import Ready
+from streamd.backends.base import FrameBackend, Ready
 from streamd.backends.select import make_backend
 from streamd.config import OnnxRuntimeConfig
 import jsonschema
 
 from streamd.messages import detection_message, schema
+from streamd.model.detections import Detections
 from streamd.model.detector import Detector, yolox_anchors
 from streamd.ops.metrics import Metrics
 from streamd.stages.infer import ResultsStage, SubmitStage
@@ -40,8 +41,8 @@ class Infer:
 
     def __init__(self, detector: Detector, conf_threshold=None, iou_threshold=None, warmup_runs: int = 2):
         self.metrics = Metrics(["s", "a", "b"])
-        self.submit = SubmitStage(detector, warmup_runs)
-        self.results = ResultsStage(detector, self.metrics, conf_threshold, iou_threshold)
+        self.submit = SubmitStage(detector, conf_threshold, iou_threshold, warmup_runs)
+        self.results = ResultsStage(detector, self.metrics)
 
     def setup(self) -> None:
         self.submit.setup()
@@ -125,8 +126,10 @@ def test_latency_fields(stage):
 )
 def test_thresholds_override_the_bundle(tiny_bundle, conf_threshold, iou_threshold, expected_count):
     infer = Infer(ort(tiny_bundle, 2), conf_threshold, iou_threshold)
-    assert infer.results.conf_threshold == (0.3 if conf_threshold is None else conf_threshold)
-    (result,) = infer.process(Batch((frame("s", 0, (160, 120), 255),), time.time()))
+    (in_flight,) = infer.submit.process(Batch((frame("s", 0, (160, 120), 255),), time.time()))
+    assert in_flight.submitted.conf_threshold == (0.3 if conf_threshold is None else conf_threshold)  # the bundle's
+    assert in_flight.submitted.iou_threshold == (0.45 if iou_threshold is None else iou_threshold)
+    (result,) = infer.results.process(in_flight)
     assert len(result.detections) == expected_count
 
 
@@ -186,3 +189,55 @@ def test_setup_warms_up_at_batch_1_and_max_batch(tiny_bundle):
 def test_an_empty_batch_is_refused():
     with pytest.raises(ValueError, match="at least one frame"):
         Batch((), time.time())
+
+
+class DeviceBackend(CountingBackend):
+    """A FrameBackend double: records what submit_frames was given; its 'device' finds one box per frame."""
+
+    name = "device"
+
+    def __init__(self, max_batch: int):
+        super().__init__(max_batch)
+        self.frame_calls: list[dict] = []
+
+    def submit_frames(self, images, pixel_formats, prescales, source_hw, conf_threshold, iou_threshold):
+        self.frame_calls.append(dict(shapes=[image.shape for image in images], formats=list(pixel_formats),
+                                     prescales=list(prescales), source_hw=list(source_hw), conf=conf_threshold, iou=iou_threshold))  # fmt: skip
+        return Ready([Detections(np.array([[0, 0, w, h]], np.float32), np.array([0.9], np.float32), np.array([1]))
+                      for h, w in source_hw])  # fmt: skip
+
+
+def test_a_frame_backend_gets_the_frames_as_decoded_in_chunks_with_the_thresholds(tiny_bundle):
+    backend = DeviceBackend(max_batch=2)
+    assert isinstance(backend, FrameBackend) and not isinstance(CountingBackend(2), FrameBackend)
+    infer = Infer(Detector.for_bundle(tiny_bundle, backend), conf_threshold=0.6, iou_threshold=0.5)
+    planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), pixel_format="yuv420p")  # 160x120
+    scaled = Frame("a", 0, 0.0, np.zeros((32, 64, 3), np.uint8), time.time(), source_hw=(64, 128), scale=0.5)
+    bgr = frame("b", 0, (100, 50), 0)
+    results = infer.process(Batch((planes, scaled, bgr), time.time()))
+    assert backend.calls == [] and backend.frame_calls == [
+        dict(shapes=[(180, 160), (32, 64, 3)], formats=["yuv420p", "bgr24"], prescales=[1.0, 0.5],
+             source_hw=[(120, 160), (64, 128)], conf=0.6, iou=0.5),
+        dict(shapes=[(50, 100, 3)], formats=["bgr24"], prescales=[1.0], source_hw=[(50, 100)], conf=0.6, iou=0.5),
+    ]  # fmt: skip
+    assert [r.detections.xyxy.tolist() for r in results] == [[[0, 0, 160, 120]], [[0, 0, 128, 64]], [[0, 0, 100, 50]]]
+
+
+def test_setup_warms_a_frame_backend_up_on_frames_too(tiny_bundle):
+    backend = DeviceBackend(max_batch=3)
+    Infer(Detector.for_bundle(tiny_bundle, backend), warmup_runs=1).setup()
+    assert backend.calls == [1, 3] and [len(call["shapes"]) for call in backend.frame_calls] == [1, 3]
+    assert backend.frame_calls[0]["shapes"] == [(64, 64, 3)]  # frames of the model's input size
+
+
+def test_planes_for_a_host_backend_are_refused(tiny_bundle):
+    infer = Infer(Detector.for_bundle(tiny_bundle, CountingBackend(max_batch=2)))
+    planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), pixel_format="yuv420p")
+    with pytest.raises(ValueError, match=r"backend counting: takes BGR images only, got \['yuv420p'\]"):
+        infer.process(Batch((planes,), time.time()))
+
+
+@pytest.mark.parametrize("shape", [(181, 160), (180, 161), (120, 160, 3)])
+def test_a_frame_with_planes_of_the_wrong_shape_is_refused(shape):
+    with pytest.raises(ValueError, match=r"stream 's' frame 0: expected uint8 \[H \* 3 / 2, W\] yuv420p planes"):
+        Frame("s", 0, 0.0, np.zeros(shape, np.uint8), time.time(), pixel_format="yuv420p")
