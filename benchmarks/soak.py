@@ -148,6 +148,17 @@ def get(url: str) -> int:
         return 0
 
 
+def rss_slope(samples: list[tuple[float, float]]) -> float | None:
+    """Least-squares growth of RSS in MiB per hour over (minutes, MiB) samples; None with fewer than 3."""
+    if len(samples) < 3:
+        return None
+    minutes = [m for m, _ in samples]
+    mib = [r for _, r in samples]
+    mean_m, mean_r = sum(minutes) / len(minutes), sum(mib) / len(mib)
+    slope = sum((m - mean_m) * (r - mean_r) for m, r in samples) / sum((m - mean_m) ** 2 for m in minutes)
+    return round(slope * 60, 1)
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -260,7 +271,10 @@ def soak(minutes: float, fps: float, bundle: Path, work: Path) -> dict:
         ]  # fmt: skip
         unhealthy = 0
         events: dict[str, float] = {}
+        rss_samples = [(0.0, result["rss_start_mib"])]  # (minutes since start, MiB), one a minute
         while (now := time.monotonic()) - started < duration_s:
+            if now - started >= 60 * len(rss_samples):
+                rss_samples.append((round((now - started) / 60, 2), round(rss_mib(daemon.pid), 1)))
             while schedule and now - started >= schedule[0][0] * duration_s:
                 _, event = schedule.pop(0)
                 events[event] = time.time()
@@ -282,6 +296,8 @@ def soak(minutes: float, fps: float, bundle: Path, work: Path) -> dict:
             unhealthy += get(healthz) != 200
             time.sleep(2.0)
         result["rss_end_mib"] = round(rss_mib(daemon.pid), 1)
+        result["rss_samples"] = rss_samples
+        result["rss_second_half_mib_per_h"] = rss_slope(rss_samples[len(rss_samples) // 2 :])
         result["healthz_not_200"] = unhealthy
         daemon.send_signal(signal.SIGINT)
         stdout, _ = daemon.communicate(timeout=120)
@@ -348,6 +364,8 @@ def table(result: dict) -> str:
     rows = [
         ("duration", f"{result['minutes']:g} min, 4 streams 320x240 at {result['fps']:g} fps"),
         ("RSS start -> end", f"{result['rss_start_mib']} MiB -> {result['rss_end_mib']} MiB"),
+        ("RSS growth over the second half (least squares, one sample a minute)",
+         f"{result['rss_second_half_mib_per_h']} MiB/h" if result.get("rss_second_half_mib_per_h") is not None else "n/a (under 6 min)"),
         ("frames lost, file streams (must be 0)", ", ".join(f"{sid} {s[sid]['frames_lost']}" for sid in FILES)),
         ("file streams: frames in / processed / log lines", "; ".join(
             f"{sid} {s[sid]['frames_in']} / {s[sid]['processed']} / {s[sid]['log_lines']}" for sid in FILES)),
