@@ -10,6 +10,14 @@ optimization profile for a dynamic batch of 1..max_batch.
 build-engine`, which also brings an int8 calibrator); the daemon then loads
 the engine instead of building it.
 
+Precisions: fp32 is fp32 (TensorRT's default TF32 for convolutions and
+matrix products is cleared); fp16 allows fp16 and TF32 kernels; int8 allows
+int8 where scales are known, else fp16. The int8 scales come either from a
+calibrator (implicit quantization, TensorRT 10 only) or from the model's own
+Q/DQ nodes (explicit quantization: `trainer quantize --for tensorrt`), which
+must be symmetric int8 (zero point 0): checked in the ONNX file before
+TensorRT parses it.
+
 `tensorrt` and `torch` are imported only here and in streamd.backends.tensorrt,
 only when a TensorRT engine is built or run.
 """
@@ -23,6 +31,7 @@ import os
 import re
 from functools import cache
 from pathlib import Path
+from typing import Protocol
 
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle
@@ -30,6 +39,25 @@ from streamd.model.bundle import Bundle
 log = logging.getLogger(__name__)
 
 SUPPORTED_MAJORS = (10,)
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+PRECISION_NOTES = {
+    "fp32": "fp32 kernels only: TF32 cleared",
+    "fp16": "fp16 kernels where faster, TF32 allowed",
+    "int8": "int8 kernels where scales are known, else fp16",
+}
+
+
+class Int8Calibrator(Protocol):
+    """The trainer's calibrator: a tensorrt.IInt8Calibrator that keeps what went wrong in get_batch.
+
+    TensorRT's Python bindings swallow an exception raised in get_batch and end
+    the calibration as if the data had run out; the calibrator keeps it in
+    `error` instead, and serialize_engine raises it after the build.
+    """
+
+    error: BaseException | None
+
+    def get_batch_size(self) -> int: ...
 
 
 def engine_key(onnx_sha256: str, gpu_name: str, trt_version: str, precision: str, max_batch: int) -> str:
@@ -86,8 +114,17 @@ def engine_path(bundle: Bundle, gpu_name: str, trt_version: str, precision: str,
     return (cache_dir or bundle.path / "engines") / f"{engine_key(bundle.sha256, gpu_name, trt_version, precision, max_batch)}.engine"
 
 
-def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, workspace_mb: int, calibrator=None) -> bytes:
-    """Parse model.onnx and build a serialized engine with one profile for batch 1..max_batch."""
+def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, workspace_mb: int, calibrator: Int8Calibrator | None = None) -> bytes:
+    """Parse model.onnx and build a serialized engine with one profile for batch 1..max_batch.
+
+    precision fp32 clears BuilderFlag.TF32 (on by default in TensorRT), so an
+    fp32 engine computes in fp32. For int8, the scales come from `calibrator`
+    (calibrated at its own batch size through a calibration profile of that
+    fixed shape) or from the model's Q/DQ nodes, never both. Raises
+    BackendError naming the ONNX file when it does not parse or build, when
+    its Q/DQ nodes are not symmetric int8, and when the calibration failed.
+    """
+    has_qdq = precision == "int8" and check_qdq(bundle.onnx_path)  # before TensorRT parses: its error would not say why
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
@@ -97,39 +134,134 @@ def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, worksp
         raise BackendError(f"{bundle.onnx_path}: TensorRT cannot parse the model: {problems}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 rounds conv/matmul inputs to 10 mantissa bits
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without int8 kernels fall back to fp16
     if precision == "int8":
-        has_qdq = any(network.get_layer(i).type == trt.LayerType.QUANTIZE for i in range(network.num_layers))
         if calibrator is None and not has_qdq:
             raise BackendError(
                 f"{bundle.onnx_path}: precision int8 needs calibration scales: build the engine with "
                 "`trainer build-engine BUNDLE --precision int8 --data EXPERIMENT.yaml` (streamd then loads it "
-                "from the cache), export a model with Q/DQ nodes, or use fp16"
+                "from the cache), use an int8 bundle made by `trainer quantize --for tensorrt`, or use fp16"
+            )
+        if calibrator is not None and has_qdq:
+            raise BackendError(
+                f"{bundle.onnx_path}: the model already carries its int8 scales (Q/DQ nodes); "
+                "build it without calibration data"
             )
         config.set_flag(trt.BuilderFlag.INT8)
         if calibrator is not None:
             config.int8_calibrator = calibrator
     height, width = bundle.meta.input_hw
+    input_name = bundle.meta.onnx.input_name
     profile = builder.create_optimization_profile()
-    profile.set_shape(bundle.meta.onnx.input_name, (1, 3, height, width), (max_batch, 3, height, width), (max_batch, 3, height, width))
+    profile.set_shape(input_name, (1, 3, height, width), (max_batch, 3, height, width), (max_batch, 3, height, width))
     config.add_optimization_profile(profile)
     if calibrator is not None:
-        config.set_calibration_profile(profile)
+        # TensorRT calibrates at the calibration profile's opt shape and reads that many images from each
+        # batch the calibrator hands over: the shape must be the calibrator's own batch, whatever max_batch is.
+        shape = (calibrator.get_batch_size(), 3, height, width)
+        calibration_profile = builder.create_optimization_profile()
+        calibration_profile.set_shape(input_name, shape, shape, shape)
+        config.set_calibration_profile(calibration_profile)
+    log.info("TensorRT build of %s: %s (%s), batch 1..%d", bundle.onnx_path, precision, PRECISION_NOTES[precision], max_batch)
     serialized = builder.build_serialized_network(network, config)
+    if calibrator is not None and calibrator.error is not None:
+        raise BackendError(f"{bundle.onnx_path}: int8 calibration failed, no engine kept: {calibrator.error}") from calibrator.error
     if serialized is None:
-        raise BackendError(f"{bundle.onnx_path}: TensorRT could not build an engine (see the log above)")
+        raise BackendError(f"{bundle.onnx_path}: TensorRT could not build an engine (build_serialized_network returned None; see its log above)")
     return bytes(serialized)
 
 
+def check_qdq(onnx_path: Path) -> bool:
+    """True when the ONNX model has Q/DQ nodes, all of them symmetric int8 as TensorRT requires.
+
+    TensorRT builds QuantizeLinear/DequantizeLinear with an int8 zero point of
+    0 only; ONNX Runtime's default quantization (uint8 activations, zero
+    points != 0) is refused here, naming the nodes, before TensorRT parses it.
+    Needs the onnx package (pip install onnx).
+    """
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError as exc:
+        raise BackendError(f"{onnx_path}: checking an int8 model needs the onnx package (pip install onnx)") from exc
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, DecodeError) as exc:
+        raise BackendError(f"{onnx_path}: not a readable ONNX model: {exc}") from exc
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+    nodes = [node for node in model.graph.node if node.op_type in QDQ_OPS]
+    problems = [
+        f"{node.op_type} {node.name or node.output[0]}: {problem}"
+        for node in nodes
+        if (problem := _qdq_problem(onnx, node, constants))
+    ]
+    if problems:
+        raise BackendError(
+            f"{onnx_path}: TensorRT builds symmetric int8 Q/DQ only (zero point int8 0); {len(problems)} of "
+            f"{len(nodes)} Q/DQ nodes are not, e.g. {'; '.join(problems[:3])}. Quantize the fp32 bundle with "
+            "`trainer quantize FP32.bundle --for tensorrt`"
+        )
+    return bool(nodes)
+
+
+def _qdq_problem(onnx, node, constants: dict) -> str | None:
+    """Why TensorRT refuses this QuantizeLinear/DequantizeLinear node, or None."""
+    int8 = onnx.TensorProto.INT8
+    zero_name = node.input[2] if len(node.input) > 2 else ""
+    if not zero_name:
+        if node.op_type == "QuantizeLinear":
+            output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
+            return None if output_dtype == int8 else "no zero point, so its output is uint8"
+        source = constants.get(node.input[0])
+        if source is not None and source.data_type != int8:
+            return f"dequantizes {onnx.TensorProto.DataType.Name(source.data_type).lower()} {node.input[0]}"
+        return None
+    zero = constants.get(zero_name)
+    if zero is None:
+        return f"zero point {zero_name} is not a constant"
+    if zero.data_type != int8:
+        return f"zero point is {onnx.TensorProto.DataType.Name(zero.data_type).lower()}, not int8"
+    values = onnx.numpy_helper.to_array(zero)
+    if values.any():
+        return f"zero point is {values.ravel()[values.ravel() != 0][0]}, not 0"
+    return None
+
+
 def write_cache(path: Path, data: bytes, key: dict) -> None:
-    """Write the engine atomically (tmp + rename) with a JSON note of its key beside it."""
+    """Write the engine, then the JSON note of its key beside it (KEY.json), each with write_atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(key, indent=2) + "\n")
+    write_atomic(path, data)
+    write_atomic(path.with_suffix(".json"), (json.dumps(key, indent=2) + "\n").encode())
     log.info("cached TensorRT engine %s", path)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` all at once and durably: a temp file beside it, fsynced, renamed, the folder fsynced.
+
+    A reader sees the old file or the new one, never a part; after a crash the
+    rename is on disk; on any failure the temp file is removed and the error raised.
+    """
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # makes the rename itself durable
+    finally:
+        os.close(folder)
 
 
 def build_engine(
@@ -140,27 +272,46 @@ def build_engine(
     device: int = 0,
     engine_cache_dir: Path | None = None,
     workspace_mb: int = 2048,
-    calibrator=None,
+    calibrator: Int8Calibrator | None = None,
+    calibration_key: str | None = None,
 ) -> Path:
     """Build the engine of `bundle` for this GPU into the cache the daemon reads (or find it there); its path.
 
     For `trainer build-engine`: ahead of time, and for int8 with the
-    trainer's calibrator (a `tensorrt.IInt8Calibrator`). max_batch and
-    engine_cache_dir must match the daemon's config, since both select the file.
+    trainer's calibrator (an Int8Calibrator) unless the model has Q/DQ nodes.
+    max_batch and engine_cache_dir must match the daemon's config, since both
+    select the file. precision is fp32 (TF32 off), fp16 or int8.
+    calibration_key (with a calibrator: a hash of the model and calibration
+    images) is recorded in the key note; a cached engine calibrated under
+    another key is rebuilt.
     """
     trt, torch = import_tensorrt(), import_torch()
     gpu_name = cuda_device_name(torch, device)
     path = engine_path(bundle, gpu_name, trt.__version__, precision, max_batch, engine_cache_dir)
     if path.is_file():
-        log.info("TensorRT engine already cached: %s", path)
-        return path
+        cached_key = cached_calibration_key(path)
+        if cached_key == calibration_key:
+            log.info("TensorRT engine already cached: %s", path)
+            return path
+        log.info("cached engine %s was calibrated on other data (key %s, now %s); rebuilding it", path, cached_key, calibration_key)
     log.info("building a TensorRT %s engine for %s on %s (minutes)", precision, bundle.onnx_path, gpu_name)
     data = serialize_engine(trt, bundle, precision, max_batch, workspace_mb, calibrator)
+    note = key_note(bundle, gpu_name, trt.__version__, precision, max_batch)
+    if calibration_key is not None:
+        note["calibration_key"] = calibration_key
     try:
-        write_cache(path, data, key_note(bundle, gpu_name, trt.__version__, precision, max_batch))
+        write_cache(path, data, note)
     except OSError as exc:
         raise BackendError(f"cannot write the TensorRT engine to {path}: {exc}") from exc
     return path
+
+
+def cached_calibration_key(engine: Path) -> str | None:
+    """The calibration_key in a cached engine's key note; None when it has none (or no readable note)."""
+    try:
+        return json.loads(engine.with_suffix(".json").read_text()).get("calibration_key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def key_note(bundle: Bundle, gpu_name: str, trt_version: str, precision: str, max_batch: int) -> dict:

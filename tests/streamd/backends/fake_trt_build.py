@@ -2,6 +2,11 @@
 
 A "serialized engine" is JSON naming the ONNX file and the profile's max batch; fake_gpu.FakeTRT's runtime
 deserializes it into an engine that runs the model with ONNX Runtime.
+
+The fake build runs an int8 calibrator the way TensorRT does: get_batch until it returns None, at the
+calibration profile's opt batch, and an exception raised inside get_batch ends the calibration silently
+(TensorRT's Python bindings swallow it). `fake_trt11()` is TensorRT 11's module as far as the build goes:
+no BuilderFlag.FP16/INT8.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ class FakeTRTBuild:
 
     __version__ = "10.0.1"
     builds: list[dict] = []
+    build_returns_none = False  # set True: build_serialized_network fails the way TensorRT reports it
 
     class Logger:
         WARNING = 2
@@ -26,13 +32,17 @@ class FakeTRTBuild:
         WORKSPACE = "workspace"
 
     class BuilderFlag:
-        FP16, INT8 = "fp16", "int8"
+        FP16, INT8, TF32 = "fp16", "int8", "tf32"
 
     class LayerType:
         QUANTIZE = "quantize"
 
     class TensorIOMode:
         INPUT, OUTPUT = "input", "output"
+
+    class IInt8EntropyCalibrator2:
+        def __init__(self):
+            pass
 
     nptype = staticmethod(lambda dtype: dtype)
 
@@ -52,11 +62,12 @@ class FakeTRTBuild:
             return FakeNetwork(flags=flags)
 
         def create_builder_config(self):
-            config = types.SimpleNamespace(flags=set(), profiles=[], int8_calibrator=None)
+            config = types.SimpleNamespace(flags=set(), cleared=set(), profiles=[], int8_calibrator=None, calibration_profile=None)
             config.set_memory_pool_limit = lambda pool, size: setattr(config, "workspace", size)
             config.set_flag = config.flags.add
+            config.clear_flag = lambda flag: (config.flags.discard(flag), config.cleared.add(flag))
             config.add_optimization_profile = config.profiles.append
-            config.set_calibration_profile = lambda profile: None
+            config.set_calibration_profile = lambda profile: setattr(config, "calibration_profile", profile)
             return config
 
         def create_optimization_profile(self):
@@ -64,11 +75,79 @@ class FakeTRTBuild:
             return types.SimpleNamespace(shapes=shapes, set_shape=lambda name, *mmo: shapes.__setitem__(name, mmo))
 
         def build_serialized_network(self, network, config):
-            FakeTRTBuild.builds.append({"flags": set(config.flags), "profiles": config.profiles, "calibrator": config.int8_calibrator})
+            build = {"flags": set(config.flags), "cleared": set(config.cleared), "profiles": config.profiles,
+                     "calibrator": config.int8_calibrator, "calibration_profile": config.calibration_profile,
+                     "calibration_batches": []}  # fmt: skip
+            FakeTRTBuild.builds.append(build)
+            if config.int8_calibrator is not None and "int8" in config.flags:
+                build["calibration_batches"] = calibrate(config.int8_calibrator)
+            if FakeTRTBuild.build_returns_none:
+                return None
             return json.dumps({"onnx": network["onnx"], "max": config.profiles[0].shapes["images"][2][0]}).encode()
 
+
+def calibrate(calibrator) -> list[int]:
+    """Run the calibrator as TensorRT does; the device pointers it returned, one per batch."""
+    pointers = []
+    while True:
+        try:
+            batch = calibrator.get_batch(["images"])
+        except Exception:  # noqa: BLE001  (what TensorRT's bindings do: the calibration just ends)
+            break
+        if batch is None:
+            break
+        pointers.append(batch[0])
+    return pointers
+
+
 class FakeNetwork(dict):
-    num_layers = 0  # no Q/DQ layers: int8 needs a calibrator
+    num_layers = 0  # the fake parser adds no layers: serialize_engine reads Q/DQ from the ONNX file
 
     def get_layer(self, index: int):
         raise IndexError(index)
+
+
+def fake_trt11():
+    """TensorRT 11's module, as far as the build goes: BuilderFlag has no FP16/INT8 (nor INT8 calibration)."""
+
+    class FakeTRT11(FakeTRTBuild):
+        __version__ = "11.0.0"
+
+        class BuilderFlag:
+            TF32 = "tf32"
+
+    return FakeTRT11
+
+
+class FakeCalibrator:
+    """An Int8Calibrator over ready-made batches (fake device pointers), for serialize_engine's own tests."""
+
+    def __init__(self, batch_size: int, batches: int):
+        self.batch_size, self.left, self.error = batch_size, batches, None
+
+    def get_batch_size(self) -> int:
+        return self.batch_size
+
+    def get_batch(self, names):
+        if self.left == 0:
+            return None
+        self.left -= 1
+        return [1000 + self.left]
+
+
+def fake_build_torch():
+    """The torch calls an engine build makes: the CUDA device, and a calibration batch uploaded with .cuda()."""
+
+    class DeviceArray:
+        def __init__(self, array):
+            self.array = array
+
+        def cuda(self):
+            return self
+
+        def data_ptr(self) -> int:
+            return self.array.__array_interface__["data"][0]
+
+    cuda = types.SimpleNamespace(is_available=lambda: True, set_device=lambda device: None,
+                                 get_device_name=lambda device: "Fake GPU 80GB")  # fmt: skip
+    return types.SimpleNamespace(cuda=cuda, from_numpy=DeviceArray)
