@@ -1,70 +1,137 @@
-"""Fakes of torch's CUDA runtime and TensorRT's runtime for the TensorRT backend's own code, without a GPU.
+"""A recording CUDA runtime on the CPU for streamd.backends.cuda_slots, and a fake of TensorRT's runtime.
 
-They check streamd's use of the two APIs (build, cache, bind, two slots, copies, events) and run the model
-through ONNX Runtime where the engine would run; the real APIs are checked by the gpu-marked tests.
+RecordingRuntime stands in for cuda_slots.CudaRuntime: tensors are CPU tensors, every call runs at once, and each
+stream operation is recorded in order as (stream, operation, slot) in CALLS, so that the slot code of the torch
+and TensorRT backends runs here and the tests assert the order the GPU needs: the upload and `record uploaded`
+on the upload stream; the compute stream waiting for `uploaded` before the model or engine; the copies out and
+`record done` on the compute stream; a reused slot waiting for its previous batch ("host", "wait done", slot).
+Each call also checks that it runs under the runtime's device guard in the calling thread.
+
+FakeTRT's engine runs the ONNX model with ONNX Runtime on the tensors at the addresses it is given, and records
+its execute_async_v3 on the stream whose handle it got. The real APIs are checked by the gpu-marked tests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import types
+import threading
 
 import numpy as np
+import torch
 
 from tests.streamd.backends.fake_trt_build import FakeTRTBuild
 
-
-class FakeTensor:
-    """A numpy array that hands out a data_ptr() the fake engine can resolve."""
-
-    memory: dict[int, np.ndarray] = {}
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-
-    @property
-    def dtype(self):
-        return self.array.dtype
-
-    def __getitem__(self, index) -> FakeTensor:
-        return FakeTensor(self.array[index])
-
-    def copy_(self, other, non_blocking: bool = False) -> FakeTensor:
-        self.array[...] = other.array if isinstance(other, FakeTensor) else other
-        return self
-
-    def data_ptr(self) -> int:
-        address = self.array.__array_interface__["data"][0]
-        FakeTensor.memory[address] = self.array
-        return address
-
-    def numpy(self) -> np.ndarray:
-        return self.array
+CALLS: list[tuple[str, str, int | None]] = []  # (stream or "host", operation, slot), in order
+GUARDS: list[tuple[str, str]] = []  # (thread name, device) of each entry into a device guard
+DEVICE_MEMORY: dict[int, torch.Tensor] = {}  # the "device" allocations, by address, for the fake engine
+_THREAD = threading.local()  # per thread: the device guards entered, the streams made current
 
 
-FAKE_CALLS: list[str] = []  # what the fake CUDA runtime was asked to do, in order
+def clear() -> None:
+    CALLS.clear()
+    GUARDS.clear()
+    DEVICE_MEMORY.clear()
 
 
-def fake_stream(device=None):
-    return types.SimpleNamespace(cuda_stream=7, wait_event=lambda event: None,
-                                 synchronize=lambda: FAKE_CALLS.append("stream.synchronize"))  # fmt: skip
+def note(stream: str, operation: str, slot: int | None = None) -> None:
+    """Record one operation; an AssertionError when the calling thread is not under a device guard."""
+    if not getattr(_THREAD, "devices", None):
+        raise AssertionError(f"{operation} on {stream} in thread {threading.current_thread().name} outside the device guard")
+    CALLS.append((stream, operation, slot))
 
 
-def fake_event(blocking: bool = False):
-    FAKE_CALLS.append(f"Event(blocking={blocking})")
-    return types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
+def current_stream() -> str:
+    streams = getattr(_THREAD, "streams", None)
+    return streams[-1] if streams else "default"
 
 
-def fake_torch():
-    cuda = types.SimpleNamespace(
-        is_available=lambda: True, set_device=lambda device: None, get_device_name=lambda device: "Fake GPU 80GB",
-        Stream=fake_stream, Event=fake_event, stream=lambda stream: contextlib.nullcontext(),
-    )  # fmt: skip
-    return types.SimpleNamespace(
-        cuda=cuda, device=lambda name: name, from_numpy=FakeTensor,
-        empty=lambda shape, dtype, pin_memory=False, device=None: FakeTensor(np.zeros(shape, dtype)),
-    )  # fmt: skip
+def recorded(function, operation: str):
+    """`function`, noting `operation` on the current stream at each call (for the model, the letterbox)."""
+
+    def wrapper(*args, **kwargs):
+        note(current_stream(), operation)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _pushed(stack: str, value: str):
+    """`value` on top of this thread's `stack` (its device guards, its current streams) while inside."""
+    setattr(_THREAD, stack, [*getattr(_THREAD, stack, []), value])
+    try:
+        yield
+    finally:
+        setattr(_THREAD, stack, getattr(_THREAD, stack)[:-1])
+
+
+class FakeStream:
+    def __init__(self, name: str):
+        self.name = self.cuda_stream = name  # the handle execute_async_v3 gets: the fake engine notes it
+
+
+class FakeEvent:
+    def __init__(self, kind: str, slot: int):
+        self.kind, self.slot = kind, slot
+
+
+class RecordingRuntime:
+    """cuda_slots.CudaRuntime's calls on the CPU, run at once and recorded in CALLS."""
+
+    gpu_name = "Fake GPU 80GB"
+
+    def __init__(self, device, label: str):
+        self.configured = str(device)  # the CUDA device the backend was configured for, as guards record it
+        self.device = torch.device("cpu")  # where its tensors are
+
+    def guard(self):
+        GUARDS.append((threading.current_thread().name, self.configured))
+        return _pushed("devices", self.configured)
+
+    def stream(self, name: str) -> FakeStream:
+        return FakeStream(name)
+
+    def event(self, kind: str, slot: int) -> FakeEvent:
+        return FakeEvent(kind, slot)
+
+    def on(self, stream: FakeStream):
+        return _pushed("streams", stream.name)
+
+    def handle(self, stream: FakeStream) -> str:
+        return stream.cuda_stream
+
+    def pinned(self, shape, dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype)
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        tensor = torch.zeros(shape, dtype=dtype)
+        DEVICE_MEMORY[tensor.data_ptr()] = tensor
+        return tensor
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: FakeStream, what: str, slot: int) -> None:
+        note(stream.name, what, slot)
+        dst.copy_(src)
+
+    def record(self, event: FakeEvent, stream: FakeStream) -> None:
+        note(stream.name, f"record {event.kind}", event.slot)
+
+    def wait_event(self, stream: FakeStream, event: FakeEvent) -> None:
+        note(stream.name, f"wait {event.kind}", event.slot)
+
+    def wait(self, event: FakeEvent) -> None:
+        note("host", f"wait {event.kind}", event.slot)
+
+    def synchronize(self, stream: FakeStream) -> None:
+        note("host", f"synchronize {stream.name}")
+
+    def capture(self, runs: dict) -> dict:
+        """No graphs on the CPU: each run once (the warm-up), and a replay that notes itself and runs it."""
+        replays = {}
+        for key, run in runs.items():
+            run()
+            replays[key] = recorded(run, f"replay {key}")
+        return replays
 
 
 class FakeTRT(FakeTRTBuild):
@@ -114,9 +181,10 @@ class FakeContext:
     def set_tensor_address(self, name: str, address: int) -> None:
         self.addresses[name] = address
 
-    def execute_async_v3(self, stream_handle: int) -> bool:
+    def execute_async_v3(self, stream_handle) -> bool:
+        note(stream_handle, "execute")
         count = self.shapes["images"][0]
-        images = FakeTensor.memory[self.addresses["images"]][:count]
-        (output,) = self.session.run(None, {"images": images})
-        FakeTensor.memory[self.addresses["output"]][:count] = output
-        return stream_handle == 7
+        images = DEVICE_MEMORY[self.addresses["images"]][:count]
+        (output,) = self.session.run(None, {"images": images.numpy()})
+        DEVICE_MEMORY[self.addresses["output"]][:count] = torch.from_numpy(output)
+        return True

@@ -18,7 +18,7 @@ from streamd.backends.tensorrt_build import build_engine, engine_key, engine_pat
 from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TensorRTConfig
 from streamd.errors import BackendError
 
-from tests.streamd.backends.fake_gpu import FAKE_CALLS, FakeTRT
+from tests.streamd.backends.fake_gpu import FakeTRT
 
 REPO = Path(__file__).parents[3]
 ORT = OnnxRuntimeConfig(type="onnxruntime", threads=1)
@@ -201,7 +201,7 @@ def test_tensorrt_int8_without_qdq_nodes_is_refused(tiny_bundle, trt_config):
         make_backend(tiny_bundle, trt_config("int8"))
 
 
-# --- The TensorRT backend's own code, against fakes of tensorrt and torch (fake_gpu.py, no GPU needed) ---
+# --- The TensorRT backend's build and cache, against a fake tensorrt (fake_gpu.py; its runtime: test_tensorrt_runtime.py) ---
 
 
 @pytest.mark.parametrize("version, supported", [("10.0.1", True), ("10.13.3", True), ("11.0.0", False), ("9.2.0", False), ("x.1", False)])
@@ -228,18 +228,6 @@ def test_fake_gpu_any_tensorrt_setup_failure_lets_auto_fall_back(tiny_bundle, fa
     monkeypatch.setattr(backends_module, "torch_cuda_usable", lambda bundle: (False, "pretend"))
     assert make_backend(tiny_bundle, AutoBackendConfig(type="auto")).name == "onnxruntime"
     assert "TensorRT failed" in caplog.text
-
-
-def test_fake_gpu_events_block_and_close_after_a_failed_submit_waits_for_both_streams(tiny_bundle, tmp_path, fake_gpu):
-    backend = make_backend(tiny_bundle, TensorRTConfig(type="tensorrt", engine_cache_dir=tmp_path), max_batch=2)
-    events = [call for call in FAKE_CALLS if call.startswith("Event")]
-    assert events and set(events) == {"Event(blocking=True)"}  # a non-blocking event's synchronize() spins a core
-    backend.context.execute_async_v3 = lambda stream: False  # the engine refuses the batch after the upload
-    with pytest.raises(BackendError, match="execute_async_v3 failed"):
-        backend.submit(images(2))
-    FAKE_CALLS.clear()
-    backend.close()
-    assert FAKE_CALLS == ["stream.synchronize", "stream.synchronize"]  # the copy already queued is waited for
 
 
 def test_fake_gpu_backend_builds_caches_binds_and_matches_onnxruntime(tiny_bundle, tmp_path, fake_gpu):

@@ -1,0 +1,171 @@
+"""streamd.backends.cuda_slots on the recording runtime (fake_gpu.py): the order of work on the streams, the slots'
+reuse, the device guard in the calling thread, errors; the same code the torch and TensorRT backends run on CUDA."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from streamd.backends import cuda_slots
+from streamd.backends.cuda_slots import CudaRuntime, CudaSlots, check_frames
+from streamd.errors import BackendError
+from streamd.model.bundle import Preprocess
+
+from tests.streamd.backends import fake_gpu
+from tests.streamd.backends.fake_gpu import CALLS, GUARDS, RecordingRuntime, current_stream, note
+
+CHW, ROWS = (3, 4, 4), (2, 7)  # a 4x4 model input; 2 anchors, 2 classes
+
+
+def upload(slot: int) -> list:
+    return [("upload", "h2d", slot), ("upload", "record uploaded", slot)]
+
+
+def compute(slot: int, *copies: str) -> list:
+    return [("compute", "wait uploaded", slot), ("compute", "model", None), *[("compute", c, slot) for c in copies],
+            ("compute", "record done", slot)]  # fmt: skip
+
+
+def boxes(images: torch.Tensor) -> torch.Tensor:
+    """Anchor 0 of each image: a box (1, 1, 3, 3) in input pixels, of class 1, its score the image's mean."""
+    rows = torch.zeros((images.shape[0], *ROWS))
+    rows[:, 0, :6] = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 0.0])
+    rows[:, 0, 6] = images.mean(dim=(1, 2, 3))
+    return rows
+
+
+def one_box_per_frame(images: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """A model that returns its output (as the torch model does), for the slot to copy into its own."""
+    note(current_stream(), "model")
+    return boxes(images)
+
+
+def in_place(images: torch.Tensor, output: torch.Tensor) -> None:
+    """A model that writes the slot's output itself (as a TensorRT engine does, at the address it was given)."""
+    note(current_stream(), "model")
+    output.copy_(boxes(images))
+
+
+@pytest.fixture
+def slots(recording_cuda) -> CudaSlots:
+    return CudaSlots(RecordingRuntime("cuda:1", "test"), "backend test", 2, CHW, torch.float32, ROWS, torch.float32)
+
+
+def batch(count: int, value: float) -> np.ndarray:
+    return np.full((count, *CHW), value, np.float32)
+
+
+def test_batches_upload_then_compute_and_a_reused_slot_waits_for_its_batch(slots):
+    first, second = slots.submit_batch(batch(2, 1.0), one_box_per_frame), slots.submit_batch(batch(1, 2.0), one_box_per_frame)
+    assert CALLS == upload(0) + compute(0, "output", "d2h") + upload(1) + compute(1, "output", "d2h")
+    CALLS.clear()
+    third = slots.submit_batch(batch(2, 3.0), one_box_per_frame)  # slot 0 again: the first batch is collected first
+    assert CALLS == [("host", "wait done", 0)] + upload(0) + compute(0, "output", "d2h")
+    CALLS.clear()
+    outputs = [pending.wait() for pending in (first, second, third)]
+    assert CALLS == [("host", "wait done", 1), ("host", "wait done", 0)]  # the first was already collected
+    assert [o[:, 0, 6].tolist() for o in outputs] == [[1.0, 1.0], [2.0], [3.0, 3.0]]  # the first survived its slot's reuse
+    assert all(o.dtype == np.float32 and o.shape[1:] == ROWS for o in outputs)
+    assert slots.in_flight == [None, None]
+
+
+def test_a_model_that_writes_the_slot_output_itself_is_not_copied(slots):
+    output = slots.submit_batch(batch(1, 5.0), in_place).wait()
+    assert CALLS == upload(0) + compute(0, "d2h") + [("host", "wait done", 0)]
+    assert output[0, 0, 6] == 5.0
+
+
+def test_frames_are_letterboxed_on_the_upload_stream_and_only_boxes_come_back(slots, monkeypatch):
+    monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
+    images = [np.full((8, 8, 3), 100, np.uint8), np.full((4, 6, 3), 50, np.uint8)]
+    pending = slots.submit_frames(images, ["bgr24", "bgr24"], [0.5, 1.0], [(16, 16), (4, 6)], 0.3, 0.45, (4, 4),
+                                  Preprocess(), one_box_per_frame)  # fmt: skip
+    assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0)] + compute(0, "output")
+    first, second = pending.wait()
+    assert CALLS[-1] == ("host", "wait done", 0)
+    # (1, 1, 3, 3) in input pixels; letterbox scale 0.5 and prescale 0.5: x4 in source pixels
+    np.testing.assert_allclose(first.xyxy, [[4, 4, 12, 12]])
+    assert first.class_id.tolist() == [1] and first.confidence == pytest.approx([100.0])
+    # 4x6 at scale 4/6: (1.5, 1.5, 4.5, 4.5), clipped to the 6x4 source
+    np.testing.assert_allclose(second.xyxy, [[1.5, 1.5, 4.5, 4]])
+    assert slots.host_frames[0].numel() == 8 * 8 * 3 + 4 * 6 * 3  # grown to fit the batch of frames
+
+
+def test_submit_and_wait_enter_the_device_guard_in_their_own_thread(slots):
+    GUARDS.clear()
+    results = {}
+
+    def worker() -> None:
+        results["output"] = slots.submit_batch(batch(1, 1.0), one_box_per_frame).wait()
+
+    thread = threading.Thread(target=worker, name="inference")
+    thread.start()
+    thread.join(timeout=30)
+    assert "output" in results  # every recorded call checked it ran under a guard of its own thread
+    assert GUARDS and set(GUARDS) == {("inference", "cuda:1")}
+
+
+def test_the_recording_runtime_refuses_calls_outside_the_device_guard(slots):
+    with pytest.raises(AssertionError, match="outside the device guard"):
+        slots.runtime.record(slots.done[0], slots.compute_stream)
+
+
+def test_close_after_a_failed_submit_waits_for_both_streams(slots):
+    def refuses(images, output):
+        raise BackendError("backend test: the engine refused the batch")
+
+    with pytest.raises(BackendError, match="refused"):
+        slots.submit_batch(batch(2, 1.0), refuses)
+    assert CALLS == upload(0) + [("compute", "wait uploaded", 0)]  # the upload is queued, with no Pending to wait on
+    CALLS.clear()
+    slots.close()
+    assert CALLS == [("host", "synchronize upload", None), ("host", "synchronize compute", None)]
+
+
+def test_a_cuda_error_is_a_backend_error_naming_the_device_and_batch(slots):
+    def fails(images, output):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(BackendError, match=r"backend test: CUDA error on cpu on a batch of 2: CUDA error: an illegal"):
+        slots.submit_batch(batch(2, 1.0), fails)
+
+
+@pytest.mark.parametrize(
+    "count, formats, error",
+    [
+        (1, 1, None),
+        (4, 4, None),
+        (0, 0, "batch of 0 frames, this backend takes 1..4"),
+        (5, 5, "batch of 5 frames, this backend takes 1..4"),
+        (2, 1, r"2 frames, but pixel formats, prescales and source sizes of \[1, 2, 2\]"),
+    ],
+)
+def test_check_frames(count, formats, error):
+    images = [np.zeros((2, 2, 3), np.uint8)] * count
+    other = [["bgr24"] * formats, [1.0] * count, [(2, 2)] * count]
+    if error is None:
+        check_frames("backend test", 4, images, *other)
+    else:
+        with pytest.raises(BackendError, match=error):
+            check_frames("backend test", 4, images, *other)
+
+
+def test_cuda_runtime_events_block(monkeypatch):
+    """A non-blocking event's synchronize() spins a core the decoders need."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 80GB")
+    monkeypatch.setattr(torch.cuda, "Event", lambda **options: options)
+    runtime = CudaRuntime(torch.device("cuda:1"), "backend test")
+    assert runtime.gpu_name == "Fake GPU 80GB" and runtime.event("done", 0) == {"blocking": True}
+    with pytest.raises(BackendError, match=r"backend test: device cuda:2, but this machine has 2 CUDA device\(s\)"):
+        CudaRuntime(torch.device("cuda:2"), "backend test")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_runtime_without_a_gpu_is_a_backend_error():
+    with pytest.raises(BackendError, match="backend test: device cuda:0, but no CUDA GPU is available"):
+        CudaRuntime(torch.device("cuda:0"), "backend test")
