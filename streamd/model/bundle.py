@@ -11,6 +11,13 @@ sha256 in `weights`, and in `yolox` the fields pixeltable-yolox rebuilds the
 model from. A bundle without them (every format-1 bundle) still loads and runs
 on ONNX Runtime and TensorRT. The new fields make a bundle format 2 because a
 format-1 reader refuses unknown keys.
+
+Format 3 adds, optionally, where a quantized bundle came from, as fields:
+`provenance.source_bundle` (the fp32 bundle's name and ONNX sha256) and
+`provenance.calibration` (experiment file, dataset, split, image count, the
+images' fingerprint, method, target runtime), written by `trainer quantize`.
+A bundle is written with the lowest format that holds its fields, so an fp32
+bundle stays format 2.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from streamd.errors import BundleError
 
-FORMAT_VERSION = 2  # written; 1 and 2 are read
+FORMAT_VERSION = 3  # the newest; 1, 2 and 3 are read, each bundle written with the lowest that holds it
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "bundle.json"
@@ -82,6 +89,27 @@ class YoloxArch(_Frozen):
     strides: tuple[int, int, int] = Field((8, 16, 32), description="The head's output strides, finest first.")
 
 
+class SourceBundle(_Frozen):
+    """The bundle a quantized bundle was made from (format 3)."""
+
+    name: str = Field(min_length=1, description="The source bundle's folder name, e.g. bccd-nano.bundle.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The source bundle's model.onnx sha256.")
+
+
+class Calibration(_Frozen):
+    """The data an int8 bundle's scales were calibrated on (format 3)."""
+
+    experiment: str = Field(min_length=1, description="The experiment YAML file that named the dataset.")
+    dataset: str = Field(min_length=1, description="Dataset name from the experiment.")
+    split: Literal["train", "val", "test"] = Field(description="The split the images came from.")
+    images: int = Field(ge=1, description="Images the calibration saw.")
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the images' names and contents, input size, preprocess.")
+    method: Literal["minmax", "entropy", "percentile"] = Field(description="How activation ranges were chosen.")
+    target: Literal["onnxruntime", "tensorrt"] = Field(
+        description="The runtime the Q/DQ layout is for: onnxruntime (uint8 activations) or tensorrt (symmetric int8)."
+    )
+
+
 class Provenance(_Frozen):
     dataset: str = Field(description="Dataset name from the training config.")
     dataset_hash: str = Field(description="sha256 of the sorted training file list and class names.")
@@ -89,12 +117,22 @@ class Provenance(_Frozen):
     trainer_version: str
     created_at: str = Field(description="UTC ISO-8601 time of export.")
     checkpoint: str = Field("", description="Checkpoint file the bundle was exported from.")
+    source_bundle: SourceBundle | None = Field(None, description="For a quantized bundle: the bundle it was made from.")
+    calibration: Calibration | None = Field(None, description="For a quantized bundle: the data its scales came from.")
+
+    @model_validator(mode="after")
+    def _quantized_together(self) -> Provenance:
+        if (self.source_bundle is None) != (self.calibration is None):
+            raise ValueError("source_bundle and calibration come together: a quantized bundle names both")
+        return self
 
 
 class BundleMeta(_Frozen):
     """The parsed `bundle.json`."""
 
-    format_version: int = Field(FORMAT_VERSION, ge=1, le=FORMAT_VERSION, description="1: ONNX only; 2: + weights.")
+    format_version: int = Field(
+        FORMAT_VERSION, ge=1, le=FORMAT_VERSION, description="1: ONNX only; 2: + weights; 3: + quantization provenance."
+    )
     name: str = Field(min_length=1)
     architecture: Literal[ARCHITECTURES]  # type: ignore[valid-type]
     class_names: tuple[str, ...] = Field(min_length=1)
@@ -120,6 +158,8 @@ class BundleMeta(_Frozen):
             raise ValueError("weights and yolox come together: the weights need the architecture they fit")
         if self.weights is not None and self.format_version < 2:
             raise ValueError("weights and yolox need format_version 2")
+        if self.provenance.source_bundle is not None and self.format_version < 3:
+            raise ValueError("provenance.source_bundle and provenance.calibration need format_version 3")
         if self.yolox is not None and self.yolox.num_classes != len(self.class_names):
             raise ValueError(
                 f"yolox.num_classes is {self.yolox.num_classes} but class_names names {len(self.class_names)}"
@@ -204,7 +244,7 @@ def write_bundle(path: str | Path, onnx_bytes: bytes, meta_fields: dict, weights
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    fields = {**meta_fields, "format_version": FORMAT_VERSION}
+    fields = {**meta_fields, "format_version": format_for(meta_fields)}
     fields["onnx"] = {**fields.get("onnx", {}), "file": ONNX_FILE, "sha256": hashlib.sha256(onnx_bytes).hexdigest()}
     if weights_bytes is not None:
         fields["weights"] = {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights_bytes).hexdigest()}
@@ -223,7 +263,7 @@ def add_weights(path: str | Path, weights_bytes: bytes, yolox: dict) -> Bundle:
     """
     bundle = load_bundle(path)
     fields = bundle.meta.model_dump(mode="json") | {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_for(bundle.meta.model_dump(mode="json")),
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights_bytes).hexdigest()},
         "yolox": yolox,
     }
@@ -231,6 +271,28 @@ def add_weights(path: str | Path, weights_bytes: bytes, yolox: dict) -> Bundle:
     (bundle.path / WEIGHTS_FILE).write_bytes(weights_bytes)
     (bundle.path / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
     return load_bundle(bundle.path)
+
+
+def format_for(meta_fields: dict) -> int:
+    """The lowest format_version that holds these bundle.json fields: 3 with quantization provenance, else 2."""
+    provenance = meta_fields.get("provenance") or {}
+    return 3 if provenance.get("source_bundle") is not None or provenance.get("calibration") is not None else 2
+
+
+def describe_provenance(meta: BundleMeta) -> list[str]:
+    """Where the bundle came from, one line each, for commands that print a bundle's details."""
+    provenance = meta.provenance
+    lines = [f"trained on {provenance.dataset} for {provenance.epochs} epochs (trainer {provenance.trainer_version}, {provenance.created_at})"]
+    if provenance.source_bundle is not None and provenance.calibration is not None:
+        source, calibration = provenance.source_bundle, provenance.calibration
+        lines.append(f"int8 of {source.name} (onnx sha256 {source.sha256[:12]}...), for {calibration.target}")
+        lines.append(
+            f"calibrated ({calibration.method}) on {calibration.images} images of {calibration.dataset}/{calibration.split} "
+            f"from {calibration.experiment} (fingerprint {calibration.fingerprint[:12]}...)"
+        )
+    elif provenance.checkpoint:
+        lines.append(f"from {provenance.checkpoint}")
+    return lines
 
 
 def _validate_fields(meta_path: Path, fields: dict) -> BundleMeta:
