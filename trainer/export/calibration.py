@@ -10,6 +10,8 @@ preprocess (streamd.model.preprocess.letterbox_batch).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import cv2
 import numpy as np
 
 from streamd.model.bundle import Bundle, Preprocess
-from streamd.model.preprocess import letterbox_batch
+from streamd.model.preprocess import letterbox
 from trainer.config import Experiment
 
 log = logging.getLogger(__name__)
@@ -46,23 +48,44 @@ class CalibrationSet:
         """float32 [B, 3, H, W] letterboxed batches, in split order.
 
         An unreadable image is skipped with a warning naming it, and the batch
-        is filled from the next images. drop_last drops a last partial batch
-        (TensorRT's calibrator needs every batch at its declared size).
+        is filled from the next images; an image that reads but cannot be
+        letterboxed raises ValueError naming it. drop_last drops a last partial
+        batch (TensorRT's calibrator needs every batch at its declared size).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        images: list[np.ndarray] = []
+        tensors: list[np.ndarray] = []
         for path in self.paths:
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
                 log.warning("%s: cannot be read as an image; left out of calibration", path)
                 continue
-            images.append(image)
-            if len(images) == batch_size:
-                yield letterbox_batch(images, self.input_hw, self.preprocess)[0]
-                images = []
-        if images and not drop_last:
-            yield letterbox_batch(images, self.input_hw, self.preprocess)[0]
+            try:
+                tensors.append(letterbox(image, self.input_hw, self.preprocess).tensor)
+            except (cv2.error, ValueError) as exc:
+                raise ValueError(f"{path}: cannot be letterboxed for calibration: {exc}") from exc
+            if len(tensors) == batch_size:
+                yield np.stack(tensors)
+                tensors = []
+        if tensors and not drop_last:
+            yield np.stack(tensors)
+
+    def fingerprint(self) -> str:
+        """sha256 of what the calibration sees: each image's name and contents, their count, input_hw, preprocess.
+
+        New or changed images, another count or another letterbox give another
+        fingerprint (and so another TensorRT calibration cache); moving the
+        dataset folder does not. An image that cannot be read is hashed as missing.
+        """
+        digest = hashlib.sha256()
+        digest.update(json.dumps([len(self.paths), list(self.input_hw), self.preprocess.model_dump(mode="json")]).encode())
+        for path in self.paths:
+            try:
+                contents = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                contents = "missing"
+            digest.update(f"\n{path.name}:{contents}".encode())
+        return digest.hexdigest()
 
 
 def calibration_set(exp: Experiment, bundle: Bundle, max_images: int, experiment_file: Path | None = None) -> CalibrationSet:
