@@ -256,6 +256,13 @@ class StreamConfig(StrictModel):
     frozen_after_s: float | None = Field(
         2.0, gt=0, le=3600, description="Live streams: a picture unchanged for this long is flagged frozen; null: off."
     )
+    hwaccel: Literal["auto", "cuda", "none"] = Field(
+        "auto", description="Decoder: cuda (NVDEC; the CPU with a warning when it does not open), none (the CPU), "
+        "auto (cuda when an NVIDIA GPU is present, else the CPU).",
+    )
+    decoder_threads: int | None = Field(
+        None, ge=1, le=64, description="CPU decoder threads of the stream; null: FFmpeg's choice (about one per core)."
+    )
     record: RecordConfig | None = Field(None, description="Annotated recording; omitted: none.")
     detection_log: DetectionLogConfig | None = Field(None, description="Detection log (JSON lines); omitted: none.")
 

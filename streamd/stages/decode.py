@@ -1,4 +1,4 @@
-"""Sources: demux and decode one video stream with PyAV into `Frame`s (uint8 BGR, pts in seconds).
+"""Sources: demux and decode one video stream with PyAV into `Frame`s (BGR or yuv420p planes, pts in seconds).
 
 One class, `AVSource`, serves every kind of input; `open_source` picks the
 demuxer and its options from the stream's config, whose `kind` was decided
@@ -17,6 +17,10 @@ strictly increasing across loops, reconnects and timestamp resets by shifting
 the source's time line (never by dropping a frame), so that recorders and
 subscribers can trust it. seq counts frames per stream from 0 and goes on
 across open() calls.
+
+Decoder: NVDEC or the CPU by streams[].hwaccel, threads by streams[].decoder_threads, and the pixels each
+Frame carries (BGR, BGR scaled for the model, or yuv420p planes): streamd.stages.decoder. Which decoder a
+stream got is logged once its first frame is out, and again after a reopen only if it changed.
 
 Failure: PyAV waits at most `timeout_s` for any open or read (its interrupt
 callback), so a dead source never hangs the thread; every av.error becomes a
@@ -37,12 +41,15 @@ import av
 import av.error
 import cv2
 import numpy as np
+from av.codec.hwaccel import HWAccel
 
 from streamd.config import SourceKind, StreamConfig
 from streamd.errors import FatalError, SourceError
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.stage import Backoff
-from streamd.types import Frame
+from streamd.stages.decoder import PIXEL_FORMATS, decoder_in_use, frame_pixels, hwaccel_for
+from streamd.stages.timeline import TimeLine  # noqa: F401 (also streamd.stages.decode.TimeLine)
+from streamd.types import Frame, PixelFormat, picture_hw
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +69,11 @@ _SHORT_PROBE = {"analyzeduration": "300000", "probesize": "65536"}
 
 def open_source(
     stream: StreamConfig, metrics: Metrics, *, model_hw: tuple[int, int] | None = None,
-    options: dict[str, str] | None = None,
+    pixel_format: PixelFormat = "bgr24", options: dict[str, str] | None = None,
 ) -> AVSource:  # fmt: skip
     """The source of a validated stream config (not opened yet: the runner calls open()).
 
-    model_hw: see AVSource (compose passes it for streams that are not recorded).
+    model_hw, pixel_format: see AVSource (compose passes one of them for streams that are not recorded).
     options: extra FFmpeg options, applied last (tests, benchmarks).
     """
     micros = str(int(stream.timeout_s * 1_000_000))
@@ -98,56 +105,8 @@ def open_source(
         stream.id, url, kind=stream.kind, metrics=metrics, format=fmt, options=opts, realtime=stream.realtime,
         loop=stream.loop, timeout_s=stream.timeout_s, backoff=Backoff(stream.reconnect.initial_s, stream.reconnect.max_s),
         frozen_after_s=stream.frozen_after_s if stream.kind.live else None, model_hw=model_hw,
+        pixel_format=pixel_format, hwaccel=stream.hwaccel, decoder_threads=stream.decoder_threads,
     )
-
-
-class TimeLine:
-    """A stream's pts on one strictly increasing line, continuous across loops, reopens and clock jumps.
-
-    A missing pts is one frame after the last. The first frame after a reopen
-    goes on after the gap (by the wall clock). A source clock that goes back,
-    or forward by more than it may (JUMP_S or 10 frames, plus the wall-clock
-    time since the last packet for a paced source), has jumped (a corrupted
-    timestamp, a reset): the frame is placed one frame after the last, and the
-    jump is returned, to be flagged, and removed from every later frame.
-    """
-
-    JUMP_S = 1.0
-
-    def __init__(self, paced: bool):
-        self.paced = paced
-        self.offset_s = 0.0  # added to the source's time
-        self.last_pts_s: float | None = None
-        self.last_received: float | None = None
-        self._restarted = False
-
-    def restart(self) -> None:
-        """The source's clock starts again on purpose (a file loops): go on one frame later, no jump."""
-        self._restarted = True
-
-    def place(self, source_pts_s: float | None, received: float, gap_s: float, frame_s: float) -> tuple[float, float]:
-        """(pts_s, jump_s) of a frame whose packet left the demuxer at monotonic `received`."""
-        last, jump_s = self.last_pts_s, 0.0
-        if last is None:
-            pts_s = 0.0 if source_pts_s is None else source_pts_s + self.offset_s
-        elif gap_s or self._restarted or source_pts_s is None:
-            pts_s = last + max(frame_s, gap_s)
-        else:
-            raw = source_pts_s + self.offset_s
-            # How far pts may move on: by the wall clock for a paced source (it may move less: the consumer was
-            # late and the frames were buffered), by a few frames for a file read as fast as it decodes.
-            allowed_s = max(self.JUMP_S, 10 * frame_s)
-            if self.paced and self.last_received is not None:
-                allowed_s += max(0.0, received - self.last_received)
-            if raw <= last or raw - last > allowed_s:
-                pts_s, jump_s = last + frame_s, raw - (last + frame_s)
-            else:
-                pts_s = raw
-        if source_pts_s is not None:
-            self.offset_s += pts_s - (source_pts_s + self.offset_s)
-        self._restarted = False
-        self.last_pts_s, self.last_received = pts_s, received
-        return pts_s, jump_s
 
 
 class FreezeDetector:
@@ -160,9 +119,11 @@ class FreezeDetector:
         self._last: np.ndarray | None = None
 
     def update(self, image: np.ndarray) -> bool:
+        """image: uint8 BGR [H, W, 3] or a luma plane [H, W]; True once frozen."""
         # Every 8th pixel is plenty for a 16x9 thumbnail and spares an area-average of every pixel of every frame.
         thumbnail = cv2.resize(image[::8, ::8], (16, 9), interpolation=cv2.INTER_AREA).astype(np.int16)
-        if self._last is not None and np.abs(thumbnail - self._last).mean() < 1.0:
+        same_kind = self._last is not None and self._last.shape == thumbnail.shape  # BGR or a Y plane
+        if same_kind and np.abs(thumbnail - self._last).mean() < 1.0:
             self.same += 1
         else:
             self.same = 0
@@ -177,6 +138,9 @@ class AVSource:
     frozen_after_s: flag frames as frozen once the picture has not changed for this long (None: never).
     model_hw: the model's input (H, W) for a stream that is not recorded: each frame is converted and scaled
     to the letterbox's size in one swscale pass, never made at full size (None: full-size BGR frames).
+    pixel_format: "yuv420p" hands each frame over as its planes, for a backend that converts colour and
+    resizes on its device (odd-sized frames as bgr24); excludes model_hw.
+    hwaccel: auto | cuda | none (streams[].hwaccel). decoder_threads: the codec's thread count (None: FFmpeg's).
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
     files and "SLICE" for live sources, where frame threading would add a
     frame of latency per thread.
@@ -198,8 +162,18 @@ class AVSource:
         backoff: Backoff = Backoff(),
         frozen_after_s: float | None = None,
         model_hw: tuple[int, int] | None = None,
+        pixel_format: PixelFormat = "bgr24",
+        hwaccel: str = "none",
+        decoder_threads: int | None = None,
         thread_type: str | None = None,
     ) -> None:
+        if pixel_format not in PIXEL_FORMATS:
+            raise ValueError(f"stream {stream_id!r}: pixel_format must be one of {PIXEL_FORMATS}, not {pixel_format!r}")
+        if model_hw is not None and pixel_format != "bgr24":
+            raise ValueError(
+                f"stream {stream_id!r}: model_hw (BGR scaled for the model) and pixel_format {pixel_format!r} (planes "
+                "for a backend that resizes on its device) exclude each other"
+            )
         self.stream_id = stream_id
         self.url = url
         self.kind = kind
@@ -212,6 +186,9 @@ class AVSource:
         self.timeout_s = timeout_s
         self.backoff = backoff
         self.model_hw = model_hw
+        self.pixel_format = pixel_format
+        self.hwaccel = hwaccel
+        self.decoder_threads = decoder_threads
         # Frame threading holds back one frame per extra thread (up to 16 on a big machine): fine for a
         # file's throughput, not for a live feed that must be out within a frame's time. Live sources
         # thread within a frame (slices) instead.
@@ -225,6 +202,9 @@ class AVSource:
         self._last_frame_at: float | None = None  # monotonic: when the last frame's packet arrived
         self._lost_at: float | None = None  # monotonic: the last frame before the source was closed
         self._clock: tuple[float, float] | None = None  # realtime pacing: (monotonic, pts_s) of the anchor frame
+        # The decoder to name once the first frame of an open is out: (codec context, tried NVDEC, why not).
+        self._decoder_pending: tuple[av.VideoCodecContext, bool, str | None] | None = None
+        self._decoder_said: str | None = None  # the last line logged about it
 
     def __repr__(self) -> str:
         return f"AVSource({self.stream_id!r}, {self.url!r}, kind={self.kind!r}, live={self.live})"
@@ -234,12 +214,45 @@ class AVSource:
         return SourceError(f"stream {self.stream_id!r} ({self.url}): {what}{detail}")
 
     def open(self) -> None:
-        """Connect (or reopen after a failure); raises SourceError within about timeout_s."""
+        """Connect (or reopen after a failure); raises SourceError within about timeout_s (twice that when NVDEC
+        was tried and failed: the source is opened again for the CPU)."""
         self.close()
+        hwaccel, why_not = hwaccel_for(self.hwaccel)
+        container = None
+        if hwaccel is not None:
+            try:
+                container = self._open_container(hwaccel)
+            except _NoHardwareDecoder as exc:
+                hwaccel, why_not = None, f"NVDEC did not open: {exc}"
+        if container is None:
+            container = self._open_container(None)
+        if not container.streams.video:
+            container.close()
+            error = self._error("has no video stream")
+            raise FatalError(str(error)) if self.kind is SourceKind.FILE else error
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        codec.thread_type = self.thread_type
+        if self.decoder_threads is not None:
+            codec.thread_count = self.decoder_threads
+        rate = stream.average_rate or stream.guessed_rate
+        self.fps = float(rate) if rate and rate > 0 else DEFAULT_FPS
+        self._container = container
+        self._frames = self._decode(container, stream)
+        self._decoder_pending = (codec, hwaccel is not None, why_not)
+        self._clock = None
+        self.metrics.count(self.stream_id, "opens")
+        log.info("stream %r: opened %s (%s %dx%d, %.3g fps)", self.stream_id, self.url,
+                 codec.name, codec.width, codec.height, self.fps)
+
+    def _open_container(self, hwaccel: HWAccel | None) -> av.container.InputContainer:
+        """av.open with the stream's options; a failure other than a timeout raises _NoHardwareDecoder when
+        hwaccel was given (the caller opens again without it), else the SourceError or FatalError it is."""
         started = time.monotonic()
         try:
-            container = av.open(
-                self.url, format=self.format, container_options=self.options, timeout=(self.timeout_s, self.timeout_s)
+            return av.open(
+                self.url, format=self.format, container_options=self.options, timeout=(self.timeout_s, self.timeout_s),
+                hwaccel=hwaccel,
             )
         except av.error.ProtocolNotFoundError as exc:
             scheme = urlsplit(self.url).scheme
@@ -247,25 +260,23 @@ class AVSource:
         except (av.error.ExitError, av.error.TimeoutError) as exc:
             raise self._error(f"no data for {float(self.timeout_s)} s") from exc
         except (av.error.FFmpegError, OSError) as exc:
+            if hwaccel is not None:  # the device, or the source itself: the open without it tells
+                raise _NoHardwareDecoder(str(exc)) from exc
             if self.kind is SourceKind.FILE:  # retrying cannot make a missing or broken file readable
                 raise FatalError(f"stream {self.stream_id!r} ({self.url}): cannot open: {exc}") from exc
             if time.monotonic() - started >= self.timeout_s:
                 raise self._error(f"no data for {float(self.timeout_s)} s", exc) from exc
             raise self._error("cannot open", exc) from exc
-        if not container.streams.video:
-            container.close()
-            error = self._error("has no video stream")
-            raise FatalError(str(error)) if self.kind is SourceKind.FILE else error
-        stream = container.streams.video[0]
-        stream.codec_context.thread_type = self.thread_type
-        rate = stream.average_rate or stream.guessed_rate
-        self.fps = float(rate) if rate and rate > 0 else DEFAULT_FPS
-        self._container = container
-        self._frames = self._decode(container, stream)
-        self._clock = None
-        self.metrics.count(self.stream_id, "opens")
-        log.info("stream %r: opened %s (%s %dx%d, %.3g fps)", self.stream_id, self.url,
-                 stream.codec_context.name, stream.codec_context.width, stream.codec_context.height, self.fps)
+
+    def _say_decoder(self) -> None:
+        """Log which decoder the stream got (WARNING when hwaccel cuda was asked for and not had), if it changed."""
+        codec, tried, why_not = self._decoder_pending
+        self._decoder_pending = None
+        what, why_not = decoder_in_use(codec, tried, why_not)
+        line = f"stream {self.stream_id!r}: {what}" + (f" (hwaccel {self.hwaccel}: {why_not})" if why_not else "")
+        if line != self._decoder_said:
+            log.log(logging.WARNING if why_not and self.hwaccel == "cuda" else logging.INFO, line)
+            self._decoder_said = line
 
     def _decode(
         self, container: av.container.InputContainer, stream: av.VideoStream
@@ -298,7 +309,7 @@ class AVSource:
             raise self._error("read() without a successful open()")
         try:
             av_frame, received = next(self._frames)
-            image, source_hw, scale = self._convert(av_frame)
+            image, pixel_format, source_hw, scale = frame_pixels(av_frame, self.pixel_format, self.model_hw)
         except StopIteration:
             if self.live:
                 self._frames = None
@@ -311,6 +322,8 @@ class AVSource:
             self._frames = None
             raise self._error("read failed", exc) from exc
         decode_ms = (time.monotonic() - received) * 1000.0
+        if self._decoder_pending is not None:
+            self._say_decoder()
         gap_s = 0.0
         if self._lost_at is not None:  # the first frame after a reopen: the outage is this frame's gap
             gap_s, self._lost_at = max(0.0, received - self._lost_at), None
@@ -331,9 +344,10 @@ class AVSource:
             fps=self.fps,
             gap_s=gap_s,
             pts_jump_s=jump_s,
-            frozen=self._freeze.update(image) if self._freeze is not None else False,
+            frozen=self._freeze.update(image[: picture_hw(image, pixel_format)[0]]) if self._freeze else False,
             source_hw=source_hw,
             scale=scale,
+            pixel_format=pixel_format,
         )
         self._last_frame_at = received
         self.frames += 1
@@ -349,23 +363,9 @@ class AVSource:
         if due > now:
             time.sleep(due - now)
 
-    def _convert(self, av_frame: av.VideoFrame) -> tuple[np.ndarray, tuple[int, int] | None, float]:
-        """The frame as uint8 BGR: full size, or (model_hw set) scaled for the model by swscale in the same pass.
-
-        The scaled size is the letterbox's own (int(h * r), int(w * r)), r = min(H / h, W / w), so the letterbox
-        only pads it; returns (image, source (H, W) or None, r).
-        """
-        height, width = av_frame.height, av_frame.width
-        if self.model_hw is not None:
-            scale = min(self.model_hw[0] / height, self.model_hw[1] / width)
-            if scale < 1.0:
-                size = (int(width * scale), int(height * scale))
-                image = av_frame.to_ndarray(width=size[0], height=size[1], format="bgr24", interpolation="AREA")
-                return image, (height, width), scale
-        return av_frame.to_ndarray(format="bgr24"), None, 1.0
-
     def close(self) -> None:
         self._frames = None
+        self._decoder_pending = None  # holds the closed container's codec context
         if self._last_frame_at is not None and self._lost_at is None:
             self._lost_at = self._last_frame_at  # if it opens again, the frames in between are a gap
         if self._container is not None:
@@ -374,3 +374,7 @@ class AVSource:
                 container.close()
             except (av.error.FFmpegError, OSError) as exc:
                 log.warning("stream %r: error closing %s: %s", self.stream_id, self.url, exc)
+
+
+class _NoHardwareDecoder(Exception):
+    """av.open with a HWAccel failed for a reason other than a timeout: the device, or the source itself."""

@@ -269,3 +269,31 @@ def test_shipped_examples_are_valid(name: str, tmp_path: Path, tiny_bundle):
     cfg = StreamdConfig.model_validate(data, context={"base_dir": path.parent})
     assert cfg.streams
 
+
+
+@pytest.mark.parametrize(
+    ("lines", "hwaccel", "threads"),
+    [("", "auto", None), ("    hwaccel: cuda\n    decoder_threads: 4\n", "cuda", 4), ("    hwaccel: none\n", "none", None)],
+)
+def test_decoder_settings(folder: Path, lines: str, hwaccel: str, threads: int | None):
+    stream = load_config(write(folder, MINIMAL + lines)).streams[0]
+    assert (stream.hwaccel, stream.decoder_threads) == (hwaccel, threads)
+
+
+DECODER_BAD = [
+    ("    hwaccel: nvdec\n", ":5: streams.0.hwaccel: Input should be 'auto', 'cuda' or 'none'"),
+    ("    hwaccel: true\n", ":5: streams.0.hwaccel: Input should be 'auto', 'cuda' or 'none'"),
+    ("    decoder_threads: 0\n", ":5: streams.0.decoder_threads: Input should be greater than or equal to 1"),
+    ("    decoder_threads: 65\n", ":5: streams.0.decoder_threads: Input should be less than or equal to 64"),
+    ("    decoder_threads: 2.5\n", ":5: streams.0.decoder_threads: Input should be a valid integer"),
+    ("    decoder_threads: true\n", ":5: streams.0.decoder_threads: Input should be a number, not a boolean"),
+    ("    decoder_thread: 2\n", ":5: streams.0.decoder_thread: unknown field; did you mean 'decoder_threads'?"),
+]
+
+
+@pytest.mark.parametrize("lines, expected", DECODER_BAD)
+def test_decoder_setting_errors_name_file_line_and_field(folder: Path, lines: str, expected: str):
+    path = write(folder, MINIMAL + lines)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert f"{path}{expected}" in str(caught.value)
