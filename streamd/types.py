@@ -35,7 +35,7 @@ class Frame:
         base.FrameBackend) on a stream nothing draws on.
     pts_s: presentation time in seconds in the source's own time line.
     decoded_at: wall-clock time.time() when the frame left the decoder.
-    decode_ms: time from the packet leaving the demuxer to the decoded BGR frame.
+    decode_ms: time from the packet leaving the demuxer to the decoded frame (BGR or planes).
     fps: the source's nominal frame rate (used by recorders).
     gap_s: the outage of a live source just before this frame (seconds without a frame; 0 normally):
         its recording and log start a new segment, its message says so.

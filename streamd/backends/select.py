@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
 
 from streamd.backends.base import Backend
 from streamd.config import AutoBackendConfig, BackendConfig, OnnxRuntimeConfig, TensorRTConfig, TorchConfig
 from streamd.errors import BackendError
+from streamd.hardware import nvidia_gpu_present
 from streamd.model.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
 TORCH_MODULES = ("torch", "torchvision", "yolox", "safetensors")  # the `gpu` extra
-
-
-def _nvidia_gpu() -> bool:
-    """The driver's device nodes tell whether a GPU is there without initialising CUDA."""
-    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
 
 
 def _missing(modules: tuple[str, ...]) -> str | None:
@@ -37,7 +32,7 @@ def tensorrt_usable() -> tuple[bool, str]:
     missing = _missing(("tensorrt", "torch"))
     if missing:
         return False, f"{missing} is not installed"
-    if not _nvidia_gpu():
+    if not nvidia_gpu_present():
         return False, "no NVIDIA GPU found"
     return True, "tensorrt and an NVIDIA GPU are present"
 
@@ -49,7 +44,7 @@ def torch_cuda_usable(bundle: Bundle) -> tuple[bool, str]:
     missing = _missing(TORCH_MODULES)
     if missing:
         return False, f"{missing} is not installed (pip install '.[gpu]')"
-    if not _nvidia_gpu():
+    if not nvidia_gpu_present():
         return False, "no NVIDIA GPU found"
     return True, "torch and an NVIDIA GPU are present and the bundle has weights"
 

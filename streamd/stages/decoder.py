@@ -22,22 +22,16 @@ takes 3x as long.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import av
 import numpy as np
 from av.codec.hwaccel import HWAccel, hwdevices_available
 from av.video.reformatter import ColorRange
 
+from streamd.hardware import nvidia_gpu_present
 from streamd.types import PixelFormat
 
 PIXEL_FORMATS: tuple[PixelFormat, ...] = ("bgr24", "yuv420p")
 _CUDA_PIXEL_FORMAT = "cuda"  # what the codec context's pix_fmt is while NVDEC decodes (frames stay on the device)
-
-
-def nvidia_gpu_present() -> bool:
-    """The driver's device nodes tell whether an NVIDIA GPU is there without initialising CUDA."""
-    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
 
 
 def hwaccel_for(mode: str) -> tuple[HWAccel | None, str | None]:
