@@ -111,24 +111,27 @@ def open_source(
 
 class FreezeDetector:
     """Whether a live picture has stopped changing: a 16x9 thumbnail equal (mean |difference| < 1 grey level)
-    to the last one for `after_s` of frames. A frozen capture card or screen repeats the same image."""
+    to the last one for `after_s` of the stream's own time (pts), and for at least 2 frames. A frozen capture
+    card or screen repeats the same image. Timed by pts, not by a frame count, since a live stream's real
+    rate is known only once frames come."""
 
-    def __init__(self, after_s: float, fps: float):
-        self.frames_needed = max(2, round(after_s * fps))
+    def __init__(self, after_s: float):
+        self.after_s = after_s
         self.same = 0
+        self._since = 0.0  # pts of the first frame of the current still picture
         self._last: np.ndarray | None = None
 
-    def update(self, image: np.ndarray) -> bool:
-        """image: uint8 BGR [H, W, 3] or a luma plane [H, W]; True once frozen."""
+    def update(self, image: np.ndarray, pts_s: float) -> bool:
+        """image: uint8 BGR [H, W, 3] or a luma plane [H, W], at pts_s seconds; True once frozen."""
         # Every 8th pixel is plenty for a 16x9 thumbnail and spares an area-average of every pixel of every frame.
         thumbnail = cv2.resize(image[::8, ::8], (16, 9), interpolation=cv2.INTER_AREA).astype(np.int16)
         same_kind = self._last is not None and self._last.shape == thumbnail.shape  # BGR or a Y plane
         if same_kind and np.abs(thumbnail - self._last).mean() < 1.0:
             self.same += 1
         else:
-            self.same = 0
+            self.same, self._since = 0, pts_s
         self._last = thumbnail
-        return self.same >= self.frames_needed
+        return self.same >= 2 and pts_s - self._since >= self.after_s - 1e-9
 
 
 class AVSource:
@@ -198,7 +201,7 @@ class AVSource:
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[tuple[av.VideoFrame, float]] | None = None
         self._timeline = TimeLine(paced=self.live or realtime)
-        self._freeze = FreezeDetector(frozen_after_s, self.fps) if frozen_after_s is not None else None
+        self._freeze = FreezeDetector(frozen_after_s) if frozen_after_s is not None else None
         self._last_frame_at: float | None = None  # monotonic: when the last frame's packet arrived
         self._lost_at: float | None = None  # monotonic: the last frame before the source was closed
         self._clock: tuple[float, float] | None = None  # realtime pacing: (monotonic, pts_s) of the anchor frame
@@ -344,7 +347,7 @@ class AVSource:
             fps=self.fps,
             gap_s=gap_s,
             pts_jump_s=jump_s,
-            frozen=self._freeze.update(image[: picture_hw(image, pixel_format)[0]]) if self._freeze else False,
+            frozen=self._freeze.update(image[: picture_hw(image, pixel_format)[0]], pts_s) if self._freeze else False,
             source_hw=source_hw,
             scale=scale,
             pixel_format=pixel_format,

@@ -221,10 +221,10 @@ def test_a_frozen_picture_is_found_in_the_planes(tmp_path):
 
 
 def test_the_freeze_detector_starts_again_when_the_picture_changes_kind():
-    detector = FreezeDetector(after_s=0.1, fps=10)  # 2 unchanged frames
+    detector = FreezeDetector(after_s=0.1)  # at 10 fps: 2 unchanged frames (never fewer)
     grey = np.full((120, 160, 3), 80, np.uint8)
-    assert [detector.update(grey) for _ in range(3)] == [False, False, True]
-    assert detector.update(grey[:, :, 0]) is False  # a Y plane after BGR frames: no comparison across kinds
+    assert [detector.update(grey, n / 10) for n in range(3)] == [False, False, True]
+    assert detector.update(grey[:, :, 0], 0.3) is False  # a Y plane after BGR frames: no comparison across kinds
 
 
 # --- NVDEC (run by benchmarks/gpu_check.py on a GPU machine) -------------------------------------------
