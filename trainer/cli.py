@@ -184,14 +184,15 @@ def quantize(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write, NAME.bundle.")],
     calibration_images: Annotated[int, typer.Option(min=1, help="First N images of the train split.")] = 64,
     name: Annotated[Optional[str], typer.Option(help="Model name (default: the source's, with -int8).")] = None,
+    target: Annotated[str, typer.Option("--for", help="onnxruntime (uint8 activations, fastest on the CPU) or tensorrt (symmetric int8, zero points 0: `trainer build-engine --precision int8` builds it without --data; ONNX Runtime runs it too).")] = "onnxruntime",
     verbose: Verbose = False,
 ) -> None:
-    """int8 bundle for ONNX Runtime (static quantization, calibrated on the train split); check it with
-    `trainer eval INT8.bundle --data EXP.yaml --compare FP32.bundle`."""
+    """int8 bundle (static Q/DQ quantization, calibrated on the train split) for ONNX Runtime or TensorRT; check it
+    with `trainer eval INT8.bundle --data EXP.yaml --compare FP32.bundle`."""
     from trainer.export.quantize import quantize_bundle
 
     _setup_logging(verbose)
-    result = quantize_bundle(bundle, data, out, calibration_images, name)
+    result = quantize_bundle(bundle, data, out, calibration_images, name, target)
     typer.echo(json.dumps(asdict(result), indent=2))
 
 
@@ -199,15 +200,15 @@ def quantize(
 @_friendly
 def build_engine_cmd(
     bundle: Annotated[Path, typer.Argument(help="Model bundle folder.")],
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8.")] = "fp16",
+    precision: Annotated[str, typer.Option(help="fp32 (TF32 off), fp16 or int8.")] = "fp16",
     max_batch: Annotated[int, typer.Option(min=1, max=64)] = 8,
-    calibration_data: Annotated[Optional[Path], typer.Option("--data", help="Experiment YAML; int8 calibrates on its train split.")] = None,
+    calibration_data: Annotated[Optional[Path], typer.Option("--data", help="Experiment YAML; int8 calibrates on its train split (not for a bundle from `trainer quantize --for tensorrt`, which has its scales).")] = None,
     calibration_images: Annotated[int, typer.Option(min=8)] = 256,
     engine_cache_dir: Annotated[Optional[Path], typer.Option(help="The daemon's backend.engine_cache_dir (default: BUNDLE/engines).")] = None,
     device: Annotated[int, typer.Option(min=0, help="CUDA device index.")] = 0,
     verbose: Verbose = False,
 ) -> None:
-    """Build a TensorRT engine for this GPU, cached beside the bundle (needs TensorRT and CUDA)."""
+    """Build a TensorRT engine for this GPU, cached beside the bundle (needs TensorRT 10 and CUDA)."""
     from trainer.export.engine import build_engine
 
     _setup_logging(verbose)

@@ -196,16 +196,16 @@ def check_qdq(onnx_path: Path) -> bool:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = node.attribute[0].t
     nodes = [node for node in model.graph.node if node.op_type in QDQ_OPS]
-    problems = [
-        f"{node.op_type} {node.name or node.output[0]}: {problem}"
-        for node in nodes
-        if (problem := _qdq_problem(onnx, node, constants))
-    ]
+    problems: dict[str, list[str]] = {}  # what is wrong -> the nodes it is wrong with
+    for node in nodes:
+        if problem := _qdq_problem(onnx, node, constants):
+            problems.setdefault(problem, []).append(f"{node.op_type} {node.name or node.output[0]}")
     if problems:
+        found = "; ".join(f"{problem}: {len(names)} node(s), e.g. {names[0]}" for problem, names in problems.items())
         raise BackendError(
-            f"{onnx_path}: TensorRT builds symmetric int8 Q/DQ only (zero point int8 0); {len(problems)} of "
-            f"{len(nodes)} Q/DQ nodes are not, e.g. {'; '.join(problems[:3])}. Quantize the fp32 bundle with "
-            "`trainer quantize FP32.bundle --for tensorrt`"
+            f"{onnx_path}: TensorRT builds symmetric int8 Q/DQ only (zero point int8 0), and "
+            f"{sum(map(len, problems.values()))} of {len(nodes)} Q/DQ nodes are not: {found}. "
+            "Quantize the fp32 bundle with `trainer quantize FP32.bundle --for tensorrt`"
         )
     return bool(nodes)
 
@@ -229,7 +229,7 @@ def _qdq_problem(onnx, node, constants: dict) -> str | None:
         return f"zero point is {onnx.TensorProto.DataType.Name(zero.data_type).lower()}, not int8"
     values = onnx.numpy_helper.to_array(zero)
     if values.any():
-        return f"zero point is {values.ravel()[values.ravel() != 0][0]}, not 0"
+        return "zero point is not 0"
     return None
 
 

@@ -9,11 +9,19 @@ train split, letterboxed by the bundle's own preprocess
 (trainer.export.calibration, the reader the TensorRT int8 calibrator uses
 too).
 
+Two targets (`target`, `trainer quantize --for`):
+
+- `onnxruntime` (default): uint8 activations (asymmetric: zero points != 0),
+  int8 weights, as ONNX Runtime's CPU kernels run fastest.
+- `tensorrt`: TensorRT's explicit quantization accepts symmetric int8 Q/DQ
+  only: int8 activations and weights, every zero point 0, biases left float
+  (TensorRT has no int32 DequantizeLinear). `trainer build-engine --precision
+  int8` builds it without a calibrator, and ONNX Runtime still runs it.
+
 What is quantized, and why (measured on BCCD with the shipped nano bundle;
 the table is in docs/trainer.md):
 
-- Q/DQ format, uint8 activations, int8 weights **per channel**, MinMax
-  calibration. ONNX Runtime fuses the Q/DQ pairs into QLinearConv,
+- Q/DQ format, int8 weights **per channel**, MinMax calibration. ONNX Runtime fuses the Q/DQ pairs into QLinearConv,
   QLinearSigmoid and QLinearMul (YOLOX's SiLU stays int8, so the tensors
   between convolutions never go back to float). Per-channel weights keep
   AP50 within 0.002 of fp32 where per-tensor loses 0.007.
@@ -25,6 +33,12 @@ the table is in docs/trainer.md):
   convolution (YOLOX's Focus: four strided Slices and a Concat). Left float,
   ONNX Runtime fuses them into one SpaceToDepth; quantized, they run as four
   slow uint8 Slices.
+- For TensorRT, also the **first convolution** (its input is the image,
+  0..255: a symmetric int8 scale halves its resolution) and the **depthwise
+  convolutions** (one per-tensor symmetric activation scale fits their
+  channels badly). With either quantized, confident BCCD boxes were lost
+  (2 of about 30 on 6 images); with both float, none on 8, 12 or 16
+  calibration images. TensorRT runs them in fp16.
 """
 
 from __future__ import annotations
@@ -48,12 +62,26 @@ from streamd.model import load_bundle
 from streamd.model.bundle import Bundle, write_bundle
 from trainer import __version__
 from trainer.config import load_experiment
-from trainer.export.calibration import CalibrationSet, calibration_set
+from trainer.export.calibration import calibration_set
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8
+# quantize_static's settings per target runtime. TensorRT's explicit quantization: symmetric int8 (zero point
+# 0) activations and weights, no int32 bias DequantizeLinear (TensorRT dequantizes int8 only and fuses the
+# float bias into the convolution), and Q/DQ on the convolutions' inputs only, where TensorRT wants them: it
+# fuses SiLU and the rest into the int8 convolutions by itself.
+TARGET_SETTINGS = {
+    "onnxruntime": {"activation_type": QuantType.QUInt8, "calibrate_method": CalibrationMethod.MinMax},
+    "tensorrt": {
+        "activation_type": QuantType.QInt8,
+        "op_types_to_quantize": ["Conv"],
+        "calibrate_method": CalibrationMethod.MinMax,
+        "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+    },
+}
+TARGETS = tuple(TARGET_SETTINGS)
 # Node types that mark a model as already quantized: quantizing it again would stack scales.
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger"})
 # What `trainer eval --compare` puts side by side (EvalReport fields).
@@ -69,6 +97,7 @@ class QuantizeResult:
     calibration_dataset: str
     calibration_split: str
     calibration_images: int
+    target: str
     float_nodes: int  # nodes left in float: the decode tail and the input stem
     onnx_bytes: int
     seconds: float
@@ -127,14 +156,35 @@ def input_stem(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def first_convolutions(model: onnx.ModelProto) -> list[str]:
+    """Names of the convolutions that read the input stem's output (YOLOX's stem conv): the image, 0..255."""
+    stem = set(input_stem(model))
+    stem_outputs = {output for node in model.graph.node if node.name in stem for output in node.output}
+    stem_outputs |= {graph_input.name for graph_input in model.graph.input}
+    return [node.name for node in model.graph.node if node.op_type == "Conv" and stem_outputs & set(node.input)]
+
+
+def depthwise_convolutions(model: onnx.ModelProto) -> list[str]:
+    """Names of the grouped (depthwise) convolutions: YOLOX nano and tiny's DWConv."""
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Conv" and any(attribute.name == "group" and attribute.i > 1 for attribute in node.attribute)
+    ]
+
+
 def quantize_bundle(
     source: Path,
     experiment_file: Path,
     out: Path,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     name: str | None = None,
+    target: str = "onnxruntime",
 ) -> QuantizeResult:
     """Write `out`, the int8 bundle of the fp32 bundle `source`, calibrated on experiment_file's train split.
+
+    target: "onnxruntime" (uint8 activations) or "tensorrt" (symmetric int8,
+    zero points 0, float biases: what TensorRT builds; ONNX Runtime runs it too).
 
     Raises streamd.errors.BundleError when `source` is not a valid bundle,
     streamd.errors.ConfigError for an invalid experiment, and ValueError,
@@ -142,6 +192,8 @@ def quantize_bundle(
     its train split has no image, the source is already quantized, or `out`
     is the source.
     """
+    if target not in TARGETS:
+        raise ValueError(f"quantize target must be one of {', '.join(TARGETS)}, got {target!r}")
     started = time.time()
     bundle = load_bundle(source)
     if Path(out).resolve() == bundle.path.resolve():
@@ -152,6 +204,8 @@ def quantize_bundle(
         raise ValueError(f"{bundle.onnx_path}: already quantized ({', '.join(already)} nodes); quantize the fp32 bundle")
     calibration = calibration_set(load_experiment(experiment_file), bundle, calibration_images, experiment_file)
     float_nodes = decode_tail(model) + input_stem(model)
+    if target == "tensorrt":
+        float_nodes += first_convolutions(model) + depthwise_convolutions(model)
     batches = calibration.batches(CALIBRATION_BATCH)
     first = next(batches, None)  # ONNX Runtime's own error for an empty feed would not name the data
     if first is None:
@@ -164,15 +218,21 @@ def quantize_bundle(
             str(quantized_path),
             reader,
             quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=float_nodes,
+            **TARGET_SETTINGS[target],
         )
         onnx_bytes = quantized_path.read_bytes()
-    log.info("calibrated on %d images of %s/%s; %d nodes left in float", reader.images, calibration.dataset, calibration.split, len(float_nodes))
-    written = write_bundle(out, onnx_bytes, _int8_meta(bundle, calibration, reader.images, onnx_bytes, name))
+    log.info(
+        "calibrated on %d images of %s/%s for %s; %d nodes left in float",
+        reader.images, calibration.dataset, calibration.split, target, len(float_nodes),
+    )
+    calibration_fields = {
+        "experiment": str(experiment_file), "dataset": calibration.dataset, "split": calibration.split,
+        "images": reader.images, "fingerprint": calibration.fingerprint(), "method": "minmax", "target": target,
+    }  # fmt: skip
+    written = write_bundle(out, onnx_bytes, _int8_meta(bundle, calibration_fields, onnx_bytes, name))
     return QuantizeResult(
         bundle=str(written.path),
         sha256=written.sha256,
@@ -181,19 +241,20 @@ def quantize_bundle(
         calibration_dataset=calibration.dataset,
         calibration_split=calibration.split,
         calibration_images=reader.images,
+        target=target,
         float_nodes=len(float_nodes),
         onnx_bytes=len(onnx_bytes),
         seconds=round(time.time() - started, 1),
     )
 
 
-def _int8_meta(bundle: Bundle, calibration: CalibrationSet, images: int, onnx_bytes: bytes, name: str | None) -> dict:
+def _int8_meta(bundle: Bundle, calibration: dict, onnx_bytes: bytes, name: str | None) -> dict:
     """bundle.json fields of the int8 bundle: the source's contract, a new name and provenance, no metrics.
 
     The source's metrics describe the fp32 model, and its torch weights are
-    not this model: both are left out. The provenance's `checkpoint` names the
-    source bundle (with its sha256) and the calibration set, until
-    streamd.model.bundle.Provenance has fields of its own for them.
+    not this model: both are left out. The provenance keeps the source's
+    training fields and adds `source_bundle` and `calibration` (format 3);
+    `checkpoint` says the same in words.
     """
     source = bundle.meta
     opset = next(entry.version for entry in onnx.load_from_string(onnx_bytes).opset_import if entry.domain in ("", "ai.onnx"))
@@ -209,10 +270,9 @@ def _int8_meta(bundle: Bundle, calibration: CalibrationSet, images: int, onnx_by
             **source.provenance.model_dump(mode="json"),
             "trainer_version": __version__,
             "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "checkpoint": (
-                f"int8 of {bundle.path.name} (onnx sha256 {bundle.sha256}), calibrated on "
-                f"{calibration.dataset}/{calibration.split}: first {images} images (split sha256 {calibration.dataset_hash})"
-            ),
+            "checkpoint": f"int8 ({calibration['target']}) of {bundle.path.name}",
+            "source_bundle": {"name": bundle.path.name, "sha256": bundle.sha256},
+            "calibration": calibration,
         },
     }
 
@@ -242,7 +302,10 @@ def print_changes(changes: dict[str, dict[str, float]], model: str, reference: s
 __all__ = [
     "DEFAULT_CALIBRATION_IMAGES",
     "QuantizeResult",
+    "TARGETS",
     "decode_tail",
+    "depthwise_convolutions",
+    "first_convolutions",
     "input_stem",
     "metric_changes",
     "print_changes",

@@ -126,9 +126,9 @@ def qdq_onnx_bytes(zero_point: np.ndarray | None) -> bytes:
     "zero_point, problem",
     [
         (np.array(0, np.int8), None),  # symmetric int8: TensorRT's own scales, no calibrator
-        (np.array(128, np.uint8), "q_images: zero point is uint8, not int8"),  # ONNX Runtime's default activations
-        (np.array(5, np.int8), "q_images: zero point is 5, not 0"),
-        (None, "q_images: no zero point, so its output is uint8"),
+        (np.array(128, np.uint8), "zero point is uint8, not int8: 2 node.s., e.g. QuantizeLinear q_images"),  # ONNX Runtime's default
+        (np.array(5, np.int8), "zero point is not 0: 2 node.s., e.g. QuantizeLinear q_images"),
+        (None, "no zero point, so its output is uint8: 1 node.s., e.g. QuantizeLinear q_images"),
     ],
 )
 def test_qdq_models_build_without_a_calibrator_when_symmetric_int8(fake_build, tmp_path, zero_point, problem):

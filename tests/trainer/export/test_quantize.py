@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
+from streamd.backends.tensorrt_build import check_qdq
+from streamd.errors import BackendError
 from streamd.model import load_bundle
 from streamd.model.bundle import sha256_file
 from streamd.model.preprocess import letterbox
@@ -54,6 +57,16 @@ def int8(bccd_experiment, tmp_path_factory):
     return quantize_bundle(SHIPPED, bccd_experiment, tmp_path_factory.mktemp("out") / "bccd-nano-int8.bundle")
 
 
+@pytest.fixture(scope="module")
+def int8_tensorrt(bccd_experiment, tmp_path_factory) -> dict:
+    """`trainer quantize --for tensorrt` on 8 calibration images: the QuantizeResult as the command prints it."""
+    out = tmp_path_factory.mktemp("out") / "bccd-nano-int8-trt.bundle"
+    result = runner.invoke(app, ["quantize", str(SHIPPED), "--data", str(bccd_experiment), "-o", str(out),
+                                 "--for", "tensorrt", "--calibration-images", "8"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
 def test_float_nodes_are_the_decode_tail_and_the_focus_stem() -> None:
     model = onnx.load(str(SHIPPED / "model.onnx"))
     by_name = {node.name: node for node in model.graph.node}
@@ -74,22 +87,54 @@ def test_int8_bundle_is_a_bundle_of_its_own(int8, bccd_experiment) -> None:
         fp32.class_names, fp32.input_hw, fp32.preprocess, fp32.thresholds
     )
     assert meta.weights is None and meta.metrics == {}  # the fp32 weights and metrics are not this model's
-    assert source.sha256 in meta.provenance.checkpoint and "bccd-nano.bundle" in meta.provenance.checkpoint
-    assert "first 16 images" in meta.provenance.checkpoint and int8.calibration_images == 16
+    provenance = meta.provenance
+    assert meta.format_version == 3 and provenance.dataset == fp32.provenance.dataset
+    assert provenance.source_bundle.model_dump() == {"name": "bccd-nano.bundle", "sha256": source.sha256}
+    assert provenance.calibration.model_dump() == {
+        "experiment": str(bccd_experiment), "dataset": "synthetic-voc", "split": "train", "images": 16,
+        "fingerprint": provenance.calibration.fingerprint, "method": "minmax", "target": "onnxruntime",
+    }  # fmt: skip
+    assert int8.calibration_images == 16 and int8.target == "onnxruntime"
     ops = {node.op_type for node in onnx.load(str(bundle.onnx_path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
 @pytest.mark.slow
-def test_int8_detections_stay_close_to_fp32(int8, bccd_root) -> None:
+def test_an_onnxruntime_int8_bundle_is_refused_for_tensorrt_before_it_parses(int8) -> None:
+    with pytest.raises(BackendError, match=r"bccd-nano-int8.bundle/model.onnx: TensorRT builds symmetric int8 Q/DQ only.*--for tensorrt") as refused:
+        check_qdq(load_bundle(int8.bundle).onnx_path)
+    assert re.search(r"zero point is uint8, not int8: \d+ node", str(refused.value))  # the activations
+    assert re.search(r"zero point is int32, not int8: \d+ node", str(refused.value))  # the biases
+
+
+@pytest.mark.slow
+def test_tensorrt_int8_bundle_has_symmetric_int8_qdq_only(int8_tensorrt) -> None:
+    bundle = load_bundle(int8_tensorrt["bundle"])
+    model = onnx.load(str(bundle.onnx_path))
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    qdq = [node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) > 100
+    for node in qdq:
+        zero = constants[node.input[2]]  # explicit: a QuantizeLinear without one would output uint8
+        assert zero.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(zero).any(), node.name
+    assert check_qdq(bundle.onnx_path)  # what serialize_engine asks before TensorRT parses
+    calibration = bundle.meta.provenance.calibration
+    assert (calibration.target, calibration.images, int8_tensorrt["target"]) == ("tensorrt", 8, "tensorrt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_int8_detections_stay_close_to_fp32(request, bccd_root, target) -> None:
     """Every fp32 detection scoring 0.5 or more has an int8 one of its class with IoU >= 0.7; counts stay close.
 
-    Boxes nearer the 0.3 threshold may cross it either way (16 calibration images: a few at 0.33-0.45 do).
+    Boxes nearer the 0.3 threshold may cross it either way (16 calibration images, 8 for the tensorrt
+    layout: a few at 0.33-0.45 do). The tensorrt layout runs on ONNX Runtime too.
     """
+    bundle = request.getfixturevalue("int8").bundle if target == "onnxruntime" else request.getfixturevalue("int8_tensorrt")["bundle"]
     names = (bccd_root / "ImageSets" / "Main" / "val.txt").read_text().split()[:6]  # not calibrated on
     images = [cv2.imread(str(bccd_root / "JPEGImages" / f"{name}.jpg"), cv2.IMREAD_COLOR) for name in names]
     fp32, _ = bundle_detector(SHIPPED)
-    quantized, _ = bundle_detector(int8.bundle)
+    quantized, _ = bundle_detector(bundle)
     for expected, actual in zip(fp32.detect(images, CONF, IOU), quantized.detect(images, CONF, IOU)):
         assert abs(len(actual.xyxy) - len(expected.xyxy)) <= max(3, len(expected.xyxy) // 4)
         sure = expected.confidence >= 0.5
@@ -178,6 +223,12 @@ def test_calibration_images_that_cannot_be_read_are_named(bccd_experiment, tmp_p
         quantize_bundle(SHIPPED, bccd_experiment, tmp_path / "out.bundle")
     assert "BloodImage_" in caplog.text and "left out of calibration" in caplog.text
     assert not (tmp_path / "out.bundle").exists()
+
+
+def test_an_unknown_target_is_one_clear_line(bccd_experiment, tmp_path) -> None:
+    result = runner.invoke(app, ["quantize", str(SHIPPED), "--data", str(bccd_experiment), "-o", str(tmp_path / "o.bundle"), "--for", "openvino"])
+    assert result.exit_code == 1 and "quantize target must be one of onnxruntime, tensorrt, got 'openvino'" in result.output
+    assert not (tmp_path / "o.bundle").exists()
 
 
 def test_output_over_the_source_is_refused(bccd_experiment) -> None:
