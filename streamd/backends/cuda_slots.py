@@ -121,16 +121,6 @@ class CudaRuntime:
         return replays
 
 
-def letterbox(
-    frames: Sequence[torch.Tensor], pixel_formats: Sequence[str], input_hw: tuple[int, int], preprocess: Preprocess,
-    out: torch.Tensor,
-) -> list[float]:  # fmt: skip
-    """device_ops.letterbox_frames, told the pixel formats only when a frame is not bgr24."""
-    if all(pixel_format == "bgr24" for pixel_format in pixel_formats):
-        return letterbox_frames(frames, input_hw, preprocess, out)
-    return letterbox_frames(frames, input_hw, preprocess, out, pixel_formats=pixel_formats)
-
-
 def check_frames(label: str, max_batch: int, images: Sequence, *columns: Sequence) -> None:
     """A BackendError unless 1 <= len(images) <= max_batch and every column has one entry per image."""
     if not 1 <= len(images) <= max_batch:
@@ -233,7 +223,8 @@ class CudaSlots:
             slot = self.take()
             with self.runtime.on(self.upload_stream):
                 frames = self._upload_frames(slot, images)
-                scales = source_scales(letterbox(frames, pixel_formats, input_hw, preprocess, self.staged[slot]), prescales)
+                letterbox_scales = letterbox_frames(frames, input_hw, preprocess, self.staged[slot], pixel_formats=pixel_formats)
+            scales = source_scales(letterbox_scales, prescales)
             self.runtime.record(self.uploaded[slot], self.upload_stream)
             self._compute(slot, count, run, to_host=False)
 

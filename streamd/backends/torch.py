@@ -5,56 +5,55 @@ safetensors (never a pickle), its batch-norms folded into the convolutions,
 and the head run without YOLOX's own decode (`decode_in_inference` builds
 its grids on the CPU at every call, which breaks CUDA-graph capture):
 `GridDecode` holds the grids and strides of the bundle's input size as
-device buffers instead. `submit()` keeps the Backend protocol: it returns
-the decoded float32 [N, A, 5 + C], the same rows as model.onnx, which
-ResultsStage thresholds and NMSes with NumPy.
+device buffers instead.
 
-Two more entry points carry the rest of the GPU path, for a caller that
-has the frames rather than a letterboxed batch:
+TorchBackend is a base.FrameBackend:
 
-- `submit_frames(frames)`: uint8 HxWx3 BGR frames are uploaded as they are
-  and letterboxed on the device (`letterbox_frames`, within one grey level of
-  streamd.model.preprocess.letterbox), then run like `submit()`.
-- `detect(frames, conf, iou)`: the same, then the score threshold and
-  class-aware NMS (`torchvision.ops.batched_nms`) on the device; only the
-  detections come back (`postprocess_on_device`).
+- `submit_frames(images, pixel_formats, prescales, source_hw, conf, iou)`:
+  uint8 frames as decoded go up as they are; colour conversion and
+  letterbox (device_ops.letterbox_frames), the model, the score threshold
+  and class-aware NMS (device_ops.postprocess_on_device) run on the device;
+  only the kept boxes come back, in source pixels.
+- `submit(batch)` (base.Backend, for warm-up and the trainer): a
+  letterboxed float32 [N, 3, H, W] batch; wait() gives the decoded float32
+  [N, A, 5 + C], the same rows as model.onnx.
 
-On CUDA (`device: cuda:N`), everything runs under that device in the calling
-thread. Two slots each hold a pinned host buffer and a device staging
-buffer, allocated once (the frame buffers grow to the largest frame seen).
-The upload, and for frames the letterbox, run on an upload stream; the model
-runs on a compute stream that waits on the upload's event, so the upload of
-batch k+1 overlaps the model on batch k. The model's output goes back to a
-pinned host buffer on the compute stream, and `wait()` blocks on that
-slot's (blocking, not spinning) event. With `cuda_graphs`, one graph per
+On CUDA (`device: cuda:N`) both are asynchronous on the slots of
+streamd.backends.cuda_slots (two batches in flight; upload and letterbox on
+an upload stream, the model on a compute stream after the upload's event;
+threshold and NMS in wait(), after the slot's done event), every call under
+that device in the calling thread. With `cuda_graphs`, one graph per
 batch-size bucket (1, 2, 4, ... max_batch) is captured at start, warm-up
-included, and a batch is padded to its bucket. fp32 on CUDA lets cuDNN use
-TF32 convolutions (PyTorch's default). On the CPU, submit() simply runs the
-model in fp32 and returns a ready result.
+included; a batch is padded to its bucket, and its output is copied out of
+the graph's static output (shared by both slots) into the slot's own on the
+compute stream. fp32 on CUDA lets cuDNN use TF32 convolutions (PyTorch's
+default). On the CPU (`device: cpu`), both run the model in fp32 inside the
+call and return a base.Ready.
 
-`torch`, `torchvision` and `yolox` are imported only here, and this module
-only when a torch backend is built (the `gpu` extra installs them).
+`torch`, `torchvision` and `yolox` are imported only by the GPU backends,
+and this module only when a torch backend is built (the `gpu` extra
+installs them).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from streamd.backends import cuda_slots
 from streamd.backends.base import Ready
+from streamd.backends.cuda_slots import check_frames, source_scales
 from streamd.backends.device_ops import GridDecode, letterbox_frames, postprocess_on_device
 from streamd.config import TorchConfig
 from streamd.errors import BackendError
-from streamd.model.bundle import Bundle, Preprocess
-from streamd.model.detections import Detections
+from streamd.model.bundle import Bundle
+from streamd.types import PixelFormat
 
 log = logging.getLogger(__name__)
 
-SLOTS = 2  # batches in flight: one uploading while the other computes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -106,7 +105,9 @@ def load_model(bundle: Bundle) -> YoloxDecoded:
         raise BackendError(f"{bundle.weights_path}: does not fit a {bundle.meta.architecture} as bundle.json describes: {exc}") from exc
     model.eval()
     model.head.decode_in_inference = False
-    fuse_model(model)
+    with torch.no_grad():  # else the folded weights are non-leaf tensors, which Module.to() warns about
+        fuse_model(model)
+    model.requires_grad_(False)
     return YoloxDecoded(model, GridDecode(tuple(bundle.meta.input_hw), arch.strides)).eval()
 
 
@@ -114,7 +115,7 @@ def load_model(bundle: Bundle) -> YoloxDecoded:
 
 
 class TorchBackend:
-    """streamd.backends.base.Backend on PyTorch, for batches of 1..max_batch frames."""
+    """streamd.backends.base.FrameBackend on PyTorch, for batches of 1..max_batch frames."""
 
     name = "torch"
 
@@ -123,242 +124,90 @@ class TorchBackend:
         self.input_hw = tuple(bundle.meta.input_hw)
         self.preprocess = bundle.meta.preprocess
         self.precision = config.compute_precision
-        self.device = torch.device(config.device)
+        self.dtype = DTYPES[self.precision]
         net = load_model(bundle)
         self.rows = (sum((self.input_hw[0] // s) * (self.input_hw[1] // s) for s in bundle.meta.yolox.strides),
                      5 + bundle.meta.yolox.num_classes)  # fmt: skip
-        if self.device.type == "cuda":
-            self._cuda = _CudaRunner(net, self.device, DTYPES[self.precision], self.input_hw, self.rows, max_batch,
-                                     config.cuda_graphs)  # fmt: skip
-            log.info("torch backend on %s (%s), %s, CUDA graphs %s", self.device, self._cuda.gpu_name, self.precision,
-                     "for batches " + "/".join(map(str, self._cuda.buckets)) if config.cuda_graphs else "off")  # fmt: skip
-        else:
-            self._cuda = None
-            self._net = net
+        self.slots: cuda_slots.CudaSlots | None = None
+        self.replays: dict[int, object] = {}
+        device = torch.device(config.device)
+        if device.type == "cpu":
+            self.net = net
             log.info("torch backend on the CPU (fp32, %d threads)", torch.get_num_threads())
+            return
+        runtime = cuda_slots.CudaRuntime(device, "backend torch")
+        try:
+            with runtime.guard():
+                torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+                self.net = net.to(device=runtime.device, dtype=self.dtype)
+                self.net.decode.float()  # grids and strides stay float32: the decode runs in float32
+                self.slots = cuda_slots.CudaSlots(runtime, "backend torch", max_batch, (3, *self.input_hw), torch.float32,
+                                                  self.rows, torch.float32)  # fmt: skip
+                if config.cuda_graphs:
+                    self._capture(runtime)
+        except RuntimeError as exc:  # out of memory, a failed capture
+            raise BackendError(f"backend torch: cannot set up {device} for batches of {max_batch}: {exc}") from exc
+        log.info("torch backend on %s (%s), %s, CUDA graphs %s", device, runtime.gpu_name, self.precision,
+                 "for batches " + "/".join(map(str, self.replays)) if self.replays else "off")  # fmt: skip
 
-    def _check_count(self, count: int) -> None:
-        if not 1 <= count <= self.max_batch:
-            raise BackendError(f"backend torch: batch of {count} frames, this backend takes 1..{self.max_batch}")
+    def _capture(self, runtime) -> None:
+        """A CUDA graph per batch bucket: the model reads static_in[:bucket] and writes static_out[:bucket]."""
+        self.static_in = runtime.empty((self.max_batch, 3, *self.input_hw), self.dtype).fill_(self.preprocess.pad_value)
+        self.static_out = runtime.empty((self.max_batch, *self.rows), torch.float32)
+
+        def run(bucket: int):
+            return lambda: self.static_out[:bucket].copy_(self.net(self.static_in[:bucket]))
+
+        with torch.inference_mode():
+            self.replays = dict(sorted(runtime.capture({b: run(b) for b in batch_buckets(self.max_batch)}).items()))
+
+    def _run(self, images: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The model on the compute stream (cuda_slots.Run): float32 [n, 3, H, W] -> float32 [n, A, 5 + C].
+
+        With graphs, the batch goes into its bucket's static input and the graph replays; the result is a
+        view of the static output, which the slot copies into its own output before the next replay.
+        """
+        if not self.replays:
+            return self.net(images.to(self.dtype))
+        count = images.shape[0]
+        bucket = next(b for b in self.replays if b >= count)
+        self.static_in[:count].copy_(images)
+        self.replays[bucket]()
+        return self.static_out[:count]
 
     def submit(self, batch: np.ndarray):
         """Start a letterboxed float32 [N, 3, H, W] batch; wait() on the result gives float32 [N, A, 5 + C]."""
-        self._check_count(int(batch.shape[0]))
-        if self._cuda is not None:
-            return self._cuda.submit_batch(np.ascontiguousarray(batch, dtype=np.float32))
+        count = int(batch.shape[0])
+        if not 1 <= count <= self.max_batch:
+            raise BackendError(f"backend torch: batch of {count} frames, this backend takes 1..{self.max_batch}")
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.slots is not None:
+            return self.slots.submit_batch(batch, self._run)
         with torch.inference_mode():
-            return Ready(self._net(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy())
+            return Ready(self.net(torch.from_numpy(batch)).numpy())
 
-    def submit_frames(self, frames_bgr: Sequence[np.ndarray]) -> tuple[object, np.ndarray]:
-        """Upload uint8 HxWx3 BGR frames, letterbox them on the device and start the model.
-
-        Returns the Pending (wait() -> float32 [N, A, 5 + C]) and the float32 [N] letterbox scales.
-        """
-        self._check_count(len(frames_bgr))
-        if self._cuda is not None:
-            pending, scales = self._cuda.submit_frames(frames_bgr, self.preprocess)
-            return pending, np.asarray(scales, np.float32)
+    def submit_frames(
+        self,
+        images: Sequence[np.ndarray],
+        pixel_formats: Sequence[PixelFormat],
+        prescales: Sequence[float],
+        source_hw: Sequence[tuple[int, int]],
+        conf_threshold: float,
+        iou_threshold: float,
+    ):
+        """Start up to max_batch uint8 frames (base.FrameBackend); wait() gives one Detections per frame, in source pixels."""
+        check_frames("backend torch", self.max_batch, images, pixel_formats, prescales, source_hw)
+        if self.slots is not None:
+            return self.slots.submit_frames(images, pixel_formats, prescales, source_hw, conf_threshold, iou_threshold,
+                                            self.input_hw, self.preprocess, self._run)  # fmt: skip
         with torch.inference_mode():
-            batch = torch.empty((len(frames_bgr), 3, *self.input_hw))
-            scales = letterbox_frames([torch.from_numpy(f) for f in frames_bgr], self.input_hw, self.preprocess, batch)
-            return Ready(self._net(batch).numpy()), np.asarray(scales, np.float32)
-
-    def detect(self, frames_bgr: Sequence[np.ndarray], conf_threshold: float, iou_threshold: float) -> list[Detections]:
-        """The whole GPU path for up to max_batch frames: letterbox, model, threshold and NMS on the device."""
-        self._check_count(len(frames_bgr))
-        source_hw = [(int(f.shape[0]), int(f.shape[1])) for f in frames_bgr]
-        if self._cuda is not None:
-            return self._cuda.detect(frames_bgr, self.preprocess, source_hw, conf_threshold, iou_threshold)
-        with torch.inference_mode():
-            batch = torch.empty((len(frames_bgr), 3, *self.input_hw))
-            scales = letterbox_frames([torch.from_numpy(f) for f in frames_bgr], self.input_hw, self.preprocess, batch)
-            return postprocess_on_device(self._net(batch), scales, source_hw, conf_threshold, iou_threshold)
+            batch = torch.empty((len(images), 3, *self.input_hw))
+            frames = [torch.from_numpy(np.array(image)) for image in images]  # writable copies: frames are read-only
+            scales = letterbox_frames(frames, self.input_hw, self.preprocess, batch, pixel_formats=pixel_formats)
+            output, scales = self.net(batch), source_scales(scales, prescales)
+            return Ready(postprocess_on_device(output, scales, source_hw, conf_threshold, iou_threshold))
 
     def close(self) -> None:
-        if self._cuda is not None:
-            self._cuda.close()
-        self._cuda = self._net = None
-
-
-class _CudaPending:
-    """One batch in a CUDA slot; wait() blocks on the slot's event and copies the output out of the slot."""
-
-    __slots__ = ("_runner", "_slot", "_count", "_output", "_lock")
-
-    def __init__(self, runner: _CudaRunner, slot: int, count: int):
-        self._runner, self._slot, self._count = runner, slot, count
-        self._output: np.ndarray | None = None
-        self._lock = threading.Lock()  # the results worker and a submit reusing the slot may both wait
-
-    def wait(self) -> np.ndarray:
-        """float32 [N, A, 5 + C], a copy that outlives the slot's reuse."""
-        with self._lock:
-            if self._output is None:
-                runner = self._runner
-                try:
-                    runner.done[self._slot].synchronize()
-                except RuntimeError as exc:  # CUDA errors of the batch surface here
-                    raise BackendError(f"backend torch: batch failed on {runner.device}: {exc}") from exc
-                self._output = runner.host_out[self._slot][: self._count].numpy().copy()
-                if runner.in_flight[self._slot] is self:
-                    runner.in_flight[self._slot] = None
-            return self._output
-
-
-class _CudaRunner:
-    """The CUDA half of TorchBackend: slots, streams, events and graphs on one device."""
-
-    def __init__(self, net: YoloxDecoded, device: torch.device, dtype: torch.dtype, input_hw: tuple[int, int],
-                 rows: tuple[int, int], max_batch: int, cuda_graphs: bool):  # fmt: skip
-        if not torch.cuda.is_available():
-            raise BackendError(f"backend torch: device {device}, but no CUDA GPU is available (torch.cuda.is_available() is False)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BackendError(f"backend torch: device {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-        self.device, self.dtype, self.input_hw, self.max_batch = device, dtype, input_hw, max_batch
-        self.buckets = batch_buckets(max_batch) if cuda_graphs else ()
-        self.in_flight: list[_CudaPending | None] = [None] * SLOTS
-        self._next_slot = 0
-        height, width = input_hw
-        try:
-            with torch.cuda.device(device):
-                self.gpu_name = torch.cuda.get_device_name(device)
-                torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-                self.net = net.to(device=device, dtype=dtype)
-                self.net.decode.float()  # grids and strides stay float32: the decode runs in float32
-                self.upload_stream = torch.cuda.Stream(device)
-                self.compute_stream = torch.cuda.Stream(device)
-                shape = (max_batch, 3, height, width)
-                self.host_in = [torch.empty(shape, dtype=torch.float32, pin_memory=True) for _ in range(SLOTS)]
-                self.staged = [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(SLOTS)]
-                self.host_out = [torch.empty((max_batch, *rows), dtype=torch.float32, pin_memory=True) for _ in range(SLOTS)]
-                self.host_frames = [torch.empty(0, dtype=torch.uint8, pin_memory=True) for _ in range(SLOTS)]
-                self.dev_frames = [torch.empty(0, dtype=torch.uint8, device=device) for _ in range(SLOTS)]
-                self.uploaded = [torch.cuda.Event(blocking=True) for _ in range(SLOTS)]
-                self.done = [torch.cuda.Event(blocking=True) for _ in range(SLOTS)]
-                # The model reads static_in and writes static_out; graphs are captured on their prefixes.
-                self.static_in = torch.full(shape, 114.0, dtype=dtype, device=device)
-                self.static_out = torch.empty((max_batch, *rows), dtype=torch.float32, device=device)
-                self.graphs = self._capture() if cuda_graphs else {}
-        except RuntimeError as exc:  # out of memory, a bad device, a failed capture
-            raise BackendError(f"backend torch: cannot set up {device} for batches of {max_batch}: {exc}") from exc
-
-    def _capture(self) -> dict[int, torch.cuda.CUDAGraph]:
-        """One graph per bucket, sharing one memory pool (they only ever replay one after another, on one stream)."""
-        graphs, pool = {}, torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.inference_mode():
-            with torch.cuda.stream(side):  # warm-up before capture: cuDNN autotuning and lazy init happen here
-                for bucket in self.buckets:
-                    for _ in range(3):
-                        self.static_out[:bucket].copy_(self.net(self.static_in[:bucket]))
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            for bucket in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool blocks
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.static_out[:bucket].copy_(self.net(self.static_in[:bucket]))
-                graphs[bucket] = graph
-        torch.cuda.synchronize(self.device)
-        return graphs
-
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Run the model on a float32 [n, 3, H, W] device batch on the current stream; float32 [n, A, 5 + C].
-
-        With graphs: the batch goes into the bucket's static input and its graph replays; the result is a
-        view of static_out, valid until the next call.
-        """
-        count = batch.shape[0]
-        if not self.graphs:
-            return self.net(batch.to(self.dtype))
-        bucket = next(b for b in self.buckets if b >= count)
-        self.static_in[:count].copy_(batch)
-        self.graphs[bucket].replay()
-        return self.static_out[:count]
-
-    def _take_slot(self) -> int:
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % SLOTS
-        previous = self.in_flight[slot]
-        if previous is not None:
-            previous.wait()  # its buffers are still the input and output of an uncollected batch
-        return slot
-
-    def _launch(self, slot: int, count: int) -> _CudaPending:
-        """The compute half, after the upload's event: the model on staged[slot], the output to host_out[slot]."""
-        self.compute_stream.wait_event(self.uploaded[slot])
-        with torch.cuda.stream(self.compute_stream), torch.inference_mode():
-            output = self._forward(self.staged[slot][:count])
-            self.host_out[slot][:count].copy_(output, non_blocking=True)
-            self.done[slot].record(self.compute_stream)
-        pending = _CudaPending(self, slot, count)
-        self.in_flight[slot] = pending
-        return pending
-
-    def submit_batch(self, batch: np.ndarray) -> _CudaPending:
-        count = batch.shape[0]
-        try:
-            with torch.cuda.device(self.device):
-                slot = self._take_slot()
-                self.host_in[slot][:count].copy_(torch.from_numpy(batch))
-                with torch.cuda.stream(self.upload_stream):
-                    self.staged[slot][:count].copy_(self.host_in[slot][:count], non_blocking=True)
-                    self.uploaded[slot].record(self.upload_stream)
-                return self._launch(slot, count)
-        except RuntimeError as exc:
-            raise BackendError(f"backend torch: CUDA error on a batch of {count}: {exc}") from exc
-
-    def _upload_frames(self, slot: int, frames_bgr: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Copy frames into the slot's pinned buffer and up to the device on the upload stream; device views."""
-        sizes = [int(f.nbytes) for f in frames_bgr]
-        total = sum(sizes)
-        if self.host_frames[slot].numel() < total:  # grows to the largest batch of frames seen, then stays
-            self.host_frames[slot] = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-            self.dev_frames[slot] = torch.empty(total, dtype=torch.uint8, device=self.device)
-        host = self.host_frames[slot].numpy()
-        views, offset = [], 0
-        for frame, size in zip(frames_bgr, sizes):
-            host[offset : offset + size] = np.ascontiguousarray(frame).reshape(-1)
-            views.append((offset, size, frame.shape))
-            offset += size
-        self.dev_frames[slot][:total].copy_(self.host_frames[slot][:total], non_blocking=True)
-        return [self.dev_frames[slot][start : start + size].view(shape) for start, size, shape in views]
-
-    def _stage_frames(self, frames_bgr: Sequence[np.ndarray], preprocess: Preprocess) -> tuple[int, list[float]]:
-        """Take a slot, upload the frames and letterbox them into staged[slot] on the upload stream; slot, scales."""
-        slot = self._take_slot()
-        with torch.cuda.stream(self.upload_stream), torch.inference_mode():
-            frames = self._upload_frames(slot, frames_bgr)
-            scales = letterbox_frames(frames, self.input_hw, preprocess, self.staged[slot])
-            self.uploaded[slot].record(self.upload_stream)
-        return slot, scales
-
-    def submit_frames(self, frames_bgr: Sequence[np.ndarray], preprocess: Preprocess) -> tuple[_CudaPending, list[float]]:
-        try:
-            with torch.cuda.device(self.device):
-                slot, scales = self._stage_frames(frames_bgr, preprocess)
-                return self._launch(slot, len(frames_bgr)), scales
-        except RuntimeError as exc:
-            raise BackendError(f"backend torch: CUDA error on {len(frames_bgr)} frames: {exc}") from exc
-
-    def detect(self, frames_bgr, preprocess: Preprocess, source_hw, conf_threshold: float, iou_threshold: float) -> list[Detections]:
-        count = len(frames_bgr)
-        try:
-            with torch.cuda.device(self.device):
-                slot, scales = self._stage_frames(frames_bgr, preprocess)
-                self.compute_stream.wait_event(self.uploaded[slot])
-                with torch.cuda.stream(self.compute_stream), torch.inference_mode():
-                    output = self._forward(self.staged[slot][:count])
-                    return postprocess_on_device(output, scales, source_hw, conf_threshold, iou_threshold)
-        except RuntimeError as exc:
-            raise BackendError(f"backend torch: CUDA error on {count} frames: {exc}") from exc
-
-    def close(self) -> None:
-        """Wait for what is in flight, even after a failed submit, so no stream still reads a freed buffer."""
-        try:
-            with torch.cuda.device(self.device):
-                self.upload_stream.synchronize()
-                self.compute_stream.synchronize()
-        except RuntimeError as exc:
-            log.warning("backend torch: %s while closing: %s", self.device, exc)
-        self.in_flight = [None] * SLOTS
-        self.graphs = {}
+        if self.slots is not None:
+            self.slots.close()
+        self.slots, self.net, self.replays = None, None, {}

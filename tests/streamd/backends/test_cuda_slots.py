@@ -51,7 +51,7 @@ def in_place(images: torch.Tensor, output: torch.Tensor) -> None:
 
 @pytest.fixture
 def slots(recording_cuda) -> CudaSlots:
-    return CudaSlots(RecordingRuntime("cuda:1", "test"), "backend test", 2, CHW, torch.float32, ROWS, torch.float32)
+    return CudaSlots(RecordingRuntime("cuda:1", "test"), "backend test", 3, CHW, torch.float32, ROWS, torch.float32)
 
 
 def batch(count: int, value: float) -> np.ndarray:
@@ -80,18 +80,21 @@ def test_a_model_that_writes_the_slot_output_itself_is_not_copied(slots):
 
 def test_frames_are_letterboxed_on_the_upload_stream_and_only_boxes_come_back(slots, monkeypatch):
     monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
-    images = [np.full((8, 8, 3), 100, np.uint8), np.full((4, 6, 3), 50, np.uint8)]
-    pending = slots.submit_frames(images, ["bgr24", "bgr24"], [0.5, 1.0], [(16, 16), (4, 6)], 0.3, 0.45, (4, 4),
-                                  Preprocess(), one_box_per_frame)  # fmt: skip
+    images = [np.full((8, 8, 3), 100, np.uint8), np.full((4, 6, 3), 50, np.uint8), np.full((12, 8), 128, np.uint8)]
+    pending = slots.submit_frames(images, ["bgr24", "bgr24", "yuv420p"], [0.5, 1.0, 1.0], [(16, 16), (4, 6), (8, 8)], 0.3,
+                                  0.45, (4, 4), Preprocess(), one_box_per_frame)  # fmt: skip
     assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0)] + compute(0, "output")
-    first, second = pending.wait()
+    first, second, third = pending.wait()
     assert CALLS[-1] == ("host", "wait done", 0)
     # (1, 1, 3, 3) in input pixels; letterbox scale 0.5 and prescale 0.5: x4 in source pixels
     np.testing.assert_allclose(first.xyxy, [[4, 4, 12, 12]])
     assert first.class_id.tolist() == [1] and first.confidence == pytest.approx([100.0])
     # 4x6 at scale 4/6: (1.5, 1.5, 4.5, 4.5), clipped to the 6x4 source
     np.testing.assert_allclose(second.xyxy, [[1.5, 1.5, 4.5, 4]])
-    assert slots.host_frames[0].numel() == 8 * 8 * 3 + 4 * 6 * 3  # grown to fit the batch of frames
+    # 8x8 yuv420p planes, converted on the device: Y 128 with neutral chroma is grey 130 (BT.601 limited range)
+    np.testing.assert_allclose(third.xyxy, [[2, 2, 6, 6]])
+    assert third.confidence == pytest.approx([130.0], abs=1.0)
+    assert slots.host_frames[0].numel() == 8 * 8 * 3 + 4 * 6 * 3 + 12 * 8  # grown to fit the batch of frames
 
 
 def test_submit_and_wait_enter_the_device_guard_in_their_own_thread(slots):
