@@ -128,3 +128,33 @@ def test_a_fresh_engine_that_does_not_deserialize_is_a_backend_error(tiny_bundle
     with pytest.raises(BackendError, match="the engine TensorRT just built does not deserialize"):
         make_backend(tiny_bundle, TensorRTConfig(type="tensorrt", engine_cache_dir=tmp_path), 2)
     assert len(fake_gpu.builds) == 1
+
+
+def _tensorrt_on_a_gpu() -> str | None:
+    """None when the real TensorRT can run here, else why not."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed"
+    return None if torch.cuda.is_available() else "no CUDA GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_tensorrt_on_a_gpu() is not None, reason=_tensorrt_on_a_gpu() or "")
+def test_tensorrt_frames_on_a_gpu_give_onnxruntimes_detections(tiny_bundle, tmp_path):
+    backend = make_backend(tiny_bundle, TensorRTConfig(type="tensorrt", precision="fp32", engine_cache_dir=tmp_path), 4)
+    images = [np.full((48, 64, 3), 255, np.uint8), np.full((64, 32, 3), 200, np.uint8)]
+    source_hw = [(48, 64), (128, 64)]
+    try:
+        handles = [backend.submit_frames(images, ["bgr24"] * 2, [1.0, 0.5], source_hw, CONF, IOU) for _ in range(3)]
+        tensor, scales = letterbox_batch(images, tiny_bundle.meta.input_hw, tiny_bundle.meta.preprocess)
+        output = OnnxRuntimeBackend(tiny_bundle, max_batch=4).submit(tensor).wait()
+        expected = postprocess(output, scales * np.array([1.0, 0.5], np.float32), source_hw, CONF, IOU)
+        for handle in handles:  # three over two slots: the first is collected when its slot is reused
+            for ours, theirs in zip(handle.wait(), expected):
+                np.testing.assert_allclose(ours.xyxy, theirs.xyxy, rtol=1e-4, atol=1e-2)
+                np.testing.assert_allclose(ours.confidence, theirs.confidence, rtol=1e-4, atol=1e-4)
+    finally:
+        backend.close()
