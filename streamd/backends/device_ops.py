@@ -45,24 +45,39 @@ class GridDecode(torch.nn.Module):
 
 # swscale's yuv420p -> bgr24 (what PyAV's to_ndarray(format="bgr24") gives on x86: libswscale/x86/yuv_2_rgb.asm):
 # every sample is widened to 8 x (value - offset) and multiplied by a 13-bit coefficient with pmulhw (the product's
-# top 16 bits, i.e. floored), the chroma of each 2x2 block used as it is (no interpolation). The coefficients are
-# its ff_yuv2rgb_c_init_tables for BT.601 limited range (the default for an untagged frame), rounded to 1/8192:
-# Y 255/219, V->R 1.402 x 255/224, U->B 1.772 x 255/224, U->G -0.344 x 255/224, V->G -0.714 x 255/224.
-_YUV_Y, _YUV_VR, _YUV_UB, _YUV_UG, _YUV_VG = 9539, 13075, 16525, -3209, -6660
+# top 16 bits, i.e. floored), the chroma of each 2x2 block used as it is (no interpolation). Its coefficients, per
+# colorspace the frame is tagged with (untagged: bt601), from ff_yuv2rgb_coeffs (V->R, U->B, U->G, V->G in
+# 1/65536, limited range) as ff_yuv2rgb_c_init_tables rounds them to 1/8192.
+_SWSCALE_COEFFS = {"bt601": (104597, 132201, 25675, 53279), "bt709": (117489, 138438, 13975, 34925),
+                   "bt2020": (110013, 140363, 12277, 42626)}  # fmt: skip
+COLORSPACES = tuple(_SWSCALE_COEFFS)
 
 
-def yuv420p_to_bgr(planes: torch.Tensor) -> torch.Tensor:
+def _yuv_coefficients(colorspace: str) -> tuple[int, int, int, int, int]:
+    """swscale's 13-bit Y, V->R, U->B, U->G, V->G multipliers for limited range."""
+    if colorspace not in _SWSCALE_COEFFS:
+        raise ValueError(f"unknown colorspace {colorspace!r} ({' | '.join(COLORSPACES)})")
+    v_r, u_b, u_g, v_g = _SWSCALE_COEFFS[colorspace]
+    luma = (1 << 16) * 255 // 219  # limited range: Y 16..235 -> 0..255
+    return tuple((coefficient * 8192 + 32768) >> 16 for coefficient in (luma, v_r, u_b, -u_g, -v_g))
+
+
+def yuv420p_to_bgr(planes: torch.Tensor, colorspace: str = "bt601") -> torch.Tensor:
     """uint8 [n, H * 3 / 2, W] yuv420p planes (PyAV's to_ndarray layout) -> uint8 [n, H, W, 3] BGR (a bgr24 decode).
 
-    Equal to swscale's bgr24 on x86 for BT.601 limited range, bit for bit (tests/streamd/backends/test_device_ops.py).
+    Equal to swscale's bgr24 on x86 for limited range and the colorspace the frames are tagged with, bit for bit
+    (tests/streamd/backends/test_device_ops.py). Converting at full size, then resizing, is what keeps it exact:
+    resizing the planes first and converting in float (cheaper) was measured at mean 0.1-0.26, max 33 grey levels
+    off (saturated colours clip before the resize in swscale).
     """
+    y_scale, v_r, u_b, u_g, v_g = _yuv_coefficients(colorspace)
     count, rows, width = planes.shape
     height = rows * 2 // 3
     chroma = planes[:, height:].reshape(count, 2, height // 2, width // 2)  # U then V, each stored row after row
-    y = ((planes[:, :height].int() * 8 - 128) * _YUV_Y) >> 16
+    y = ((planes[:, :height].int() * 8 - 128) * y_scale) >> 16
     u, v = (chroma.int() * 8 - 1024).unbind(1)
-    b, r = (u * _YUV_UB) >> 16, (v * _YUV_VR) >> 16
-    g = ((u * _YUV_UG) >> 16) + ((v * _YUV_VG) >> 16)
+    b, r = (u * u_b) >> 16, (v * v_r) >> 16
+    g = ((u * u_g) >> 16) + ((v * v_g) >> 16)
     chroma_bgr = torch.stack((b, g, r), -1).view(count, height // 2, 1, width // 2, 1, 3)
     pixels = y.view(count, height // 2, 2, width // 2, 2, 1) + chroma_bgr  # each chroma sample over its 2x2 block
     return pixels.clamp_(0, 255).to(torch.uint8).view(count, height, width, 3)
@@ -129,30 +144,35 @@ def letterbox_frames(
     preprocess: Preprocess,
     out: torch.Tensor,
     pixel_formats: Sequence[str] | None = None,
+    colorspaces: Sequence[str] | None = None,
 ) -> list[float]:
     """Letterbox uint8 frames (on out's device) into out[:n], float32 [n, 3, H, W]; their scales.
 
     pixel_formats[i] (default all "bgr24"): "bgr24" HxWx3 or "yuv420p" [H * 3 / 2, W] planes, converted to
     BGR first as swscale does (yuv420p_to_bgr), so a frame letterboxes the same whichever way it was decoded.
+    colorspaces[i] (default all "bt601"): the matrix a yuv420p frame is tagged with (PyAV's VideoFrame.colorspace:
+    1 bt709, 9 bt2020, 2/5/6 bt601); a BT.709 frame read as BT.601 is off by up to 34 grey levels.
     streamd.model.preprocess.letterbox on the device, bit for bit: resize by r = min(H/h, W/w) with OpenCV's
     uint8 INTER_LINEAR arithmetic (resize_linear), top-left on a pad_value canvas, then channel order, mean/std
     and scale. Frames of the same size and format are converted and resized in one call.
     """
     height, width = input_hw
     formats = ["bgr24"] * len(frames) if pixel_formats is None else list(pixel_formats)
-    if len(formats) != len(frames):
-        raise ValueError(f"{len(frames)} frames but {len(formats)} pixel formats")
+    matrices = ["bt601"] * len(frames) if colorspaces is None else list(colorspaces)
+    if not len(formats) == len(matrices) == len(frames):
+        raise ValueError(f"{len(frames)} frames but {len(formats)} pixel formats and {len(matrices)} colorspaces")
     out[: len(frames)].fill_(preprocess.pad_value)
-    groups: dict[tuple[str, int, int], list[int]] = defaultdict(list)
-    for index, (frame, pixel_format) in enumerate(zip(frames, formats)):
-        groups[(pixel_format, *_check_frame(frame, pixel_format))].append(index)
+    groups: dict[tuple[str, str, int, int], list[int]] = defaultdict(list)
+    for index, (frame, pixel_format, colorspace) in enumerate(zip(frames, formats, matrices)):
+        size = _check_frame(frame, pixel_format)
+        groups[(pixel_format, colorspace if pixel_format == "yuv420p" else "", *size)].append(index)
     scales = [0.0] * len(frames)
-    for (pixel_format, frame_h, frame_w), indices in groups.items():
+    for (pixel_format, colorspace, frame_h, frame_w), indices in groups.items():
         scale = min(height / frame_h, width / frame_w)
         new_h, new_w = int(frame_h * scale), int(frame_w * scale)
         images = torch.stack([frames[i] for i in indices])
         if pixel_format == "yuv420p":
-            images = yuv420p_to_bgr(images)
+            images = yuv420p_to_bgr(images, colorspace)
         if (new_h, new_w) != (frame_h, frame_w):
             images = resize_linear(images, (new_h, new_w))
         images = images.permute(0, 3, 1, 2)

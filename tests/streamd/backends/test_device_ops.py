@@ -93,6 +93,18 @@ def test_yuv420p_to_bgr_is_swscales_bgr24_bit_for_bit(decoded):
         np.testing.assert_array_equal(ours, np.stack([bgr for _, bgr in frames]))
 
 
+@pytest.mark.parametrize("tag, colorspace", [(2, "bt601"), (5, "bt601"), (6, "bt601"), (1, "bt709"), (9, "bt2020")])
+def test_yuv420p_to_bgr_follows_the_colorspace_the_frame_is_tagged_with(decoded, tag, colorspace):
+    """PyAV's VideoFrame.colorspace (AVColorSpace: 2 unspecified, 5 BT.470BG, 6 SMPTE 170M, 1 BT.709, 9 BT.2020)."""
+    planes = np.stack([p for p, _ in decoded[(640, 480)][:4]])
+    expected = []
+    for frame_planes in planes:
+        frame = av.VideoFrame.from_ndarray(frame_planes, format="yuv420p")
+        frame.colorspace = tag
+        expected.append(frame.to_ndarray(format="bgr24"))
+    np.testing.assert_array_equal(yuv420p_to_bgr(torch.from_numpy(planes), colorspace).numpy(), np.stack(expected))
+
+
 def test_yuv420p_planes_are_read_in_pyavs_layout():
     """A grey picture with one 2x2 block of strong blue (U high) and one of strong red (V high)."""
     height, width = 4, 8
@@ -127,8 +139,10 @@ def test_letterbox_refuses_frames_that_do_not_fit_their_format(frame, pixel_form
 
 def test_letterbox_wants_one_pixel_format_per_frame():
     frames = [torch.zeros(12, 10, dtype=torch.uint8)] * 2
-    with pytest.raises(ValueError, match="2 frames but 1 pixel formats"):
+    with pytest.raises(ValueError, match="2 frames but 1 pixel formats and 2 colorspaces"):
         letterbox_frames(frames, (64, 64), Preprocess(), torch.empty(2, 3, 64, 64), pixel_formats=["yuv420p"])
+    with pytest.raises(ValueError, match="unknown colorspace 'bt470m' .bt601 | bt709 | bt2020."):
+        letterbox_frames(frames, (64, 64), Preprocess(), torch.empty(2, 3, 64, 64), ["yuv420p"] * 2, ["bt709", "bt470m"])
 
 
 # --- the letterbox -------------------------------------------------------------------------------
@@ -181,12 +195,16 @@ def test_letterbox_applies_channel_order_and_normalisation_as_the_cpu_does(prepr
 
 
 def test_yuv420p_frames_letterbox_as_their_bgr24_decode_does_on_the_cpu(decoded):
-    """Sizes and formats mixed in one batch; the reference is the CPU letterbox of PyAV's bgr24 decode."""
+    """Sizes, formats and colorspaces mixed in one batch; the reference: the CPU letterbox of PyAV's bgr24 decode."""
     frames = [decoded[(640, 480)][0], decoded[(1280, 960)][0], decoded[(320, 200)][1], decoded[(640, 480)][5]]
     formats = ["yuv420p", "bgr24", "yuv420p", "yuv420p"]
+    colorspaces = ["bt601", "bt709", "bt601", "bt709"]  # ignored for the bgr24 frame
+    tagged = av.VideoFrame.from_ndarray(frames[3][0], format="yuv420p")
+    tagged.colorspace = 1  # BT.709
+    frames[3] = (frames[3][0], tagged.to_ndarray(format="bgr24"))
     images = [torch.from_numpy(planes if fmt == "yuv420p" else bgr) for (planes, bgr), fmt in zip(frames, formats)]
     out = torch.empty(len(frames), 3, *INPUT_HW)
-    scales = letterbox_frames(images, INPUT_HW, Preprocess(), out, pixel_formats=formats)
+    scales = letterbox_frames(images, INPUT_HW, Preprocess(), out, pixel_formats=formats, colorspaces=colorspaces)
     for index, (_, bgr) in enumerate(frames):
         expected = letterbox(bgr, INPUT_HW)
         assert scales[index] == expected.scale
