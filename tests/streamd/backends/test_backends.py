@@ -19,6 +19,7 @@ from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TensorRTConfig
 from streamd.errors import BackendError
 
 from tests.streamd.backends.fake_gpu import FakeTRT
+from tests.streamd.backends.fake_trt_build import FakeCalibrator
 
 REPO = Path(__file__).parents[3]
 ORT = OnnxRuntimeConfig(type="onnxruntime", threads=1)
@@ -253,7 +254,7 @@ def test_fake_gpu_int8_needs_a_calibrator_and_build_engine_uses_it(tiny_bundle, 
     config = TensorRTConfig(type="tensorrt", precision="int8", engine_cache_dir=tmp_path)
     with pytest.raises(BackendError, match="trainer build-engine"):
         make_backend(tiny_bundle, config, max_batch=2)
-    calibrator = object()
+    calibrator = FakeCalibrator(2, batches=1)
     path = build_engine(tiny_bundle, precision="int8", max_batch=2, engine_cache_dir=tmp_path, calibrator=calibrator)
     assert fake_gpu.builds[-1]["calibrator"] is calibrator and fake_gpu.builds[-1]["flags"] == {"fp16", "int8"}
     backend = make_backend(tiny_bundle, config, max_batch=2)  # the daemon loads the calibrated engine
