@@ -1,0 +1,110 @@
+"""The daemon on the GPU path, run on the CPU: backend torch (device cpu) is a FrameBackend, so compose hands it
+a stream that is not recorded as the decoder's yuv420p planes and a recorded one as BGR frames, and it converts,
+letterboxes, runs the shipped model and NMSes on its device. Its detections, frame by frame, are ONNX Runtime's
+on the host path from the same video."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from streamd.backends.base import FrameBackend  # noqa: E402
+from streamd.backends.select import make_backend  # noqa: E402
+from streamd.config import StreamdConfig, TorchConfig  # noqa: E402
+from streamd.model import load_bundle  # noqa: E402
+from streamd.model.detections import Detections  # noqa: E402
+from streamd.model.detector import Detector  # noqa: E402
+from streamd.ops.metrics import Metrics  # noqa: E402
+from streamd.pipeline.compose import Switches, compose  # noqa: E402
+from streamd.pipeline.daemon import run_pipeline  # noqa: E402
+
+REPO = Path(__file__).parents[3]
+SHIPPED = REPO / "models" / "bccd-nano.bundle"
+CONF, IOU = 0.3, 0.45
+
+
+@pytest.fixture(scope="module")
+def bccd_video(bccd_root, tmp_path_factory) -> Path:
+    """Eight BCCD test images (640x480) as an H.264 file at 5 fps, yuv420p, high quality."""
+    folder = tmp_path_factory.mktemp("bccd-video")
+    names = (bccd_root / "ImageSets" / "Main" / "test.txt").read_text().split()[:8]
+    for index, name in enumerate(names):
+        (folder / f"{index:03d}.jpg").symlink_to(bccd_root / "JPEGImages" / f"{name}.jpg")
+    video = folder / "bccd.mp4"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-framerate", "5", "-i", str(folder / "%03d.jpg"), "-c:v", "libx264",
+                    "-crf", "12", "-pix_fmt", "yuv420p", "-bf", "0", str(video)], check=True)  # fmt: skip
+    return video
+
+
+def config(folder: Path, video: Path, backend: dict, recorded: tuple[str, ...], streams: tuple[str, ...]) -> StreamdConfig:
+    """Streams of the same video, each with a detection log; those in `recorded` recorded too (full-size BGR)."""
+    entries = []
+    for stream in streams:
+        entry = {"id": stream, "source": str(video), "detection_log": {"dir": str(folder / "log")}}
+        if stream in recorded:
+            entry["record"] = {"dir": str(folder / "rec"), "preset": "ultrafast"}
+        entries.append(entry)
+    return StreamdConfig.model_validate({
+        "model": str(SHIPPED), "backend": backend, "batch": {"max_batch": 4, "max_wait_ms": 5}, "streams": entries,
+        "thresholds": {"conf_threshold": CONF, "iou_threshold": IOU}, "logging": {"level": "WARNING"},
+    })  # fmt: skip
+
+
+def logged(folder: Path) -> dict[tuple[str, int], Detections]:
+    found = {}
+    for path in sorted((folder / "log").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            message = json.loads(line)
+            records = message["detections"]
+            found[(message["stream"], message["seq"])] = Detections(
+                np.array([r["box"] for r in records], np.float32).reshape(-1, 4),
+                np.array([r["score"] for r in records], np.float32), np.array([r["class_id"] for r in records], np.int64),
+            )  # fmt: skip
+    return found
+
+
+def assert_same_detections(expected: Detections, actual: Detections, where: str, min_iou: float = 0.98) -> None:
+    """Every box of one side has a box of the same class on the other at IoU >= min_iou, scores within 0.02
+    (the GPU issue's bar); a box within 0.02 of the threshold may be missing on the other side."""
+    from streamd.model.postprocess import box_iou
+
+    for ours, theirs, side in ((expected, actual, "ONNX Runtime"), (actual, expected, "torch")):
+        for box, score, label in zip(ours.xyxy, ours.confidence, ours.class_id):
+            same = theirs.class_id == label
+            iou = box_iou(box, theirs.xyxy[same]) if same.any() else np.zeros(0)
+            if iou.size == 0 or iou.max() < min_iou:
+                assert score < CONF + 0.02, f"{where}: {side}'s class {label} {score:.3f} {box} has no match"
+                continue
+            assert abs(theirs.confidence[same][iou.argmax()] - score) <= 0.02, f"{where}: {side} {box}"
+
+
+def test_compose_hands_a_frame_backend_planes_where_nothing_draws(tmp_path, bccd_video):
+    bundle = load_bundle(SHIPPED)
+    detector = Detector.for_bundle(bundle, make_backend(bundle, TorchConfig(type="torch", device="cpu"), max_batch=2))
+    assert isinstance(detector.backend, FrameBackend)
+    cfg = config(tmp_path, bccd_video, {"type": "torch", "device": "cpu"}, recorded=("bgr",), streams=("planes", "bgr"))
+    graph = compose(cfg, detector, Metrics(["planes", "bgr"]), None, Switches(publish=False))
+    sources = {node.obj.stream_id: node.obj for node, _ in graph.sources}
+    assert sources["planes"].pixel_format == "yuv420p" and sources["planes"].model_hw is None
+    assert sources["bgr"].pixel_format == "bgr24" and sources["bgr"].model_hw is None
+
+
+def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path, bccd_video):
+    """ONNX Runtime on full-size BGR frames (a recorded stream: OpenCV's letterbox on the host) against torch on
+    the planes of an unrecorded stream and on the BGR frames of a recorded one (colour and letterbox on the device)."""
+    ort = config(tmp_path / "ort", bccd_video, {"type": "onnxruntime", "threads": 1}, recorded=("ref",), streams=("ref",))
+    on_device = config(tmp_path / "torch", bccd_video, {"type": "torch", "device": "cpu"}, recorded=("bgr",), streams=("planes", "bgr"))
+    ort_run, torch_run = run_pipeline(ort), run_pipeline(on_device)
+    assert ort_run.ok and torch_run.ok, (ort_run.error, torch_run.error)
+    expected, actual = logged(tmp_path / "ort"), logged(tmp_path / "torch")
+    assert len(expected) == 8 and len(actual) == 16
+    assert sum(len(d) for d in expected.values()) > 40  # BCCD: many cells per image
+    for (stream, seq), found in sorted(actual.items()):
+        assert_same_detections(expected[("ref", seq)], found, f"{stream} frame {seq}")
+    assert len(list((tmp_path / "torch" / "rec").glob("bgr_*.mp4"))) == 1
