@@ -63,7 +63,16 @@ clean:
 	rm -rf $(DEMO_OUT) runs eval predictions
 
 # On a machine with an NVIDIA GPU and PyTorch: the gpu-marked tests, then the GPU benchmark table.
-.PHONY: gpu-check
+.PHONY: gpu-check gpu-wheels gpu-check-offline
 gpu-check: venv
 	$(PY) -m pip install -q -e '.[gpu]' 2> >(grep -v "^WARNING: Location" >&2)
 	$(PY) benchmarks/gpu_check.py
+
+# A GPU machine without network (PyTorch already there): `make gpu-wheels` here, carry .whl/, then
+# `make gpu-check-offline` there (installs the wheels into /tmp/site, no index, no dependencies).
+gpu-wheels: venv
+	benchmarks/gpu_wheels.sh
+
+gpu-check-offline:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py

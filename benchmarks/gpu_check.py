@@ -1,19 +1,22 @@
 """One command that checks streamd's GPU path on a machine with an NVIDIA GPU and PyTorch (`make gpu-check`).
 
 1. Runs the `gpu`-marked tests (torch and TensorRT backends against ONNX Runtime, CUDA graphs on and off,
-   batches in flight, another thread's device); a failure there makes the exit status 1.
+   batches in flight, another thread's device, NVDEC frames against CPU frames); a failure there makes the
+   exit status 1.
 2. Makes its own inputs, offline: a 1080p30 H.264 file (PyAV, libx264) and a YOLOX-s 640 bundle with
    untrained weights written by the trainer's export (`trainer.export.bundle.export_model`).
-3. Times, each row for about --seconds: the bare model on device-resident batches (fp16, CUDA graphs) at
-   batch 1/8/16/32; CUDA graphs on vs off at batch 16; the decode ceiling on the CPU (all cores) and with
-   NVDEC (PyAV hwaccel, where FFmpeg has it); the GPU path from decoded frames (upload, device letterbox,
-   model, batched_nms) at batch 16.
-4. Prints one table. Without CUDA it says so and exits 2.
+3. Times, each row for about --seconds, in one run:
+   - the bare model (fp16) on device-resident batches at batch 1/8/16/32, with CUDA graphs; eager at 16;
+   - the decode ceiling: the CPU with all cores, and NVDEC (PyAV hwaccel), frames to host memory;
+   - the GPU path from decoded 1080p frames: submit_frames (upload, letterbox, model, NMS), 2 in flight;
+   - the daemon (run_pipeline, torch backend) on 16 file streams of 1080p H.264, no recording: frames/s
+     and its ratio to min(decode ceiling, bare at max_batch);
+   - the daemon on 8 live 1080p30 streams (files read at their frame rate): latency p50/p99 from the
+     packet leaving the demuxer to the detections, and drops.
+4. Prints one table with the targets of issue 8 (met / missed). Without CUDA it says so and exits 2.
 
     python benchmarks/gpu_check.py [--seconds 5] [--work DIR] [--skip-tests]
-
-Not measured here: the daemon pipeline on 16 file streams and 8 live streams (p50/p99 latency, drops),
-which need the daemon's inference stage to call the torch backend's submit_frames(); see the README.
+    python benchmarks/gpu_check.py --smoke     # the same steps on the CPU, tiny (CI runs this)
 """
 
 from __future__ import annotations
@@ -21,18 +24,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-BATCHES = (1, 8, 16, 32)
-HD = (1080, 1920)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one run measures on: the GPU check, or its CPU smoke run (the same code, small)."""
+
+    device: str
+    precision: str
+    architecture: str
+    input_size: int
+    video_hw: tuple[int, int]
+    video_frames: int
+    batches: tuple[int, ...]
+    max_batch: int
+    file_streams: int
+    live_streams: int
+    seconds: float
+
+
+GPU = Profile("cuda:0", "fp16", "yolox_s", 640, (1080, 1920), 300, (1, 8, 16, 32), 16, 16, 8, 5.0)
+SMOKE = Profile("cpu", "fp32", "yolox_nano", 160, (240, 320), 24, (1, 2), 2, 2, 2, 0.5)
+TARGETS = {"pipeline ratio": 0.85, "pipeline fps": 1000.0, "live p99 ms": 20.0}
 
 
 def require_cuda():
@@ -43,26 +68,26 @@ def require_cuda():
         sys.exit("gpu-check: PyTorch is not installed (pip install '.[gpu]'); it needs an NVIDIA GPU machine")
     if not torch.cuda.is_available():
         print(f"gpu-check: no CUDA GPU is available to PyTorch {torch.__version__} (torch.cuda.is_available() is "
-              "False); run it on a machine with an NVIDIA GPU and driver", file=sys.stderr)  # fmt: skip
+              "False); run it on a machine with an NVIDIA GPU and driver, or --smoke for the CPU run", file=sys.stderr)  # fmt: skip
         sys.exit(2)
     return torch
 
 
 def run_gpu_tests() -> tuple[bool, str]:
-    """pytest -m gpu over the backend tests; (passed, the summary line)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs", "tests/streamd/backends"]
+    """pytest -m gpu over the whole suite; (passed, the summary line)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rs", "tests"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     print(result.stdout[-4000:])
     return result.returncode == 0, lines[-1] if lines else f"pytest exit {result.returncode}"
 
 
-def make_video(path: Path, frames: int = 300, fps: int = 30) -> Path:
-    """A 1080p H.264 file of moving shapes over a gradient (PyAV, libx264, no B-frames)."""
+def make_video(path: Path, hw: tuple[int, int], frames: int, fps: int = 30) -> Path:
+    """An H.264 file of moving shapes over a gradient (PyAV, libx264, no B-frames): no ffmpeg binary needed."""
     import av
     import cv2
 
-    height, width = HD
+    height, width = hw
     ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -70,8 +95,8 @@ def make_video(path: Path, frames: int = 300, fps: int = 30) -> Path:
         stream.options = {"preset": "veryfast", "bf": "0", "g": str(fps)}
         for index in range(frames):
             image = np.broadcast_to(ramp, (height, width, 3)).astype(np.uint8).copy()
-            cv2.circle(image, (200 + 5 * index, 540), 120, (40, 200, 90), -1)
-            cv2.rectangle(image, (1500 - 4 * index, 200), (1700 - 4 * index, 420), (200, 60, 30), -1)
+            cv2.circle(image, (width // 10 + 5 * index, height // 2), height // 9, (40, 200, 90), -1)
+            cv2.rectangle(image, (width * 3 // 4 - 4 * index, height // 5), (width * 7 // 8 - 4 * index, height // 2), (200, 60, 30), -1)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -79,8 +104,8 @@ def make_video(path: Path, frames: int = 300, fps: int = 30) -> Path:
     return path
 
 
-def make_bundle(path: Path) -> Path:
-    """A YOLOX-s 640, 80 classes, untrained: fine for timing, written by the trainer's own export."""
+def make_bundle(path: Path, architecture: str, size: int) -> Path:
+    """An untrained YOLOX of 80 classes (fine for timing), written by the trainer's own export."""
     import torch
 
     from trainer.config import Experiment
@@ -88,25 +113,23 @@ def make_bundle(path: Path) -> Path:
     from trainer.yolox_adapter import build_model
 
     exp = Experiment.model_validate({
-        "name": "gpu-check-yolox-s", "classes": [f"class{i}" for i in range(80)],
+        "name": f"gpu-check-{architecture}", "classes": [f"class{i}" for i in range(80)],
         "dataset": {"name": "none", "format": "voc", "root": str(path.parent / "no-dataset")},
-        "model": {"architecture": "yolox_s", "input_hw": [640, 640]},
+        "model": {"architecture": architecture, "input_hw": [size, size]},
     })  # fmt: skip
     torch.manual_seed(0)
-    export_model(build_model("yolox_s", 80).eval(), exp, path, epochs=0, dataset_hash="0" * 64, checkpoint="", metrics={})
+    export_model(build_model(architecture, 80).eval(), exp, path, epochs=0, dataset_hash="0" * 64, checkpoint="", metrics={})
     return path
 
 
 def decode_rate(path: Path, seconds: float, hwaccel: str | None) -> float | str:
-    """Frames per second decoding `path` to BGR arrays, looping until `seconds` pass."""
+    """Frames per second decoding `path` to BGR arrays with all cores, looping until `seconds` pass."""
     import av
 
     options = {}
     if hwaccel:
-        try:
-            from av.codec.hwaccel import HWAccel
-        except ImportError:
-            return "n/a (PyAV without hwaccel)"
+        from av.codec.hwaccel import HWAccel
+
         options["hwaccel"] = HWAccel(device_type=hwaccel, allow_software_fallback=False)
     count, started = 0, time.perf_counter()
     try:
@@ -118,7 +141,7 @@ def decode_rate(path: Path, seconds: float, hwaccel: str | None) -> float | str:
                 for frame in container.decode(stream):
                     frame.to_ndarray(format="bgr24")
                     count += 1
-    except (av.FFmpegError, NotImplementedError, ValueError) as exc:
+    except (av.FFmpegError, NotImplementedError, ValueError, RuntimeError) as exc:
         return f"n/a ({type(exc).__name__}: {str(exc)[:60]})"
     return count / (time.perf_counter() - started)
 
@@ -127,100 +150,195 @@ def decoded_frames(path: Path, count: int) -> list[np.ndarray]:
     import av
 
     with av.open(str(path)) as container:
-        frames = []
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="bgr24"))
-            if len(frames) == count:
-                return frames
+        frames = [frame.to_ndarray(format="bgr24") for _, frame in zip(range(count), container.decode(video=0))]
     return frames
 
 
-def bare_rate(torch, backend, batch: int, seconds: float) -> float:
-    """Frames/s of the model alone on a device-resident batch (the backend's graph or eager forward)."""
-    runner = backend._cuda  # the benchmark times the CUDA runner's forward directly, without host copies
-    images = torch.full((batch, 3, 640, 640), 114.0, device=runner.device)
-    torch.cuda.synchronize(runner.device)  # made on the default stream, read on the compute stream
-    with torch.cuda.device(runner.device), torch.cuda.stream(runner.compute_stream), torch.inference_mode():
+def bare_rate(torch, net, profile: Profile, batch: int, seconds: float, graphs: bool) -> float:
+    """Frames/s of the model alone on a device-resident batch, eager or replaying one CUDA graph."""
+    device = torch.device(profile.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[profile.precision]
+    images = torch.full((batch, 3, profile.input_size, profile.input_size), 114.0, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        run = lambda: net(images)  # noqa: E731
         for _ in range(3):
-            runner._forward(images)
-        runner.compute_stream.synchronize()
+            run()
+        if graphs and device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                net(images)
+            run = graph.replay  # noqa: E731
+        sync()
         runs, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             for _ in range(10):
-                runner._forward(images)
-            runner.compute_stream.synchronize()
+                run()
+            sync()
             runs += 10
-        return runs * batch / (time.perf_counter() - started)
+    return runs * batch / (time.perf_counter() - started)
 
 
 def gpu_path_rate(backend, frames: list[np.ndarray], batch: int, seconds: float) -> float:
-    """Frames/s of detect(): upload of decoded 1080p frames, device letterbox, model, batched_nms, detections back."""
+    """Frames/s of submit_frames on decoded frames (upload, letterbox, model, NMS), two batches in flight."""
     chunks = [frames[i : i + batch] for i in range(0, len(frames) - batch + 1, batch)]
-    backend.detect(chunks[0], 0.3, 0.45)
-    count, started = 0, time.perf_counter()
+
+    def submit(chunk):
+        return backend.submit_frames(chunk, ["bgr24"] * len(chunk), [1.0] * len(chunk), [f.shape[:2] for f in chunk], 0.3, 0.45)
+
+    submit(chunks[0]).wait()
+    count, started, pending = 0, time.perf_counter(), None
     while time.perf_counter() - started < seconds:
         for chunk in chunks:
-            backend.detect(chunk, 0.3, 0.45)
+            handle = submit(chunk)
+            if pending is not None:
+                pending.wait()
+            pending = handle
             count += len(chunk)
+    pending.wait()
     return count / (time.perf_counter() - started)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="time per benchmark row")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the inputs (default: a temporary one)")
-    parser.add_argument("--skip-tests", action="store_true", help="benchmark only")
-    args = parser.parse_args()
-    torch = require_cuda()
+def pipeline_config(bundle: Path, profile: Profile, streams: list[dict]):
+    from streamd.config import StreamdConfig
+
+    backend = {"type": "torch", "device": profile.device, "precision": profile.precision}
+    return StreamdConfig.model_validate({
+        "model": str(bundle), "backend": backend, "streams": streams, "logging": {"level": "WARNING"},
+        "batch": {"max_batch": profile.max_batch, "max_wait_ms": 5},
+    })  # fmt: skip
+
+
+def pipeline_files(bundle: Path, video: Path, profile: Profile) -> float:
+    """Frames/s of the daemon on file streams read as fast as they decode, nothing recorded or published."""
+    from streamd.pipeline.compose import Switches
+    from streamd.pipeline.daemon import run_pipeline
+
+    streams = [{"id": f"file{i}", "source": str(video), "queue": {"size": 2 * profile.max_batch}} for i in range(profile.file_streams)]
+    summary = run_pipeline(pipeline_config(bundle, profile, streams), switches=Switches(record=False, detection_log=False, publish=False))
+    if summary.error:
+        raise RuntimeError(f"pipeline on files failed: {summary.error}")
+    return summary.processed / summary.duration_s
+
+
+def pipeline_live(bundle: Path, video: Path, profile: Profile, seconds: float) -> dict:
+    """The daemon on files read at their frame rate (live policy): total latency p50 / worst p99, drops."""
+    from streamd.pipeline.compose import Switches
+    from streamd.pipeline.daemon import run_pipeline
+
+    streams = [{"id": f"live{i}", "source": str(video), "realtime": True, "loop": True} for i in range(profile.live_streams)]
+    config = pipeline_config(bundle, profile, streams)
+    summary = run_pipeline(config, switches=Switches(record=False, detection_log=False, publish=False), duration_s=seconds)
+    if summary.error:
+        raise RuntimeError(f"pipeline on live streams failed: {summary.error}")
+    latencies = [s.latency("total") for s in summary.streams]
+    return {"fps": summary.processed / summary.duration_s, "p50_ms": statistics.median(p50 for p50, _ in latencies),
+            "p99_ms": max(p99 for _, p99 in latencies), "dropped": sum(s.dropped for s in summary.streams)}  # fmt: skip
+
+
+def measure(torch, profile: Profile, work: Path, seconds: float) -> list[tuple[str, str, str]]:
+    """Every timing row: (check, result, target)."""
     from streamd.backends.select import make_backend
+    from streamd.backends.torch import load_model
     from streamd.config import TorchConfig
     from streamd.model import load_bundle
 
-    rows: list[tuple[str, str]] = []
-    passed = True
-    if not args.skip_tests:
-        passed, summary = run_gpu_tests()
-        rows.append(("gpu-marked tests (parity with ONNX Runtime, graphs on/off, slots, threads)", summary))
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    work.mkdir(parents=True, exist_ok=True)
-    video = make_video(work / "1080p30.mp4")
-    bundle = load_bundle(make_bundle(work / "yolox-s.bundle"))
-    rows.append(("decode ceiling, CPU, all cores (frames/s)", _fmt(decode_rate(video, args.seconds, None))))
-    rows.append(("decode ceiling, NVDEC (frames/s)", _fmt(decode_rate(video, args.seconds, "cuda"))))
-    graphs = make_backend(bundle, TorchConfig(type="torch", device="cuda:0", precision="fp16"), max_batch=max(BATCHES))
-    for batch in BATCHES:
-        rows.append((f"bare YOLOX-s 640 fp16, CUDA graphs, batch {batch} (frames/s)", _fmt(bare_rate(torch, graphs, batch, args.seconds))))
-    eager = make_backend(bundle, TorchConfig(type="torch", device="cuda:0", precision="fp16", cuda_graphs=False), max_batch=16)
-    rows.append(("bare YOLOX-s 640 fp16, eager, batch 16 (frames/s)", _fmt(bare_rate(torch, eager, 16, args.seconds))))
-    eager.close()
-    frames = decoded_frames(video, 64)
-    rows.append(("GPU path from decoded 1080p frames, batch 16: upload, letterbox, model, NMS (frames/s)",
-                 _fmt(gpu_path_rate(graphs, frames, 16, args.seconds))))  # fmt: skip
-    graphs.close()
-    rows.append(("pipeline, 16 file streams / 8 live streams", "not measured here (see the module docstring)"))
-    print_table(torch, rows)
-    (work / "gpu_check.json").write_text(json.dumps(dict(rows), indent=2) + "\n")
-    return 0 if passed else 1
+    rows: list[tuple[str, str, str]] = []
+    height, width = profile.video_hw
+    video = make_video(work / f"{height}p30.mp4", profile.video_hw, profile.video_frames)
+    bundle_path = make_bundle(work / f"{profile.architecture}.bundle", profile.architecture, profile.input_size)
+    bundle = load_bundle(bundle_path)
+    model = f"{profile.architecture} {profile.input_size} {profile.precision}"
+    ceilings = {"CPU": decode_rate(video, seconds, None)}
+    rows.append((f"decode ceiling {height}p, CPU, {os.cpu_count()} cores (frames/s)", _fmt(ceilings["CPU"]), ""))
+    if profile.device != "cpu":
+        ceilings["NVDEC"] = decode_rate(video, seconds, "cuda")
+        rows.append((f"decode ceiling {height}p, NVDEC (frames/s)", _fmt(ceilings["NVDEC"]), ""))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[profile.precision]
+    net = load_model(bundle).to(device=profile.device, dtype=dtype)
+    net.decode.float()
+    graphs = profile.device != "cpu"
+    bare = {}
+    for batch in profile.batches:
+        bare[batch] = bare_rate(torch, net, profile, batch, seconds, graphs)
+        rows.append((f"bare {model}, {'CUDA graph' if graphs else 'eager'}, batch {batch} (frames/s)", _fmt(bare[batch]), ""))
+    if graphs:
+        batch = profile.max_batch
+        rows.append((f"bare {model}, eager, batch {batch} (frames/s; graphs on vs off)", _fmt(bare_rate(torch, net, profile, batch, seconds, False)), ""))
+    del net
+    backend = make_backend(bundle, TorchConfig(type="torch", device=profile.device, precision=profile.precision), max_batch=profile.max_batch)
+    frames = decoded_frames(video, 4 * profile.max_batch)
+    rows.append((f"GPU path from decoded {height}p frames, batch {profile.max_batch}: upload, letterbox, model, NMS (frames/s)",
+                 _fmt(gpu_path_rate(backend, frames, profile.max_batch, seconds)), ""))  # fmt: skip
+    backend.close()
+    fps = pipeline_files(bundle_path, video, profile)
+    ceiling = max((rate for rate in ceilings.values() if isinstance(rate, float)), default=float("inf"))
+    limit = min(ceiling, bare.get(profile.max_batch, max(bare.values())))
+    rows.append((f"pipeline, {profile.file_streams} file streams {height}p, no recording (frames/s)", _fmt(fps),
+                 _verdict(fps >= TARGETS["pipeline fps"], f">= {TARGETS['pipeline fps']:,.0f}")))  # fmt: skip
+    ratio = fps / limit
+    rows.append(("pipeline / min(decode ceiling, bare at max_batch)", f"{ratio:.2f}x",
+                 _verdict(ratio >= TARGETS["pipeline ratio"], f">= {TARGETS['pipeline ratio']}x")))  # fmt: skip
+    live = pipeline_live(bundle_path, video, profile, max(4 * seconds, 2.0))
+    rows.append((f"pipeline, {profile.live_streams} live {height}p30 streams: latency p50 / worst p99 (ms)",
+                 f"{live['p50_ms']:.1f} / {live['p99_ms']:.1f}", _verdict(live["p99_ms"] <= TARGETS["live p99 ms"], "p99 <= 20")))  # fmt: skip
+    rows.append((f"pipeline, {profile.live_streams} live streams: frames dropped", str(live["dropped"]), _verdict(live["dropped"] == 0, "0")))
+    return rows
 
 
 def _fmt(value: float | str) -> str:
     return f"{value:,.0f}" if isinstance(value, float) else value
 
 
-def print_table(torch, rows: list[tuple[str, str]]) -> None:
+def _verdict(met: bool, target: str) -> str:
+    return f"{target}: {'met' if met else 'MISSED'}"
+
+
+def environment(torch, profile: Profile) -> str:
     import av
     import onnxruntime
 
-    properties = torch.cuda.get_device_properties(0)
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip() or "unknown"  # fmt: skip
-    print(f"\nGPU {properties.name} ({properties.total_memory >> 30} GiB), driver {driver}, CUDA {torch.version.cuda}, "
-          f"torch {torch.__version__}, PyAV {av.__version__}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} CPUs")  # fmt: skip
-    width = max(len(name) for name, _ in rows)
-    print(f"{'check':<{width}}  result")
-    print(f"{'-' * width}  {'-' * 24}")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    if profile.device == "cpu":
+        device = "CPU (smoke run: the GPU targets do not apply)"
+    else:
+        properties = torch.cuda.get_device_properties(0)
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True).stdout.strip() or "unknown"  # fmt: skip
+        device = f"GPU {properties.name} ({properties.total_memory >> 30} GiB), driver {driver}, CUDA {torch.version.cuda}"
+    return (f"{device}, torch {torch.__version__}, PyAV {av.__version__}, onnxruntime {onnxruntime.__version__}, "
+            f"{os.cpu_count()} CPUs")  # fmt: skip
+
+
+def print_table(header: str, rows: list[tuple[str, str, str]]) -> None:
+    print(f"\n{header}")
+    widths = [max(len(row[i]) for row in rows + [("check", "result", "target")]) for i in range(3)]
+    for row in [("check", "result", "target"), tuple("-" * w for w in widths), *rows]:
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)).rstrip())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=None, help="time per benchmark row (default 5; smoke 0.5)")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the inputs (default: a temporary one)")
+    parser.add_argument("--skip-tests", action="store_true", help="benchmark only")
+    parser.add_argument("--smoke", action="store_true", help="the same steps on the CPU with a tiny model and video")
+    args = parser.parse_args()
+    profile = SMOKE if args.smoke else GPU
+    if args.smoke:
+        import torch
+    else:
+        torch = require_cuda()
+    rows: list[tuple[str, str, str]] = []
+    passed = True
+    if not (args.skip_tests or args.smoke):
+        passed, summary = run_gpu_tests()
+        rows.append(("gpu-marked tests (parity with ONNX Runtime, graphs on/off, slots, threads, NVDEC)", summary, "all pass"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows += measure(torch, profile, work, args.seconds or profile.seconds)
+    print_table(environment(torch, profile), rows)
+    (work / "gpu_check.json").write_text(json.dumps({"environment": environment(torch, profile), "rows": rows}, indent=2) + "\n")
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
