@@ -67,7 +67,8 @@ def _yuv_coefficients(colorspace: str, full_range: bool) -> tuple[int, int, int,
 
 
 def yuv420p_to_bgr(planes: torch.Tensor, colorspace: str = "bt601", full_range: bool = False) -> torch.Tensor:
-    """uint8 [n, H * 3 / 2, W] yuv420p planes (PyAV's to_ndarray layout) -> uint8 [n, H, W, 3] BGR (a bgr24 decode).
+    """uint8 [n, H * 3 / 2, W] yuv420p planes (PyAV's to_ndarray layout) -> uint8 [n, H, W, 3] BGR, as a bgr24 decode
+    (a view of planar [n, 3, H, W] memory: what the letterbox wants).
 
     Equal, bit for bit, to swscale's bgr24 on x86 for the colorspace and range the frames are tagged with
     (tests/streamd/backends/test_device_ops.py); swscale's C path (no SIMD: ffmpeg -cpuflags 0) differs from it by
@@ -79,13 +80,14 @@ def yuv420p_to_bgr(planes: torch.Tensor, colorspace: str = "bt601", full_range: 
     count, rows, width = planes.shape
     height = rows * 2 // 3
     chroma = planes[:, height:].reshape(count, 2, height // 2, width // 2)  # U then V, each stored row after row
-    y = ((planes[:, :height].int() * 8 - y_offset) * y_scale) >> 16
-    u, v = (chroma.int() * 8 - 1024).unbind(1)
+    y = planes[:, :height].int().mul_(8).sub_(y_offset).mul_(y_scale).bitwise_right_shift_(16)
+    u, v = chroma.int().mul_(8).sub_(1024).unbind(1)
     b, r = (u * u_b) >> 16, (v * v_r) >> 16
     g = ((u * u_g) >> 16) + ((v * v_g) >> 16)
-    chroma_bgr = torch.stack((b, g, r), -1).view(count, height // 2, 1, width // 2, 1, 3)
-    pixels = y.view(count, height // 2, 2, width // 2, 2, 1) + chroma_bgr  # each chroma sample over its 2x2 block
-    return pixels.clamp_(0, 255).to(torch.uint8).view(count, height, width, 3)
+    # Planar, each chroma sample over its 2x2 block: widened along rows here, broadcast down the block's 2 rows.
+    chroma_bgr = torch.stack((b, g, r), 1).repeat_interleave(2, dim=-1).view(count, 3, height // 2, 1, width)
+    pixels = y.view(count, 1, height // 2, 2, width) + chroma_bgr
+    return pixels.clamp_(0, 255).to(torch.uint8).view(count, 3, height, width).permute(0, 2, 3, 1)
 
 
 def _linear_taps(src: int, dst: int, clamp: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -106,7 +108,7 @@ def _linear_taps(src: int, dst: int, clamp: bool, device: torch.device) -> tuple
 
 
 def resize_linear(images: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:
-    """uint8 [n, H, W, C] -> uint8 [n, h, w, C]: OpenCV's cv2.resize INTER_LINEAR on uint8, bit for bit.
+    """uint8 [n, C, H, W] -> uint8 [n, C, h, w]: OpenCV's cv2.resize INTER_LINEAR on uint8, bit for bit.
 
     OpenCV works in fixed point: the horizontal pass sums the two columns times their 11-bit weights (exact, int32);
     the vertical pass (its SIMD path, VResizeLinearVec_32s8u) drops 4 bits of each row, keeps the top 16 bits of
@@ -114,14 +116,14 @@ def resize_linear(images: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor
     rounded to whole levels differs from it by one level at ~10% of pixels, which moves boxes (IoU 0.93 seen).
     An exact 2x downscale, which OpenCV hands to INTER_AREA, gives the same (a + b + c + d + 2) >> 2 here.
     """
-    height, width = images.shape[1:3]
+    height, width = images.shape[2:4]
     col0, col1, cw0, cw1 = _linear_taps(width, new_hw[1], True, images.device)
     row0, row1, rw0, rw1 = _linear_taps(height, new_hw[0], False, images.device)
     out = None
     for rows, row_weight in ((row0, rw0), (row1, rw1)):
-        picked = images.index_select(1, rows)  # only the rows this tap reads: the horizontal pass then runs on h rows
-        horizontal = picked.index_select(2, col0).int() * cw0[:, None] + picked.index_select(2, col1).int() * cw1[:, None]
-        term = ((horizontal >> 4) * row_weight[:, None, None]) >> 16
+        picked = images.index_select(2, rows)  # only the rows this tap reads: the horizontal pass then runs on h rows
+        horizontal = picked.index_select(3, col0).int() * cw0 + picked.index_select(3, col1).int() * cw1
+        term = ((horizontal >> 4) * row_weight[:, None]) >> 16
         out = term if out is None else out.add_(term)
     return out.add_(2).bitwise_right_shift_(2).clamp_(0, 255).to(torch.uint8)
 
@@ -184,9 +186,9 @@ def letterbox_frames(
         images = torch.stack([frames[i] for i in indices])
         if pixel_format == "yuv420p":
             images = yuv420p_to_bgr(images, colorspace, full)
+        images = images.permute(0, 3, 1, 2)  # planar: a view (of yuv420p_to_bgr's planar result: contiguous)
         if (new_h, new_w) != (frame_h, frame_w):
             images = resize_linear(images, (new_h, new_w))
-        images = images.permute(0, 3, 1, 2)
         if preprocess.channel_order == "rgb":
             images = images.flip(1)
         for row, index in enumerate(indices):

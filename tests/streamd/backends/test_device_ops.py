@@ -198,7 +198,7 @@ def test_resize_is_opencvs_inter_linear_bit_for_bit(sizes, input_hw, device):
 def test_resize_linear_alone_is_cv2_resize():
     image = _noise(123, 77, 5)
     for new_hw in ((50, 31), (300, 200), (123, 40), (7, 77)):
-        ours = resize_linear(torch.from_numpy(image)[None], new_hw)[0].numpy()
+        ours = resize_linear(torch.from_numpy(image).permute(2, 0, 1)[None], new_hw)[0].permute(1, 2, 0).numpy()
         np.testing.assert_array_equal(ours, cv2.resize(image, new_hw[::-1], interpolation=cv2.INTER_LINEAR))
 
 
