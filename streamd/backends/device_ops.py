@@ -1,8 +1,10 @@
-"""The GPU path's tensor work, on whatever device the tensors are on: grid decode, letterbox, threshold + NMS.
+"""The GPU path's tensor work, on whatever device the tensors are on: grid decode, colour conversion, letterbox,
+threshold + NMS.
 
 Shared by the torch backend and the TensorRT backend (which runs its engine between letterbox_frames and
 postprocess_on_device on the same device buffers). Every function here also runs on the CPU, where the tests
-check them against streamd.model.preprocess / postprocess.
+check them against what the CPU path does: PyAV's bgr24 decode and streamd.model.preprocess (both bit for bit),
+streamd.model.postprocess (the same boxes).
 """
 
 from __future__ import annotations
