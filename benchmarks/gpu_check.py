@@ -181,10 +181,12 @@ def bare_rate(torch, net, profile: Profile, batch: int, seconds: float, graphs: 
 
 def gpu_path_rate(backend, frames: list[np.ndarray], batch: int, seconds: float) -> float:
     """Frames/s of submit_frames on decoded frames (upload, letterbox, model, NMS), two batches in flight."""
+    from streamd.types import BGR24
+
     chunks = [frames[i : i + batch] for i in range(0, len(frames) - batch + 1, batch)]
 
     def submit(chunk):
-        return backend.submit_frames(chunk, ["bgr24"] * len(chunk), [1.0] * len(chunk), [f.shape[:2] for f in chunk], 0.3, 0.45)
+        return backend.submit_frames(chunk, [BGR24] * len(chunk), [1.0] * len(chunk), [f.shape[:2] for f in chunk], 0.3, 0.45)
 
     submit(chunks[0]).wait()
     count, started, pending = 0, time.perf_counter(), None

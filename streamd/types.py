@@ -18,6 +18,22 @@ PixelFormat = Literal["bgr24", "yuv420p"]
 """How a frame's pixels are laid out: "bgr24" uint8 [H, W, 3]; "yuv420p" uint8 [H * 3 / 2, W] (PyAV's
 VideoFrame.to_ndarray(format="yuv420p"): the Y plane, then U and V at half size, row after row; H, W even)."""
 
+Colorspace = Literal["bt601", "bt709", "bt2020"]
+
+
+@dataclass(frozen=True, slots=True)
+class PixelLayout:
+    """How an image array holds its picture: the format and, for yuv420p planes, what converting them to BGR
+    needs to give what the decoder's own BGR would (swscale): the colour matrix the frame is tagged with and
+    whether its samples are full range (JPEG, yuvj420p) or limited (16-235, video's usual)."""
+
+    format: PixelFormat = "bgr24"
+    colorspace: Colorspace = "bt601"
+    full_range: bool = False
+
+
+BGR24 = PixelLayout()
+
 
 def picture_hw(image: np.ndarray, pixel_format: PixelFormat) -> tuple[int, int]:
     """The (H, W) of the picture an image array holds in pixel_format (for yuv420p, the Y plane's)."""
@@ -30,7 +46,7 @@ def picture_hw(image: np.ndarray, pixel_format: PixelFormat) -> tuple[int, int]:
 class Frame:
     """One decoded frame of one stream.
 
-    image: uint8 [H, W, 3] BGR, read-only (the annotator draws on a copy); or, pixel_format "yuv420p",
+    image: uint8 [H, W, 3] BGR, read-only (the annotator draws on a copy); or, layout.format "yuv420p",
         the decoder's planes as they are, for a backend that converts colour on its device (streamd.backends.
         base.FrameBackend) on a stream nothing draws on.
     pts_s: presentation time in seconds in the source's own time line.
@@ -44,6 +60,7 @@ class Frame:
     source_hw: the decoded frame's (height, width) when `image` is smaller: a stream that is not recorded
         is converted and scaled for the model in one pass by the decoder (image = source scaled by `scale`),
         and never kept at full size. None: `image` is the full frame (scale 1).
+    layout: how `image` holds the picture (BGR24, or yuv420p planes with their colour matrix and range).
     """
 
     stream_id: str
@@ -58,7 +75,7 @@ class Frame:
     frozen: bool = False
     source_hw: tuple[int, int] | None = None
     scale: float = 1.0
-    pixel_format: PixelFormat = "bgr24"
+    layout: PixelLayout = BGR24
 
     def __post_init__(self) -> None:
         image = self.image
@@ -71,6 +88,10 @@ class Frame:
         if not ok or image.dtype != np.uint8:
             raise ValueError(f"stream {self.stream_id!r} frame {self.seq}: expected {expected}, got {image.dtype} {image.shape}")
         image.setflags(write=False)
+
+    @property
+    def pixel_format(self) -> PixelFormat:
+        return self.layout.format
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from streamd.model.detections import Detections
-from streamd.types import PixelFormat
+from streamd.types import PixelLayout
 
 
 class Pending(Protocol):
@@ -48,7 +48,7 @@ class PendingDetections(Protocol):
 class FrameBackend(Protocol):
     """A Backend that also takes frames as decoded and does the rest on its device (the GPU path).
 
-    submit_frames: up to max_batch uint8 frames in `pixel_formats` -> a PendingDetections whose wait()
+    submit_frames: up to max_batch uint8 frames laid out as `layouts` say -> a PendingDetections whose wait()
     gives one Detections per frame, in source pixels: the upload, colour conversion, letterbox, model,
     score threshold and class-aware NMS all run on the device, and only the kept boxes come back.
     prescales: each image is its source scaled by this (1.0: the image is the source); boxes are divided
@@ -63,7 +63,7 @@ class FrameBackend(Protocol):
     def submit_frames(
         self,
         images: Sequence[np.ndarray],
-        pixel_formats: Sequence[PixelFormat],
+        layouts: Sequence[PixelLayout],
         prescales: Sequence[float],
         source_hw: Sequence[tuple[int, int]],
         conf_threshold: float,

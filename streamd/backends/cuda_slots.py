@@ -31,10 +31,11 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from streamd.backends.device_ops import letterbox_frames, postprocess_on_device
+from streamd.backends.device_ops import letterbox_layouts, postprocess_on_device
 from streamd.errors import BackendError
 from streamd.model.bundle import Preprocess
 from streamd.model.detections import Detections
+from streamd.types import PixelLayout
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def check_frames(label: str, max_batch: int, images: Sequence, *columns: Sequenc
     if not 1 <= len(images) <= max_batch:
         raise BackendError(f"{label}: batch of {len(images)} frames, this backend takes 1..{max_batch}")
     if any(len(column) != len(images) for column in columns):
-        raise BackendError(f"{label}: {len(images)} frames, but pixel formats, prescales and source sizes of {[len(c) for c in columns]}")
+        raise BackendError(f"{label}: {len(images)} frames, but layouts, prescales and source sizes of {[len(c) for c in columns]}")
 
 
 def source_scales(letterbox_scales: Sequence[float], prescales: Sequence[float]) -> list[float]:
@@ -213,7 +214,7 @@ class CudaSlots:
         return self._pending(slot, what, lambda: self.host_out[slot][:count].numpy().astype(np.float32, copy=True))
 
     def submit_frames(
-        self, images: Sequence[np.ndarray], pixel_formats: Sequence[str], prescales: Sequence[float],
+        self, images: Sequence[np.ndarray], layouts: Sequence[PixelLayout], prescales: Sequence[float],
         source_hw: Sequence[tuple[int, int]], conf_threshold: float, iou_threshold: float,
         input_hw: tuple[int, int], preprocess: Preprocess, run: Run,
     ) -> SlotPending:  # fmt: skip
@@ -223,7 +224,7 @@ class CudaSlots:
             slot = self.take()
             with self.runtime.on(self.upload_stream):
                 frames = self._upload_frames(slot, images)
-                letterbox_scales = letterbox_frames(frames, input_hw, preprocess, self.staged[slot], pixel_formats=pixel_formats)
+                letterbox_scales = letterbox_layouts(frames, input_hw, preprocess, self.staged[slot], layouts)
             scales = source_scales(letterbox_scales, prescales)
             self.runtime.record(self.uploaded[slot], self.upload_stream)
             self._compute(slot, count, run, to_host=False)

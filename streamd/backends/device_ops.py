@@ -18,6 +18,7 @@ import torchvision
 
 from streamd.model.bundle import Preprocess
 from streamd.model.detections import Detections
+from streamd.types import PixelLayout
 
 
 class GridDecode(torch.nn.Module):
@@ -145,6 +146,15 @@ def _check_frame(frame: torch.Tensor, pixel_format: str) -> tuple[int, int]:
     if not ok or frame.dtype != torch.uint8:
         raise ValueError(f"expected {expected} frames, got {frame.dtype} {tuple(frame.shape)}")
     return size
+
+
+def letterbox_layouts(
+    frames: Sequence[torch.Tensor], input_hw: tuple[int, int], preprocess: Preprocess, out: torch.Tensor,
+    layouts: Sequence[PixelLayout],
+) -> list[float]:  # fmt: skip
+    """letterbox_frames for frames described by their streamd.types.PixelLayout (a FrameBackend's input)."""
+    return letterbox_frames(frames, input_hw, preprocess, out, [layout.format for layout in layouts],
+                            [layout.colorspace for layout in layouts], [layout.full_range for layout in layouts])  # fmt: skip
 
 
 def letterbox_frames(

@@ -32,7 +32,7 @@ from streamd.backends.tensorrt_build import (
 from streamd.config import TensorRTConfig
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle
-from streamd.types import PixelFormat
+from streamd.types import PixelLayout
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,15 @@ class TensorRTBackend:
     def submit_frames(
         self,
         images: Sequence[np.ndarray],
-        pixel_formats: Sequence[PixelFormat],
+        layouts: Sequence[PixelLayout],
         prescales: Sequence[float],
         source_hw: Sequence[tuple[int, int]],
         conf_threshold: float,
         iou_threshold: float,
     ):
         """Start up to max_batch uint8 frames (base.FrameBackend); wait() gives one Detections per frame, in source pixels."""
-        self._cuda_slots.check_frames("backend tensorrt", self.max_batch, images, pixel_formats, prescales, source_hw)
-        return self.slots.submit_frames(images, pixel_formats, prescales, source_hw, conf_threshold, iou_threshold,
+        self._cuda_slots.check_frames("backend tensorrt", self.max_batch, images, layouts, prescales, source_hw)
+        return self.slots.submit_frames(images, layouts, prescales, source_hw, conf_threshold, iou_threshold,
                                         self.input_hw, self.preprocess, self._execute)  # fmt: skip
 
     def close(self) -> None:

@@ -9,9 +9,9 @@ device buffers instead.
 
 TorchBackend is a base.FrameBackend:
 
-- `submit_frames(images, pixel_formats, prescales, source_hw, conf, iou)`:
+- `submit_frames(images, layouts, prescales, source_hw, conf, iou)`:
   uint8 frames as decoded go up as they are; colour conversion and
-  letterbox (device_ops.letterbox_frames), the model, the score threshold
+  letterbox (device_ops.letterbox_layouts), the model, the score threshold
   and class-aware NMS (device_ops.postprocess_on_device) run on the device;
   only the kept boxes come back, in source pixels.
 - `submit(batch)` (base.Backend, for warm-up and the trainer): a
@@ -46,11 +46,11 @@ import torch
 from streamd.backends import cuda_slots
 from streamd.backends.base import Ready
 from streamd.backends.cuda_slots import check_frames, source_scales
-from streamd.backends.device_ops import GridDecode, letterbox_frames, postprocess_on_device
+from streamd.backends.device_ops import GridDecode, letterbox_layouts, postprocess_on_device
 from streamd.config import TorchConfig
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle
-from streamd.types import PixelFormat
+from streamd.types import PixelLayout
 
 log = logging.getLogger(__name__)
 
@@ -189,21 +189,21 @@ class TorchBackend:
     def submit_frames(
         self,
         images: Sequence[np.ndarray],
-        pixel_formats: Sequence[PixelFormat],
+        layouts: Sequence[PixelLayout],
         prescales: Sequence[float],
         source_hw: Sequence[tuple[int, int]],
         conf_threshold: float,
         iou_threshold: float,
     ):
         """Start up to max_batch uint8 frames (base.FrameBackend); wait() gives one Detections per frame, in source pixels."""
-        check_frames("backend torch", self.max_batch, images, pixel_formats, prescales, source_hw)
+        check_frames("backend torch", self.max_batch, images, layouts, prescales, source_hw)
         if self.slots is not None:
-            return self.slots.submit_frames(images, pixel_formats, prescales, source_hw, conf_threshold, iou_threshold,
+            return self.slots.submit_frames(images, layouts, prescales, source_hw, conf_threshold, iou_threshold,
                                             self.input_hw, self.preprocess, self._run)  # fmt: skip
         with torch.inference_mode():
             batch = torch.empty((len(images), 3, *self.input_hw))
             frames = [torch.from_numpy(np.array(image)) for image in images]  # writable copies: frames are read-only
-            scales = letterbox_frames(frames, self.input_hw, self.preprocess, batch, pixel_formats=pixel_formats)
+            scales = letterbox_layouts(frames, self.input_hw, self.preprocess, batch, layouts)
             output, scales = self.net(batch), source_scales(scales, prescales)
             return Ready(postprocess_on_device(output, scales, source_hw, conf_threshold, iou_threshold))
 

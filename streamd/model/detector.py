@@ -24,7 +24,7 @@ from streamd.model.bundle import Bundle, Preprocess, Thresholds
 from streamd.model.detections import Detections
 from streamd.model.postprocess import postprocess
 from streamd.model.preprocess import letterbox_batch
-from streamd.types import PixelFormat, picture_hw
+from streamd.types import BGR24, PixelLayout, picture_hw
 
 YOLOX_STRIDES = (8, 16, 32)  # the head's output strides
 
@@ -97,32 +97,32 @@ class Detector:
         prescales: Sequence[float] | None = None,
         source_hw: Sequence[tuple[int, int]] | None = None,
         *,
-        pixel_formats: Sequence[PixelFormat] | None = None,
+        layouts: Sequence[PixelLayout] | None = None,
         conf_threshold: float | None = None,
         iou_threshold: float | None = None,
     ) -> Submitted:
         """Start the backend on uint8 images, max_batch at a time; collect() gives their detections.
 
-        images: HxWx3 BGR, or (pixel_formats "yuv420p", for a FrameBackend only) PyAV's yuv420p planes.
+        images: HxWx3 BGR, or (a layout's format "yuv420p", for a FrameBackend only) PyAV's yuv420p planes.
         prescales / source_hw: for images that are already their source scaled down (by the decoder), the
         scale each was made with and the source's (H, W), so that boxes come back in source pixels.
         conf_threshold / iou_threshold: None takes the detector's (the bundle's).
         """
         conf = self.conf_threshold if conf_threshold is None else conf_threshold
         iou = self.iou_threshold if iou_threshold is None else iou_threshold
-        formats = list(pixel_formats or ["bgr24"] * len(images))
+        layouts = list(layouts or [BGR24] * len(images))
         prescales = list(prescales or [1.0] * len(images))
-        sizes = list(source_hw or [picture_hw(image, fmt) for image, fmt in zip(images, formats)])
+        sizes = list(source_hw or [picture_hw(image, layout.format) for image, layout in zip(images, layouts)])
         step = self.backend.max_batch
         if isinstance(self.backend, FrameBackend):
             chunks = range(0, len(images), step)
             return DeviceSubmitted(tuple(
-                self.backend.submit_frames(images[i : i + step], formats[i : i + step], prescales[i : i + step],
+                self.backend.submit_frames(images[i : i + step], layouts[i : i + step], prescales[i : i + step],
                                            sizes[i : i + step], conf, iou)
                 for i in chunks
             ))  # fmt: skip
-        if any(fmt != "bgr24" for fmt in formats):
-            raise ValueError(f"backend {self.backend.name}: takes BGR images only, got {sorted(set(formats))}")
+        if any(layout.format != "bgr24" for layout in layouts):
+            raise ValueError(f"backend {self.backend.name}: takes BGR images only, got {sorted({l.format for l in layouts})}")
         tensor, scales = letterbox_batch(list(images), self.input_hw, self.preprocess)
         scales = scales * np.asarray(prescales, np.float32)
         pending = tuple(self.backend.submit(tensor[start : start + step]) for start in range(0, len(tensor), step))

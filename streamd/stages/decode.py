@@ -312,7 +312,7 @@ class AVSource:
             raise self._error("read() without a successful open()")
         try:
             av_frame, received = next(self._frames)
-            image, pixel_format, source_hw, scale = frame_pixels(av_frame, self.pixel_format, self.model_hw)
+            image, layout, source_hw, scale = frame_pixels(av_frame, self.pixel_format, self.model_hw)
         except StopIteration:
             if self.live:
                 self._frames = None
@@ -347,10 +347,10 @@ class AVSource:
             fps=self.fps,
             gap_s=gap_s,
             pts_jump_s=jump_s,
-            frozen=self._freeze.update(image[: picture_hw(image, pixel_format)[0]], pts_s) if self._freeze else False,
+            frozen=self._freeze.update(image[: picture_hw(image, layout.format)[0]], pts_s) if self._freeze else False,
             source_hw=source_hw,
             scale=scale,
-            pixel_format=pixel_format,
+            layout=layout,
         )
         self._last_frame_at = received
         self.frames += 1

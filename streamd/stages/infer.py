@@ -69,7 +69,7 @@ class SubmitStage:
         frames = batch.frames
         submitted = self.detector.submit(
             [frame.image for frame in frames], [frame.scale for frame in frames], [(frame.height, frame.width) for frame in frames],
-            pixel_formats=[frame.pixel_format for frame in frames], conf_threshold=self.conf_threshold,
+            layouts=[frame.layout for frame in frames], conf_threshold=self.conf_threshold,
             iou_threshold=self.iou_threshold,
         )  # fmt: skip
         yield InFlight(batch, submitted, began)

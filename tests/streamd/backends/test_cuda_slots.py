@@ -13,6 +13,7 @@ from streamd.backends import cuda_slots
 from streamd.backends.cuda_slots import CudaRuntime, CudaSlots, check_frames
 from streamd.errors import BackendError
 from streamd.model.bundle import Preprocess
+from streamd.types import BGR24, PixelLayout
 
 from tests.streamd.backends import fake_gpu
 from tests.streamd.backends.fake_gpu import CALLS, GUARDS, RecordingRuntime, current_stream, note
@@ -79,9 +80,9 @@ def test_a_model_that_writes_the_slot_output_itself_is_not_copied(slots):
 
 
 def test_frames_are_letterboxed_on_the_upload_stream_and_only_boxes_come_back(slots, monkeypatch):
-    monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
+    monkeypatch.setattr(cuda_slots, "letterbox_layouts", fake_gpu.recorded(cuda_slots.letterbox_layouts, "letterbox"))
     images = [np.full((8, 8, 3), 100, np.uint8), np.full((4, 6, 3), 50, np.uint8), np.full((12, 8), 128, np.uint8)]
-    pending = slots.submit_frames(images, ["bgr24", "bgr24", "yuv420p"], [0.5, 1.0, 1.0], [(16, 16), (4, 6), (8, 8)], 0.3,
+    pending = slots.submit_frames(images, [BGR24, BGR24, PixelLayout("yuv420p")], [0.5, 1.0, 1.0], [(16, 16), (4, 6), (8, 8)], 0.3,
                                   0.45, (4, 4), Preprocess(), one_box_per_frame)  # fmt: skip
     assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0)] + compute(0, "output")
     first, second, third = pending.wait()
@@ -143,12 +144,12 @@ def test_a_cuda_error_is_a_backend_error_naming_the_device_and_batch(slots):
         (4, 4, None),
         (0, 0, "batch of 0 frames, this backend takes 1..4"),
         (5, 5, "batch of 5 frames, this backend takes 1..4"),
-        (2, 1, r"2 frames, but pixel formats, prescales and source sizes of \[1, 2, 2\]"),
+        (2, 1, r"2 frames, but layouts, prescales and source sizes of \[1, 2, 2\]"),
     ],
 )
 def test_check_frames(count, formats, error):
     images = [np.zeros((2, 2, 3), np.uint8)] * count
-    other = [["bgr24"] * formats, [1.0] * count, [(2, 2)] * count]
+    other = [[BGR24] * formats, [1.0] * count, [(2, 2)] * count]
     if error is None:
         check_frames("backend test", 4, images, *other)
     else:

@@ -17,6 +17,7 @@ from streamd.config import TensorRTConfig
 from streamd.errors import BackendError
 from streamd.model.postprocess import postprocess
 from streamd.model.preprocess import letterbox_batch
+from streamd.types import BGR24
 
 from tests.streamd.backends import fake_gpu
 from tests.streamd.backends.fake_gpu import CALLS, GUARDS, FakeTRT
@@ -59,11 +60,11 @@ def test_batches_upload_then_execute_and_a_reused_slot_waits_for_its_batch(backe
 def test_frames_give_onnxruntimes_detections_in_source_pixels(backend_of, tiny_bundle, monkeypatch):
     backend = backend_of()
     assert isinstance(backend, FrameBackend)
-    monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
+    monkeypatch.setattr(cuda_slots, "letterbox_layouts", fake_gpu.recorded(cuda_slots.letterbox_layouts, "letterbox"))
     # uniform frames letterbox exactly alike on the device and with OpenCV; the second is its source at half size
     images = [np.full((48, 64, 3), 255, np.uint8), np.full((64, 32, 3), 200, np.uint8)]
     source_hw = [(48, 64), (128, 64)]
-    detections = backend.submit_frames(images, ["bgr24"] * 2, [1.0, 0.5], source_hw, CONF, IOU).wait()
+    detections = backend.submit_frames(images, [BGR24] * 2, [1.0, 0.5], source_hw, CONF, IOU).wait()
     assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0)] + engine(0) + [
         ("host", "wait done", 0)]  # fmt: skip
     tensor, scales = letterbox_batch(images, tiny_bundle.meta.input_hw, tiny_bundle.meta.preprocess)
@@ -83,7 +84,7 @@ def test_submit_and_wait_from_another_thread_run_under_the_backends_device(backe
 
     def inference() -> None:  # the daemon submits from its inference thread, not the one that built the backend
         frames = [np.zeros((64, 64, 3), np.uint8)]
-        results["detections"] = backend.submit_frames(frames, ["bgr24"], [1.0], [(64, 64)], CONF, IOU).wait()
+        results["detections"] = backend.submit_frames(frames, [BGR24], [1.0], [(64, 64)], CONF, IOU).wait()
         results["output"] = backend.submit(np.zeros((2, 3, 64, 64), np.float32)).wait()
 
     thread = threading.Thread(target=inference, name="inference")
@@ -148,7 +149,7 @@ def test_tensorrt_frames_on_a_gpu_give_onnxruntimes_detections(tiny_bundle, tmp_
     images = [np.full((48, 64, 3), 255, np.uint8), np.full((64, 32, 3), 200, np.uint8)]
     source_hw = [(48, 64), (128, 64)]
     try:
-        handles = [backend.submit_frames(images, ["bgr24"] * 2, [1.0, 0.5], source_hw, CONF, IOU) for _ in range(3)]
+        handles = [backend.submit_frames(images, [BGR24] * 2, [1.0, 0.5], source_hw, CONF, IOU) for _ in range(3)]
         tensor, scales = letterbox_batch(images, tiny_bundle.meta.input_hw, tiny_bundle.meta.preprocess)
         output = OnnxRuntimeBackend(tiny_bundle, max_batch=4).submit(tensor).wait()
         expected = postprocess(output, scales * np.array([1.0, 0.5], np.float32), source_hw, CONF, IOU)

@@ -27,6 +27,7 @@ from streamd.model import load_bundle
 from streamd.model.detector import Detector
 from streamd.model.postprocess import postprocess
 from streamd.model.preprocess import letterbox_batch
+from streamd.types import BGR24
 
 from tests.streamd.backends import fake_gpu
 from tests.streamd.backends.fake_gpu import CALLS, current_stream, note
@@ -195,7 +196,7 @@ def frames_in(backend, images, prescales=None, source_hw=None):
     found = []
     for start in range(0, len(images), backend.max_batch):
         chunk = slice(start, start + backend.max_batch)
-        pending = backend.submit_frames(images[chunk], ["bgr24"] * len(images[chunk]), prescales[chunk], source_hw[chunk], CONF, IOU)
+        pending = backend.submit_frames(images[chunk], [BGR24] * len(images[chunk]), prescales[chunk], source_hw[chunk], CONF, IOU)
         found.extend(pending.wait())
     return found
 
@@ -220,7 +221,7 @@ def test_submit_frames_divides_boxes_by_letterbox_scale_and_prescale(shipped, cp
     """Frames the decoder already scaled by 0.5 for a source of twice their size: boxes come back in source pixels."""
     frames = bccd_images[2:6]  # one 1280x960 among 640x480
     source_hw = [(image.shape[0] * 2, image.shape[1] * 2) for image in frames]
-    detections = cpu_backend.submit_frames(frames, ["bgr24"] * 4, [0.5] * 4, source_hw, CONF, IOU).wait()
+    detections = cpu_backend.submit_frames(frames, [BGR24] * 4, [0.5] * 4, source_hw, CONF, IOU).wait()
     tensor, scales = letterbox_batch(frames, shipped.meta.input_hw, shipped.meta.preprocess)
     expected = postprocess(cpu_backend.submit(tensor).wait(), scales * 0.5, source_hw, CONF, IOU)
     assert sum(len(d) for d in expected) > 20
@@ -236,7 +237,7 @@ def test_cpu_backend_refuses_batches_over_max_batch(cpu_backend, call):
         if call == "submit":
             cpu_backend.submit(np.zeros((5, 3, 416, 416), np.float32))
         else:
-            cpu_backend.submit_frames([np.zeros((8, 8, 3), np.uint8)] * 5, ["bgr24"] * 5, [1.0] * 5, [(8, 8)] * 5, CONF, IOU)
+            cpu_backend.submit_frames([np.zeros((8, 8, 3), np.uint8)] * 5, [BGR24] * 5, [1.0] * 5, [(8, 8)] * 5, CONF, IOU)
 
 
 # --- the CUDA code path on the recording runtime (fake_gpu.py): slots, streams and graphs on the CPU ----------
@@ -288,7 +289,7 @@ def test_cuda_path_frames_order_and_detections_equal_the_cpus(
     frames = bccd_images[:3]  # 3 frames: bucket 4, padded
     expected = frames_in(cpu_backend, frames)
     backend = recorded_cuda_backend(cuda_graphs)
-    monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
+    monkeypatch.setattr(cuda_slots, "letterbox_layouts", fake_gpu.recorded(cuda_slots.letterbox_layouts, "letterbox"))
     detections = frames_in(backend, frames)
     assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0),
                      *on_compute(0, *model), ("compute", "record done", 0), ("host", "wait done", 0)]  # fmt: skip
@@ -357,7 +358,7 @@ def test_cuda_submit_frames_equals_the_cpu_backends(shipped, cpu_backend, bccd_i
     prescales = [1.0, 0.5, 1.0, 0.25, 1.0, 1.0, 0.5, 1.0]
     source_hw = [(round(image.shape[0] / p), round(image.shape[1] / p)) for image, p in zip(bccd_images, prescales)]
     try:
-        pending = [backend.submit_frames(bccd_images[i : i + n], ["bgr24"] * n, prescales[i : i + n], source_hw[i : i + n], CONF, IOU)
+        pending = [backend.submit_frames(bccd_images[i : i + n], [BGR24] * n, prescales[i : i + n], source_hw[i : i + n], CONF, IOU)
                    for i, n in chunks]  # fmt: skip
         on_gpu = [found for handle in pending for found in handle.wait()]
         on_cpu = frames_in(cpu_backend, bccd_images[:8], prescales, source_hw)
@@ -380,7 +381,7 @@ def test_cuda_batches_in_flight_stay_correct_and_run_from_another_thread(shipped
     def run() -> None:  # the daemon submits from its inference thread, not the thread that built the backend
         pending = [backend.submit(b) for b in batches]  # three over two slots: the first is collected on reuse
         frames = bccd_images[8:12]
-        frames_pending = backend.submit_frames(frames, ["bgr24"] * 4, [1.0] * 4, [i.shape[:2] for i in frames], CONF, IOU)
+        frames_pending = backend.submit_frames(frames, [BGR24] * 4, [1.0] * 4, [i.shape[:2] for i in frames], CONF, IOU)
         results["outputs"] = [p.wait() for p in pending]
         results["detections"] = frames_pending.wait()
 

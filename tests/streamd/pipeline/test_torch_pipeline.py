@@ -29,23 +29,33 @@ SHIPPED = REPO / "models" / "bccd-nano.bundle"
 CONF, IOU = 0.3, 0.45
 
 
+VIDEOS = {  # how each is encoded: its frames' colour matrix and range differ, and the planes carry them
+    "plain": ["-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", "-bf", "0"],  # untagged: BT.601, limited
+    "bt709": ["-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", "-bf", "0", "-colorspace", "bt709",
+              "-color_primaries", "bt709", "-color_trc", "bt709"],
+    "full": ["-c:v", "mjpeg", "-q:v", "2", "-pix_fmt", "yuvj420p"],  # full range, as an MJPEG camera sends
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def bccd_video(bccd_root, tmp_path_factory) -> Path:
-    """Eight BCCD test images (640x480) as an H.264 file at 5 fps, yuv420p, high quality."""
+def bccd_videos(bccd_root, tmp_path_factory) -> dict[str, Path]:
+    """Eight BCCD test images (640x480) at 5 fps, encoded three ways (VIDEOS)."""
     folder = tmp_path_factory.mktemp("bccd-video")
     names = (bccd_root / "ImageSets" / "Main" / "test.txt").read_text().split()[:8]
     for index, name in enumerate(names):
         (folder / f"{index:03d}.jpg").symlink_to(bccd_root / "JPEGImages" / f"{name}.jpg")
-    video = folder / "bccd.mp4"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-framerate", "5", "-i", str(folder / "%03d.jpg"), "-c:v", "libx264",
-                    "-crf", "12", "-pix_fmt", "yuv420p", "-bf", "0", str(video)], check=True)  # fmt: skip
-    return video
+    videos = {}
+    for kind, codec in VIDEOS.items():
+        videos[kind] = folder / f"bccd-{kind}.{'avi' if kind == 'full' else 'mp4'}"
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-framerate", "5", "-i", str(folder / "%03d.jpg"), *codec,
+                        str(videos[kind])], check=True)  # fmt: skip
+    return videos
 
 
-def config(folder: Path, video: Path, backend: dict, recorded: tuple[str, ...], streams: tuple[str, ...]) -> StreamdConfig:
-    """Streams of the same video, each with a detection log; those in `recorded` recorded too (full-size BGR)."""
+def config(folder: Path, backend: dict, streams: dict[str, Path], recorded: tuple[str, ...] = ()) -> StreamdConfig:
+    """One stream per (id, video), each with a detection log; those in `recorded` recorded too (full-size BGR)."""
     entries = []
-    for stream in streams:
+    for stream, video in streams.items():
         entry = {"id": stream, "source": str(video), "detection_log": {"dir": str(folder / "log")}}
         if stream in recorded:
             entry["record"] = {"dir": str(folder / "rec"), "preset": "ultrafast"}
@@ -84,27 +94,33 @@ def assert_same_detections(expected: Detections, actual: Detections, where: str,
             assert abs(theirs.confidence[same][iou.argmax()] - score) <= 0.02, f"{where}: {side} {box}"
 
 
-def test_compose_hands_a_frame_backend_planes_where_nothing_draws(tmp_path, bccd_video):
+TORCH_CPU = {"type": "torch", "device": "cpu"}
+
+
+def test_compose_hands_a_frame_backend_planes_where_nothing_draws(tmp_path, bccd_videos):
     bundle = load_bundle(SHIPPED)
     detector = Detector.for_bundle(bundle, make_backend(bundle, TorchConfig(type="torch", device="cpu"), max_batch=2))
     assert isinstance(detector.backend, FrameBackend)
-    cfg = config(tmp_path, bccd_video, {"type": "torch", "device": "cpu"}, recorded=("bgr",), streams=("planes", "bgr"))
+    cfg = config(tmp_path, TORCH_CPU, {"planes": bccd_videos["plain"], "bgr": bccd_videos["plain"]}, recorded=("bgr",))
     graph = compose(cfg, detector, Metrics(["planes", "bgr"]), None, Switches(publish=False))
     sources = {node.obj.stream_id: node.obj for node, _ in graph.sources}
     assert sources["planes"].pixel_format == "yuv420p" and sources["planes"].model_hw is None
     assert sources["bgr"].pixel_format == "bgr24" and sources["bgr"].model_hw is None
 
 
-def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path, bccd_video):
-    """ONNX Runtime on full-size BGR frames (a recorded stream: OpenCV's letterbox on the host) against torch on
-    the planes of an unrecorded stream and on the BGR frames of a recorded one (colour and letterbox on the device)."""
-    ort = config(tmp_path / "ort", bccd_video, {"type": "onnxruntime", "threads": 1}, recorded=("ref",), streams=("ref",))
-    on_device = config(tmp_path / "torch", bccd_video, {"type": "torch", "device": "cpu"}, recorded=("bgr",), streams=("planes", "bgr"))
+def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path, bccd_videos):
+    """ONNX Runtime on full-size BGR frames (recorded streams: the decoder's bgr24, OpenCV's letterbox on the host)
+    against torch on the planes of unrecorded streams (BT.601 limited, BT.709, full range: converted on the device
+    with the frame's own matrix and range) and on the BGR frames of a recorded one."""
+    ort = config(tmp_path / "ort", {"type": "onnxruntime", "threads": 1}, bccd_videos, recorded=tuple(VIDEOS))
+    streams = {**bccd_videos, "bgr": bccd_videos["plain"]}
+    on_device = config(tmp_path / "torch", TORCH_CPU, streams, recorded=("bgr",))
     ort_run, torch_run = run_pipeline(ort), run_pipeline(on_device)
     assert ort_run.ok and torch_run.ok, (ort_run.error, torch_run.error)
     expected, actual = logged(tmp_path / "ort"), logged(tmp_path / "torch")
-    assert len(expected) == 8 and len(actual) == 16
-    assert sum(len(d) for d in expected.values()) > 40  # BCCD: many cells per image
+    assert len(expected) == 8 * len(VIDEOS) and len(actual) == 8 * len(streams)
+    assert sum(len(d) for d in expected.values()) > 40 * len(VIDEOS)  # BCCD: many cells per image
     for (stream, seq), found in sorted(actual.items()):
-        assert_same_detections(expected[("ref", seq)], found, f"{stream} frame {seq}")
+        reference = "plain" if stream == "bgr" else stream
+        assert_same_detections(expected[(reference, seq)], found, f"{stream} frame {seq}")
     assert len(list((tmp_path / "torch" / "rec").glob("bgr_*.mp4"))) == 1

@@ -20,7 +20,7 @@ from streamd.config import SourceKind, StreamConfig
 from streamd.ops.metrics import Metrics
 from streamd.stages import decoder
 from streamd.stages.decode import AVSource, FreezeDetector, open_source
-from streamd.types import Frame
+from streamd.types import BGR24, Frame, PixelLayout
 from tests.streamd import media
 
 FPS = 25
@@ -31,14 +31,18 @@ DECODE_LOG = "streamd.stages.decode"
 
 
 def pyav_video(
-    path: Path, *, size: tuple[int, int], frames: int, pix_fmt: str = "yuv420p", codec: str = "libx264"
-) -> Path:
-    """A video of colour ramps and a moving box, made with PyAV alone. size: (width, height)."""
+    path: Path, *, size: tuple[int, int], frames: int, pix_fmt: str = "yuv420p", codec: str = "libx264",
+    colorspace: int | None = None,
+) -> Path:  # fmt: skip
+    """A video of colour ramps and a moving box, made with PyAV alone. size: (width, height). colorspace: the
+    matrix its frames are tagged with (FFmpeg's AVColorSpace: 1 BT.709, 9 BT.2020), and converted with."""
     width, height = size
     rows, cols = np.mgrid[0:height, 0:width]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if colorspace is not None:
+            stream.codec_context.colorspace = stream.codec_context.color_primaries = colorspace
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "bf": "0", "g": "10"}
         for n in range(frames):
@@ -46,7 +50,10 @@ def pyav_video(
             image = np.stack(ramps, axis=-1).astype(np.uint8)
             x = n * 4 % max(1, width - 16)
             image[height // 3 : height // 3 + 16, x : x + 16] = (40, 200, 240)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")))
+            av_frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            if colorspace is not None:
+                av_frame.colorspace = colorspace
+            container.mux(stream.encode(av_frame))
         container.mux(stream.encode())
     return path
 
@@ -59,6 +66,8 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "h264": media.make_video(folder / "h264.mp4", size=SIZE, fps=FPS, frames=FRAMES, gop=10),
         "mjpeg": media.make_video(folder / "mjpeg.avi", size=SIZE, fps=FPS, frames=FRAMES, codec="mjpeg"),
         "yuv422p": pyav_video(folder / "422.mp4", size=SIZE, frames=FRAMES, pix_fmt="yuv422p"),
+        "bt709": pyav_video(folder / "709.mp4", size=SIZE, frames=FRAMES, colorspace=1),
+        "bt2020": pyav_video(folder / "2020.mp4", size=SIZE, frames=FRAMES, colorspace=9),
         "odd": pyav_video(folder / "odd.avi", size=(161, 121), frames=FRAMES, codec="mpeg4"),
     }
 
@@ -145,27 +154,60 @@ def test_decoder_threads_reach_the_codec(clips, caplog, threads):
 
 # --- yuv420p planes ------------------------------------------------------------------------------------
 
-# cv2's I420 -> BGR against swscale's bgr24, both BT.601 limited range: they round (and clip out-of-gamut colours)
-# differently. Measured on these clips from 4:2:0: mean <= 1.13, 99th percentile <= 3 levels, a few pixels up to
-# 10 off. From 4:2:2 the planes lose half the chroma rows, so colour edges differ more: mean 1.41, 99th
-# percentile 4, 1.7% of the values more than 3 levels off. A range error (full-range planes read as limited)
-# makes the mean 4, swapped chroma planes far more.
-PLANES_TOLERANCE = {"h264": (1.5, 3, 0.001), "mjpeg": (1.5, 3, 0.001), "yuv422p": (2.0, 6, 0.03)}  # mean, p99, >3 share
+# What the device makes of the planes (streamd.backends.device_ops.yuv420p_to_bgr, swscale's arithmetic for the
+# frame's matrix and range) against the decoder's own bgr24: bit for bit from a 4:2:0 source, whatever its tags.
+# From 4:2:2 the planes lose half the chroma rows (swscale reformats them to 4:2:0), so colour edges differ:
+# limits measured here, mean 1.2 and 99th percentile 4 levels.
+PLANES_LAYOUTS = {
+    "h264": ("bt601", False, None), "mjpeg": ("bt601", True, None), "bt709": ("bt709", False, None),
+    "bt2020": ("bt2020", False, None), "yuv422p": ("bt601", False, (2.0, 6, 0.03)),  # mean, p99, >3 share
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("clip", list(PLANES_TOLERANCE))
-def test_yuv420p_planes_are_the_bgr_frames(clips, clip):
+@pytest.mark.parametrize("clip", list(PLANES_LAYOUTS))
+def test_yuv420p_planes_carry_their_layout_and_convert_to_the_bgr_frames(clips, clip):
+    torch = pytest.importorskip("torch")
+    from streamd.backends.device_ops import yuv420p_to_bgr
+
     planes = decode(clips[clip], pixel_format="yuv420p", hwaccel="none")
     bgr = decode(clips[clip], hwaccel="none")
     assert len(planes) == len(bgr) == FRAMES
-    mean_max, p99_max, share_max = PLANES_TOLERANCE[clip]
+    colorspace, full_range, tolerance = PLANES_LAYOUTS[clip]
     for frame, reference in zip(planes, bgr):
-        assert frame.pixel_format == "yuv420p" and frame.image.shape == (180, 160) and frame.image.dtype == np.uint8
+        assert frame.layout == PixelLayout("yuv420p", colorspace, full_range)
+        assert frame.image.shape == (180, 160) and frame.image.dtype == np.uint8
         assert frame.image_hw == (120, 160) and (frame.height, frame.width) == (120, 160) and frame.source_hw is None
         assert not frame.image.flags.writeable
-        difference = np.abs(cv2.cvtColor(frame.image, cv2.COLOR_YUV2BGR_I420).astype(int) - reference.image)
-        assert difference.mean() <= mean_max and np.percentile(difference, 99) <= p99_max
-        assert (difference > 3).mean() <= share_max
+        converted = yuv420p_to_bgr(torch.from_numpy(frame.image.copy())[None], colorspace, full_range)[0].numpy()
+        if tolerance is None:
+            np.testing.assert_array_equal(converted, reference.image)
+        else:
+            difference = np.abs(converted.astype(int) - reference.image)
+            mean_max, p99_max, share_max = tolerance
+            assert difference.mean() <= mean_max and np.percentile(difference, 99) <= p99_max
+            assert (difference > 3).mean() <= share_max
+
+
+def test_a_frame_of_a_matrix_the_device_does_not_convert_goes_out_as_bgr24(clips):
+    with av.open(str(clips["h264"])) as container:
+        av_frame = next(container.decode(video=0))
+    for own_matrix in (4, 7):  # FCC, SMPTE 240M: swscale converts them, the device does not
+        av_frame.colorspace = own_matrix
+        image, layout, _, _ = decoder.frame_pixels(av_frame, "yuv420p", None)
+        assert layout == BGR24 and image.shape == (120, 160, 3)
+
+
+@pytest.mark.parametrize("tag, layout", [(8, "bt601"), (10, "bt2020"), (11, "bt601"), (14, "bt601")])
+def test_a_matrix_swscale_refuses_is_converted_as_the_nearest_it_has(clips, tag, layout):
+    """YCgCo (8) and BT.2020 CL (10) up to ICtCp (14): swscale's bgr24 raises "Operation not supported", which
+    would fail every frame of such a stream; it is converted as BT.2020 NCL (10) or BT.601, both ways alike."""
+    with av.open(str(clips["h264"])) as container:
+        av_frames = [frame for _, frame in zip(range(2), container.decode(video=0))]
+    av_frames[0].colorspace = av_frames[1].colorspace = tag
+    bgr, bgr_layout, _, _ = decoder.frame_pixels(av_frames[0], "bgr24", None)
+    planes, planes_layout, _, _ = decoder.frame_pixels(av_frames[1], "yuv420p", None)
+    assert bgr_layout == BGR24 and bgr.shape == (120, 160, 3)
+    assert planes_layout == PixelLayout("yuv420p", layout) and planes.shape == (180, 160)
 
 
 @pytest.mark.parametrize("pixel_format", ["bgr24", "yuv420p"])

@@ -22,7 +22,7 @@ from streamd.model.detections import Detections
 from streamd.model.detector import Detector, yolox_anchors
 from streamd.ops.metrics import Metrics
 from streamd.stages.infer import ResultsStage, SubmitStage
-from streamd.types import Batch, Frame
+from streamd.types import BGR24, Batch, Frame, PixelLayout
 
 # The tiny model's fixed anchor 1 (conftest): cx 44, cy 40, w 20, h 24 in the 64x64 input, class 1, score 0.9 x 0.8.
 ANCHOR1_INPUT_XYXY = np.array([34, 28, 54, 52], np.float32)
@@ -191,6 +191,9 @@ def test_an_empty_batch_is_refused():
         Batch((), time.time())
 
 
+PLANES_709 = PixelLayout("yuv420p", "bt709")
+
+
 class DeviceBackend(CountingBackend):
     """A FrameBackend double: records what submit_frames was given; its 'device' finds one box per frame."""
 
@@ -200,8 +203,8 @@ class DeviceBackend(CountingBackend):
         super().__init__(max_batch)
         self.frame_calls: list[dict] = []
 
-    def submit_frames(self, images, pixel_formats, prescales, source_hw, conf_threshold, iou_threshold):
-        self.frame_calls.append(dict(shapes=[image.shape for image in images], formats=list(pixel_formats),
+    def submit_frames(self, images, layouts, prescales, source_hw, conf_threshold, iou_threshold):
+        self.frame_calls.append(dict(shapes=[image.shape for image in images], layouts=list(layouts),
                                      prescales=list(prescales), source_hw=list(source_hw), conf=conf_threshold, iou=iou_threshold))  # fmt: skip
         return Ready([Detections(np.array([[0, 0, w, h]], np.float32), np.array([0.9], np.float32), np.array([1]))
                       for h, w in source_hw])  # fmt: skip
@@ -211,14 +214,14 @@ def test_a_frame_backend_gets_the_frames_as_decoded_in_chunks_with_the_threshold
     backend = DeviceBackend(max_batch=2)
     assert isinstance(backend, FrameBackend) and not isinstance(CountingBackend(2), FrameBackend)
     infer = Infer(Detector.for_bundle(tiny_bundle, backend), conf_threshold=0.6, iou_threshold=0.5)
-    planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), pixel_format="yuv420p")  # 160x120
+    planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), layout=PLANES_709)  # 160x120
     scaled = Frame("a", 0, 0.0, np.zeros((32, 64, 3), np.uint8), time.time(), source_hw=(64, 128), scale=0.5)
     bgr = frame("b", 0, (100, 50), 0)
     results = infer.process(Batch((planes, scaled, bgr), time.time()))
     assert backend.calls == [] and backend.frame_calls == [
-        dict(shapes=[(180, 160), (32, 64, 3)], formats=["yuv420p", "bgr24"], prescales=[1.0, 0.5],
+        dict(shapes=[(180, 160), (32, 64, 3)], layouts=[PLANES_709, BGR24], prescales=[1.0, 0.5],
              source_hw=[(120, 160), (64, 128)], conf=0.6, iou=0.5),
-        dict(shapes=[(50, 100, 3)], formats=["bgr24"], prescales=[1.0], source_hw=[(50, 100)], conf=0.6, iou=0.5),
+        dict(shapes=[(50, 100, 3)], layouts=[BGR24], prescales=[1.0], source_hw=[(50, 100)], conf=0.6, iou=0.5),
     ]  # fmt: skip
     assert [r.detections.xyxy.tolist() for r in results] == [[[0, 0, 160, 120]], [[0, 0, 128, 64]], [[0, 0, 100, 50]]]
 
@@ -232,7 +235,7 @@ def test_setup_warms_a_frame_backend_up_on_frames_too(tiny_bundle):
 
 def test_planes_for_a_host_backend_are_refused(tiny_bundle):
     infer = Infer(Detector.for_bundle(tiny_bundle, CountingBackend(max_batch=2)))
-    planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), pixel_format="yuv420p")
+    planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), layout=PixelLayout("yuv420p"))
     with pytest.raises(ValueError, match=r"backend counting: takes BGR images only, got \['yuv420p'\]"):
         infer.process(Batch((planes,), time.time()))
 
@@ -240,4 +243,4 @@ def test_planes_for_a_host_backend_are_refused(tiny_bundle):
 @pytest.mark.parametrize("shape", [(181, 160), (180, 161), (120, 160, 3)])
 def test_a_frame_with_planes_of_the_wrong_shape_is_refused(shape):
     with pytest.raises(ValueError, match=r"stream 's' frame 0: expected uint8 \[H \* 3 / 2, W\] yuv420p planes"):
-        Frame("s", 0, 0.0, np.zeros(shape, np.uint8), time.time(), pixel_format="yuv420p")
+        Frame("s", 0, 0.0, np.zeros(shape, np.uint8), time.time(), layout=PixelLayout("yuv420p"))
