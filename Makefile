@@ -69,10 +69,11 @@ gpu-check: venv
 	$(PY) benchmarks/gpu_check.py
 
 # A GPU machine without network (PyTorch already there): `make gpu-wheels` here, carry .whl/, then
-# `make gpu-check-offline` there (installs the wheels into /tmp/site, no index, no dependencies).
+# `make gpu-check-offline` there (installs the wheels into /tmp/site, no index, no dependencies; the BCCD test
+# images from .gpu-data/BCCD).
 gpu-wheels: venv
 	benchmarks/gpu_wheels.sh
 
 gpu-check-offline:
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-	PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py
+	STREAMD_BCCD_ROOT=$(CURDIR)/.gpu-data/BCCD PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The wheels a GPU machine without network needs for `make gpu-check-offline`, into .whl/ (git-ignored):
-# what streamd and the trainer import that the NVIDIA image (Python 3.12, PyTorch, onnxruntime, OpenCV, numpy,
-# PyYAML, typer, rich, prometheus-client, safetensors, tqdm) lacks. Run here, where PyPI is reachable; carry .whl.
+# What a GPU machine without network needs for `make gpu-check-offline`, both git-ignored:
+# - .whl/: the wheels of what streamd and the trainer import that the NVIDIA image (Python 3.12, PyTorch,
+#   onnxruntime, OpenCV, numpy, PyYAML, typer, rich, prometheus-client, safetensors, tqdm) lacks;
+# - .gpu-data/BCCD: the BCCD test split's images and lists, for the gpu-marked parity tests (../shared, where
+#   the dataset lives, does not travel with the checkout).
+# Run here, where PyPI is reachable; carry .whl and .gpu-data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -23,3 +26,12 @@ mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   $(printf -- '--platform %s ' "${PLATFORMS[@]}") -d .whl "${resolved[@]}"
 du -sh .whl
+BCCD=${BCCD:-../shared/datasets/BCCD}
+if [[ -f $BCCD/ImageSets/Main/test.txt ]]; then
+  mkdir -p .gpu-data/BCCD/ImageSets/Main .gpu-data/BCCD/JPEGImages
+  cp "$BCCD"/ImageSets/Main/{train,val,test}.txt .gpu-data/BCCD/ImageSets/Main/
+  while read -r name; do cp "$BCCD/JPEGImages/$name.jpg" .gpu-data/BCCD/JPEGImages/; done < "$BCCD/ImageSets/Main/test.txt"
+  du -sh .gpu-data
+else
+  echo "no BCCD at $BCCD: the gpu-marked parity tests will skip there" >&2
+fi

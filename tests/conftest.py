@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from synthetic import SyntheticDataset, make_coco, make_voc
 
-BCCD_ROOT = Path(__file__).parents[1] / ".." / "shared" / "datasets" / "BCCD"
+# The real data beside the checkout; STREAMD_BCCD_ROOT names another copy (a GPU machine gets the test split's
+# images in .gpu-data/BCCD from benchmarks/gpu_wheels.sh, since ../shared does not travel there).
+BCCD_ROOT = Path(os.environ.get("STREAMD_BCCD_ROOT") or Path(__file__).parents[1] / ".." / "shared" / "datasets" / "BCCD")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ on the host path from the same video."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,26 +28,38 @@ SHIPPED = REPO / "models" / "bccd-nano.bundle"
 CONF, IOU = 0.3, 0.45
 
 
-VIDEOS = {  # how each is encoded: its frames' colour matrix and range differ, and the planes carry them
-    "plain": ["-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", "-bf", "0"],  # untagged: BT.601, limited
-    "bt709": ["-c:v", "libx264", "-crf", "12", "-pix_fmt", "yuv420p", "-bf", "0", "-colorspace", "bt709",
-              "-color_primaries", "bt709", "-color_trc", "bt709"],
-    "full": ["-c:v", "mjpeg", "-q:v", "2", "-pix_fmt", "yuvj420p"],  # full range, as an MJPEG camera sends
-}  # fmt: skip
+VIDEOS = {  # (file, codec, pix_fmt, colorspace tag): frames of different colour matrix and range, which the planes carry
+    "plain": ("bccd-plain.mp4", "libx264", "yuv420p", None),  # untagged: BT.601, limited range
+    "bt709": ("bccd-bt709.mp4", "libx264", "yuv420p", 1),
+    "full": ("bccd-full.avi", "mjpeg", "yuvj420p", None),  # full range, as an MJPEG camera sends
+}
 
 
 @pytest.fixture(scope="module")
 def bccd_videos(bccd_root, tmp_path_factory) -> dict[str, Path]:
-    """Eight BCCD test images (640x480) at 5 fps, encoded three ways (VIDEOS)."""
+    """Eight BCCD test images (640x480) at 5 fps, encoded three ways (VIDEOS) with PyAV (the GPU machine has no
+    ffmpeg binary)."""
+    import av
+    import cv2
+
     folder = tmp_path_factory.mktemp("bccd-video")
     names = (bccd_root / "ImageSets" / "Main" / "test.txt").read_text().split()[:8]
-    for index, name in enumerate(names):
-        (folder / f"{index:03d}.jpg").symlink_to(bccd_root / "JPEGImages" / f"{name}.jpg")
+    images = [cv2.imread(str(bccd_root / "JPEGImages" / f"{name}.jpg"), cv2.IMREAD_COLOR) for name in names]
     videos = {}
-    for kind, codec in VIDEOS.items():
-        videos[kind] = folder / f"bccd-{kind}.{'avi' if kind == 'full' else 'mp4'}"
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-framerate", "5", "-i", str(folder / "%03d.jpg"), *codec,
-                        str(videos[kind])], check=True)  # fmt: skip
+    for kind, (name, codec, pix_fmt, colorspace) in VIDEOS.items():
+        videos[kind] = folder / name
+        with av.open(str(videos[kind]), "w") as container:
+            stream = container.add_stream(codec, rate=5)
+            stream.width, stream.height, stream.pix_fmt = 640, 480, pix_fmt
+            stream.options = {"crf": "12", "bf": "0", "preset": "veryfast"} if codec == "libx264" else {"qmin": "2", "qmax": "2"}
+            if colorspace is not None:
+                stream.codec_context.colorspace = stream.codec_context.color_primaries = colorspace
+            for image in images:
+                frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+                if colorspace is not None:
+                    frame.colorspace = colorspace
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
     return videos
 
 
@@ -108,13 +119,25 @@ def test_compose_hands_a_frame_backend_planes_where_nothing_draws(tmp_path, bccd
     assert sources["bgr"].pixel_format == "bgr24" and sources["bgr"].model_hw is None
 
 
-def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path, bccd_videos):
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("backend", [
+    TORCH_CPU,
+    pytest.param({"type": "torch", "device": "cuda:0", "precision": "fp16"}, id="cuda-fp16",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")]),
+])  # fmt: skip
+def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path, bccd_videos, backend):
     """ONNX Runtime on full-size BGR frames (recorded streams: the decoder's bgr24, OpenCV's letterbox on the host)
     against torch on the planes of unrecorded streams (BT.601 limited, BT.709, full range: converted on the device
-    with the frame's own matrix and range) and on the BGR frames of a recorded one."""
+    with the frame's own matrix and range) and on the BGR frames of a recorded one; on a GPU machine also in fp16
+    on CUDA, with NVDEC (hwaccel auto), at the GPU issue's bar (IoU >= 0.98, scores within 0.02)."""
     ort = config(tmp_path / "ort", {"type": "onnxruntime", "threads": 1}, bccd_videos, recorded=tuple(VIDEOS))
     streams = {**bccd_videos, "bgr": bccd_videos["plain"]}
-    on_device = config(tmp_path / "torch", TORCH_CPU, streams, recorded=("bgr",))
+    on_device = config(tmp_path / "torch", backend, streams, recorded=("bgr",))
     ort_run, torch_run = run_pipeline(ort), run_pipeline(on_device)
     assert ort_run.ok and torch_run.ok, (ort_run.error, torch_run.error)
     expected, actual = logged(tmp_path / "ort"), logged(tmp_path / "torch")
