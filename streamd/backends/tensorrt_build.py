@@ -60,10 +60,16 @@ class Int8Calibrator(Protocol):
     def get_batch_size(self) -> int: ...
 
 
+# How serialize_engine builds, in the key: a change that makes another engine of the same inputs (2: fp32 with TF32
+# cleared, int8 calibrated through its own profile) must not find the engines cached before it.
+BUILD_RECIPE = 2
+
+
 def engine_key(onnx_sha256: str, gpu_name: str, trt_version: str, precision: str, max_batch: int) -> str:
-    """The cache file stem of an engine: readable parts plus a hash of the whole key."""
+    """The cache file stem of an engine: readable parts plus a hash of the whole key (the build recipe included)."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() or "gpu"
-    digest = hashlib.sha256(f"{onnx_sha256}|{gpu_name}|{trt_version}|{precision}|{max_batch}".encode()).hexdigest()
+    key = f"{onnx_sha256}|{gpu_name}|{trt_version}|{precision}|{max_batch}|recipe{BUILD_RECIPE}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
     return f"{onnx_sha256[:12]}-{gpu}-trt{trt_version}-{precision}-b{max_batch}-{digest[:8]}"
 
 
@@ -124,7 +130,14 @@ def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, worksp
     BackendError naming the ONNX file when it does not parse or build, when
     its Q/DQ nodes are not symmetric int8, and when the calibration failed.
     """
-    has_qdq = precision == "int8" and check_qdq(bundle.onnx_path)  # before TensorRT parses: its error would not say why
+    # Before TensorRT parses: its error would not say why. A Q/DQ model builds only as int8 (TensorRT 10 wants the
+    # INT8 flag for it); for fp16/fp32 the check runs where the onnx package is there to run it.
+    has_qdq = check_qdq(bundle.onnx_path, required=precision == "int8")
+    if has_qdq and precision != "int8":
+        raise BackendError(
+            f"{bundle.onnx_path}: the model carries int8 Q/DQ nodes, which TensorRT builds as int8 only: set "
+            f"backend.precision: int8 (or trainer build-engine --precision int8), not {precision}"
+        )
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
@@ -164,7 +177,8 @@ def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, worksp
         shape = (calibrator.get_batch_size(), 3, height, width)
         calibration_profile = builder.create_optimization_profile()
         calibration_profile.set_shape(input_name, shape, shape, shape)
-        config.set_calibration_profile(calibration_profile)
+        if not config.set_calibration_profile(calibration_profile):  # else TensorRT calibrates at max_batch's opt
+            raise BackendError(f"{bundle.onnx_path}: TensorRT refused the calibration profile of batch {shape[0]}")
     log.info("TensorRT build of %s: %s (%s), batch 1..%d", bundle.onnx_path, precision, PRECISION_NOTES[precision], max_batch)
     serialized = builder.build_serialized_network(network, config)
     if calibrator is not None and calibrator.error is not None:
@@ -174,18 +188,20 @@ def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, worksp
     return bytes(serialized)
 
 
-def check_qdq(onnx_path: Path) -> bool:
-    """True when the ONNX model has Q/DQ nodes, all of them symmetric int8 as TensorRT requires.
+def check_qdq(onnx_path: Path, required: bool = True) -> bool:
+    """True when the ONNX model has Q/DQ nodes, all of them symmetric int8 as this backend builds them.
 
     TensorRT builds QuantizeLinear/DequantizeLinear with an int8 zero point of
     0 only; ONNX Runtime's default quantization (uint8 activations, zero
     points != 0) is refused here, naming the nodes, before TensorRT parses it.
-    Needs the onnx package (pip install onnx).
+    Needs the onnx package (pip install onnx, in the gpu extra); without it, False when not `required`.
     """
     try:
         import onnx
         from google.protobuf.message import DecodeError
     except ImportError as exc:
+        if not required:
+            return False
         raise BackendError(f"{onnx_path}: checking an int8 model needs the onnx package (pip install onnx)") from exc
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -203,7 +219,7 @@ def check_qdq(onnx_path: Path) -> bool:
     if problems:
         found = "; ".join(f"{problem}: {len(names)} node(s), e.g. {names[0]}" for problem, names in problems.items())
         raise BackendError(
-            f"{onnx_path}: TensorRT builds symmetric int8 Q/DQ only (zero point int8 0), and "
+            f"{onnx_path}: streamd's TensorRT backend builds symmetric int8 Q/DQ only (zero point int8 0), and "
             f"{sum(map(len, problems.values()))} of {len(nodes)} Q/DQ nodes are not: {found}. "
             "Quantize the fp32 bundle with `trainer quantize FP32.bundle --for tensorrt`"
         )
@@ -234,8 +250,13 @@ def _qdq_problem(onnx, node, constants: dict) -> str | None:
 
 
 def write_cache(path: Path, data: bytes, key: dict) -> None:
-    """Write the engine, then the JSON note of its key beside it (KEY.json), each with write_atomic."""
+    """Write the engine, then the JSON note of its key beside it (KEY.json), each with write_atomic.
+
+    The old note goes first: a new engine beside the note of an older one (the note's write failed) would pass
+    for that one (its calibration key); an engine without a note is rebuilt.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
     write_atomic(path, data)
     write_atomic(path.with_suffix(".json"), (json.dumps(key, indent=2) + "\n").encode())
     log.info("cached TensorRT engine %s", path)

@@ -252,7 +252,7 @@ def write_bundle(path: str | Path, onnx_bytes: bytes, meta_fields: dict, weights
     (path / ONNX_FILE).write_bytes(onnx_bytes)
     if weights_bytes is not None:
         (path / WEIGHTS_FILE).write_bytes(weights_bytes)
-    (path / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    (path / META_FILE).write_text(meta_json(meta))
     return Bundle(path=path, meta=meta)
 
 
@@ -269,8 +269,18 @@ def add_weights(path: str | Path, weights_bytes: bytes, yolox: dict) -> Bundle:
     }
     meta = _validate_fields(bundle.path / META_FILE, fields)
     (bundle.path / WEIGHTS_FILE).write_bytes(weights_bytes)
-    (bundle.path / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
+    (bundle.path / META_FILE).write_text(meta_json(meta))
     return load_bundle(bundle.path)
+
+
+def meta_json(meta: BundleMeta) -> str:
+    """bundle.json's text. A bundle that is not quantized has no source_bundle / calibration keys at all (not
+    nulls): a format-2 reader refuses keys it does not know, and these came with format 3."""
+    fields = meta.model_dump(mode="json")
+    for key in ("source_bundle", "calibration"):
+        if fields["provenance"].get(key) is None:
+            fields["provenance"].pop(key, None)
+    return json.dumps(fields, indent=2) + "\n"
 
 
 def format_for(meta_fields: dict) -> int:

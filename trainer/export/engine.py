@@ -87,7 +87,10 @@ def make_int8_calibrator(batches, batch_size: int, cache_path: Path, source: str
             return self.cache_path.read_bytes() if self.cache_path.is_file() else None
 
         def write_calibration_cache(self, cache) -> None:
-            write_atomic(self.cache_path, bytes(cache))
+            # After a failed batch, TensorRT still writes the scales of the batches it got: never keep those, or
+            # the next build with the same images would read them and skip the calibration, silently.
+            if self.error is None:
+                write_atomic(self.cache_path, bytes(cache))
 
     return Calibrator()
 

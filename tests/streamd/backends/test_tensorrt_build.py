@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from streamd.backends.tensorrt_build import build_engine, serialize_engine, write_cache
+from streamd.backends import tensorrt_build
+from streamd.backends.tensorrt_build import build_engine, engine_key, serialize_engine, write_cache
 from streamd.errors import BackendError
 from streamd.model import write_bundle
 from tests.streamd.backends.fake_trt_build import FakeCalibrator, FakeTRTBuild, fake_build_torch, fake_trt11
@@ -140,9 +141,39 @@ def test_qdq_models_build_without_a_calibrator_when_symmetric_int8(fake_build, t
         with pytest.raises(BackendError, match="already carries its int8 scales"):
             serialize_engine(fake_build, bundle, "int8", 4, 64, FakeCalibrator(2, batches=1))
     else:
-        with pytest.raises(BackendError, match=rf"qdq.bundle/model.onnx: TensorRT builds symmetric int8 Q/DQ only.*{problem}.*--for tensorrt"):
+        with pytest.raises(BackendError, match=rf"qdq.bundle/model.onnx: streamd's TensorRT backend builds symmetric int8 Q/DQ only.*{problem}.*--for tensorrt"):
             serialize_engine(fake_build, bundle, "int8", 4, 64)
         assert fake_build.builds == []  # refused before TensorRT parsed it
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_a_qdq_model_is_refused_at_another_precision_than_int8(fake_build, tmp_path, precision):
+    """TensorRT 10 builds Q/DQ nodes only with the INT8 flag: at the daemon's default fp16 its build would fail
+    with no reason given, and auto would fall back from TensorRT."""
+    bundle = write_bundle(tmp_path / "qdq.bundle", qdq_onnx_bytes(np.array(0, np.int8)), bundle_meta("qdq"))
+    with pytest.raises(BackendError, match=rf"carries int8 Q/DQ nodes.*backend.precision: int8.*not {precision}"):
+        serialize_engine(fake_build, bundle, precision, 4, 64)
+    assert fake_build.builds == []
+
+
+def test_a_refused_calibration_profile_stops_the_build(fake_build, tiny_bundle, monkeypatch):
+    real = FakeTRTBuild.Builder.create_builder_config
+
+    def refusing(self):
+        config = real(self)
+        config.set_calibration_profile = lambda profile: False
+        return config
+
+    monkeypatch.setattr(FakeTRTBuild.Builder, "create_builder_config", refusing)
+    with pytest.raises(BackendError, match="refused the calibration profile of batch 2"):
+        serialize_engine(fake_build, tiny_bundle, "int8", 16, 64, FakeCalibrator(2, batches=1))
+
+
+def test_the_engine_key_changes_with_the_build_recipe(monkeypatch):
+    """Engines cached before fp32 cleared TF32 (and int8 calibrated through its own profile) must not be found."""
+    before = engine_key("a" * 64, "Fake GPU", "10.0.1", "fp32", 8)
+    monkeypatch.setattr(tensorrt_build, "BUILD_RECIPE", tensorrt_build.BUILD_RECIPE - 1)
+    assert engine_key("a" * 64, "Fake GPU", "10.0.1", "fp32", 8) != before
 
 
 def test_int8_without_qdq_nodes_or_calibrator_is_refused(tiny_bundle, fake_build):
@@ -182,5 +213,6 @@ def test_a_cache_write_that_fails_midway_leaves_no_temp_file(tmp_path, monkeypat
     monkeypatch.setattr(os, fail_at, failing)
     with pytest.raises(OSError, match="No space left"):
         write_cache(path, b"engine" * 1000, {"new": True})
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["key.json"] if failing_call == 1 else ["key.engine", "key.json"])
-    assert json.loads(path.with_suffix(".json").read_text()) == {"old": True}  # the note is whole: old or new
+    # No temp file either way, and never a new engine beside an old engine's note (its calibration key would pass
+    # for this one's): the old note goes first, and an engine without a note is rebuilt.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if failing_call == 1 else ["key.engine"])

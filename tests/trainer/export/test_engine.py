@@ -135,3 +135,25 @@ def test_a_qdq_bundle_builds_int8_without_calibration_data(fake_build, experimen
     plain = write_bundle(tmp_path / "plain.bundle", tiny_onnx_bytes(), bundle_meta("plain"))
     with pytest.raises(ValueError, match=r"plain.bundle: int8 needs calibration images: .*--data .*trainer quantize --for tensorrt"):
         build_engine(plain.path, "int8", 4, None, 8, tmp_path / "engines3")
+
+
+def test_a_calibration_that_failed_midway_leaves_no_cache_to_be_reused(fake_build, bundle, experiment, monkeypatch, tmp_path):
+    """TensorRT writes the scales of the batches it got also after a failed one: kept, the next build with the same
+    images would read them and skip the calibration, silently, on a fraction of the data."""
+    real = calibration_module.letterbox
+
+    def letterbox(image, input_hw, preprocess):
+        letterbox.calls += 1
+        if letterbox.calls == 6:  # the second batch of 4 fails (a transient error: the images are fine)
+            raise ValueError("CUDA out of memory")
+        return real(image, input_hw, preprocess)
+
+    letterbox.calls = 0
+    monkeypatch.setattr(calibration_module, "letterbox", letterbox)
+    with pytest.raises(BackendError, match="int8 calibration stopped at batch 2"):
+        build_engine(bundle.path, "int8", 4, experiment, 8, tmp_path / "engines")
+    assert list(bundle.path.glob("calibration-*.cache")) == []
+    monkeypatch.setattr(calibration_module, "letterbox", real)
+    build_engine(bundle.path, "int8", 4, experiment, 8, tmp_path / "engines")
+    assert len(fake_build.builds[-1]["calibration_batches"]) == 2  # calibrated on every batch this time
+    assert len(list(bundle.path.glob("calibration-*.cache"))) == 1

@@ -44,6 +44,15 @@ def test_a_quantized_bundle_is_format_3_and_an_fp32_one_stays_format_2(tmp_path)
     assert any("calibrated (minmax) on 64 images of BCCD/train from configs/bccd.yaml" in line for line in lines)
 
 
+def test_an_fp32_bundle_has_no_format_3_keys_for_a_format_2_reader_to_refuse(tmp_path):
+    """Format 2's reader refuses keys it does not know, null or not: the new ones are left out, not written null."""
+    bundle = write_bundle(tmp_path / "fp32.bundle", tiny_onnx_bytes(), bundle_meta())
+    provenance = json.loads((bundle.path / "bundle.json").read_text())["provenance"]
+    assert "source_bundle" not in provenance and "calibration" not in provenance
+    int8 = json.loads((write_bundle(tmp_path / "int8.bundle", tiny_onnx_bytes(), quantized_meta()).path / "bundle.json").read_text())
+    assert int8["provenance"]["calibration"]["images"] == 64
+
+
 @pytest.mark.parametrize("format_version", [1, 2])
 def test_format_1_and_2_bundles_still_load(tmp_path, format_version):
     bundle = write_bundle(tmp_path / "old.bundle", tiny_onnx_bytes(), bundle_meta())
