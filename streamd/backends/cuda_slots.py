@@ -138,24 +138,30 @@ def source_scales(letterbox_scales: Sequence[float], prescales: Sequence[float])
 class SlotPending:
     """One batch in a slot. wait() blocks on the slot's done event, then finishes the batch (thread-safe)."""
 
-    __slots__ = ("_slots", "_slot", "_what", "_finish", "_result", "_lock")
+    __slots__ = ("_slots", "_slot", "_what", "_finish", "_result", "_error", "_lock")
 
     def __init__(self, slots: CudaSlots, slot: int, what: str, finish: Callable[[], object]):
         self._slots, self._slot, self._what, self._finish = slots, slot, what, finish
         self._result = None
+        self._error: BackendError | None = None  # a failed batch fails its own wait(), not the next submit's
         self._lock = threading.Lock()  # the results thread and a submit reusing the slot may both wait
 
     def wait(self):
         """The batch's result (a host copy that outlives the slot's reuse); CUDA errors of the batch raise here."""
         with self._lock:
             if self._finish is not None:
-                slots = self._slots
-                with slots.entry(self._what):
-                    slots.runtime.wait(slots.done[self._slot])
-                    self._result = self._finish()
-                self._finish = None
+                slots, finish = self._slots, self._finish
+                self._finish = None  # finished, or failed: either way the slot is free and a second wait() is not a rerun
                 if slots.in_flight[self._slot] is self:
                     slots.in_flight[self._slot] = None
+                try:
+                    with slots.entry(self._what):
+                        slots.runtime.wait(slots.done[self._slot])
+                        self._result = finish()
+                except BackendError as exc:
+                    self._error = exc
+            if self._error is not None:
+                raise self._error
             return self._result
 
 

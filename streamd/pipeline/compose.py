@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import zmq
 
 from streamd.backends.base import FrameBackend
-from streamd.config import StreamConfig, StreamdConfig
+from streamd.config import BackendConfig, StreamConfig, StreamdConfig, TensorRTConfig, TorchConfig
 from streamd.model.detector import Detector
 from streamd.ops.heartbeat import HeartbeatSource
 from streamd.ops.metrics import Metrics
@@ -55,6 +55,7 @@ def compose(
     submit = SubmitStage(detector, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
     results = ResultsStage(detector, metrics)
     on_device = isinstance(detector.backend, FrameBackend)  # colour conversion and resize on the GPU
+    gpu = cuda_device(config.backend)  # NVDEC decodes where inference runs
     graph.add_flow(batch, submit)
     graph.add_flow(submit, results, Queue("in_flight", size=1, policy="block", per_frame=False))
     for stream in config.streams:
@@ -63,11 +64,11 @@ def compose(
         # A stream that is not recorded is never BGR at full size: decoded straight to the model's size,
         # or, for a backend that converts and resizes on its device, handed over as the decoder's planes.
         if recorded:
-            source = open_source(stream, metrics)
+            source = open_source(stream, metrics, cuda_device=gpu)
         elif on_device:
-            source = open_source(stream, metrics, pixel_format="yuv420p")
+            source = open_source(stream, metrics, pixel_format="yuv420p", cuda_device=gpu)
         else:
-            source = open_source(stream, metrics, model_hw=detector.input_hw)
+            source = open_source(stream, metrics, model_hw=detector.input_hw, cuda_device=gpu)
         graph.add_flow(source, batch, Queue("input", stream.queue.size, policy))
         outputs = Queue("output", stream.queue.size, policy)
         if recorded:
@@ -91,6 +92,16 @@ def compose(
         graph.add_heartbeat(HeartbeatSource(metrics, results.model, budgets), published)  # once a second
     graph.check()
     return graph
+
+
+def cuda_device(backend: BackendConfig) -> int:
+    """The index of the GPU a backend config runs on (0 when it names none: auto, onnxruntime, torch on the CPU)."""
+    match backend:
+        case TorchConfig(device=device) if device.startswith("cuda:"):
+            return int(device.removeprefix("cuda:"))
+        case TensorRTConfig(device=device):
+            return device
+    return 0
 
 
 def max_age_ms(stream: StreamConfig) -> float | None:

@@ -69,11 +69,12 @@ _SHORT_PROBE = {"analyzeduration": "300000", "probesize": "65536"}
 
 def open_source(
     stream: StreamConfig, metrics: Metrics, *, model_hw: tuple[int, int] | None = None,
-    pixel_format: PixelFormat = "bgr24", options: dict[str, str] | None = None,
+    pixel_format: PixelFormat = "bgr24", cuda_device: int = 0, options: dict[str, str] | None = None,
 ) -> AVSource:  # fmt: skip
     """The source of a validated stream config (not opened yet: the runner calls open()).
 
     model_hw, pixel_format: see AVSource (compose passes one of them for streams that are not recorded).
+    cuda_device: the GPU NVDEC decodes on (compose passes the backend's, so frames are where inference runs).
     options: extra FFmpeg options, applied last (tests, benchmarks).
     """
     micros = str(int(stream.timeout_s * 1_000_000))
@@ -105,7 +106,7 @@ def open_source(
         stream.id, url, kind=stream.kind, metrics=metrics, format=fmt, options=opts, realtime=stream.realtime,
         loop=stream.loop, timeout_s=stream.timeout_s, backoff=Backoff(stream.reconnect.initial_s, stream.reconnect.max_s),
         frozen_after_s=stream.frozen_after_s if stream.kind.live else None, model_hw=model_hw,
-        pixel_format=pixel_format, hwaccel=stream.hwaccel, decoder_threads=stream.decoder_threads,
+        pixel_format=pixel_format, hwaccel=stream.hwaccel, cuda_device=cuda_device, decoder_threads=stream.decoder_threads,
     )
 
 
@@ -143,7 +144,8 @@ class AVSource:
     to the letterbox's size in one swscale pass, never made at full size (None: full-size BGR frames).
     pixel_format: "yuv420p" hands each frame over as its planes, for a backend that converts colour and
     resizes on its device (odd-sized frames as bgr24); excludes model_hw.
-    hwaccel: auto | cuda | none (streams[].hwaccel). decoder_threads: the codec's thread count (None: FFmpeg's).
+    hwaccel: auto | cuda | none (streams[].hwaccel); cuda_device: the GPU NVDEC decodes on.
+    decoder_threads: the codec's thread count (None: FFmpeg's).
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
     files and "SLICE" for live sources, where frame threading would add a
     frame of latency per thread.
@@ -167,6 +169,7 @@ class AVSource:
         model_hw: tuple[int, int] | None = None,
         pixel_format: PixelFormat = "bgr24",
         hwaccel: str = "none",
+        cuda_device: int = 0,
         decoder_threads: int | None = None,
         thread_type: str | None = None,
     ) -> None:
@@ -191,6 +194,7 @@ class AVSource:
         self.model_hw = model_hw
         self.pixel_format = pixel_format
         self.hwaccel = hwaccel
+        self.cuda_device = cuda_device
         self.decoder_threads = decoder_threads
         # Frame threading holds back one frame per extra thread (up to 16 on a big machine): fine for a
         # file's throughput, not for a live feed that must be out within a frame's time. Live sources
@@ -220,13 +224,14 @@ class AVSource:
         """Connect (or reopen after a failure); raises SourceError within about timeout_s (twice that when NVDEC
         was tried and failed: the source is opened again for the CPU)."""
         self.close()
-        hwaccel, why_not = hwaccel_for(self.hwaccel)
-        container = None
-        if hwaccel is not None:
+        candidates, why_not = hwaccel_for(self.hwaccel, self.cuda_device)
+        container, hwaccel = None, None
+        for candidate in candidates:  # NVDEC on the shared CUDA context, then on one of its own
             try:
-                container = self._open_container(hwaccel)
+                container, hwaccel = self._open_container(candidate), candidate
+                break
             except _NoHardwareDecoder as exc:
-                hwaccel, why_not = None, f"NVDEC did not open: {exc}"
+                why_not = f"NVDEC did not open: {exc}"
         if container is None:
             container = self._open_container(None)
         if not container.streams.video:

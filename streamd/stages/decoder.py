@@ -34,15 +34,22 @@ PIXEL_FORMATS: tuple[PixelFormat, ...] = ("bgr24", "yuv420p")
 _CUDA_PIXEL_FORMAT = "cuda"  # what the codec context's pix_fmt is while NVDEC decodes (frames stay on the device)
 
 
-def hwaccel_for(mode: str) -> tuple[HWAccel | None, str | None]:
-    """The HWAccel to open a stream with (None: the CPU) and, when hardware decoding is wanted but will not be
-    tried, why not. mode: streams[].hwaccel."""
+def hwaccel_for(mode: str, cuda_device: int = 0) -> tuple[tuple[HWAccel, ...], str | None]:
+    """The HWAccels to try, in order, to open a stream with (none: the CPU) and, when hardware decoding is wanted
+    but will not be tried, why not. mode: streams[].hwaccel; cuda_device: the GPU the backend runs on.
+
+    First on the device's primary CUDA context, the one PyTorch uses: every stream's NVDEC then shares one
+    context with inference (contexts time-slice the GPU, and each holds its own memory). FFmpeg refuses the
+    primary context when it is already active with other flags than its own, so the second try creates a
+    context of the stream's own. Codecs without an NVDEC decoder are decoded on the CPU rather than refused.
+    """
     if mode == "none" or (mode == "auto" and not nvidia_gpu_present()):
-        return None, None
+        return (), None
     if "cuda" not in hwdevices_available():
-        return None, f"this FFmpeg (PyAV {av.__version__}) was built without cuda"
-    # Codecs without an NVDEC decoder are decoded on the CPU rather than refused.
-    return HWAccel("cuda", allow_software_fallback=True), None
+        return (), f"this FFmpeg (PyAV {av.__version__}) was built without cuda"
+    device = str(cuda_device)
+    shared = HWAccel("cuda", device=device, allow_software_fallback=True, options={"primary_ctx": "1"})
+    return (shared, HWAccel("cuda", device=device, allow_software_fallback=True)), None
 
 
 def decoder_in_use(codec_context: av.VideoCodecContext, tried: bool, why_not: str | None) -> tuple[str, str | None]:
@@ -91,7 +98,11 @@ def frame_pixels(
         av_frame.colorspace = 9 if int(av_frame.colorspace) == 10 else 2
     colorspace = int(av_frame.colorspace)
     if pixel_format == "yuv420p" and height % 2 == 0 and width % 2 == 0 and colorspace not in _NO_DEVICE_CONVERSION:
-        full_range = av_frame.color_range == ColorRange.JPEG or av_frame.format.name.startswith("yuvj")
+        if av_frame.format.name.startswith("yuvj") and av_frame.color_range != ColorRange.JPEG:
+            # yuvj is full range by definition; untagged, to_ndarray would rescale it to limited range, and the
+            # device would then expand it once more.
+            av_frame.color_range = ColorRange.JPEG
+        full_range = av_frame.color_range == ColorRange.JPEG
         layout = PixelLayout("yuv420p", _COLORSPACES.get(colorspace, "bt601"), full_range)
         return av_frame.to_ndarray(format="yuv420p"), layout, None, 1.0
     if model_hw is not None:

@@ -137,6 +137,28 @@ def test_a_cuda_error_is_a_backend_error_naming_the_device_and_batch(slots):
         slots.submit_batch(batch(2, 1.0), fails)
 
 
+def test_a_batch_that_fails_in_wait_fails_there_once_and_frees_its_slot(slots, monkeypatch):
+    """An error while collecting a batch (an out-of-memory in NMS, say) is that batch's: its wait() raises it (again
+    if asked again), and the next submit on its slot runs instead of re-running the failed one."""
+    failing = slots.submit_frames([np.full((4, 4, 3), 9, np.uint8)], [BGR24], [1.0], [(4, 4)], 0.3, 0.45, (4, 4),
+                                  Preprocess(), one_box_per_frame)  # fmt: skip
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    real = cuda_slots.postprocess_on_device
+    monkeypatch.setattr(cuda_slots, "postprocess_on_device", out_of_memory)
+    for _ in range(2):
+        with pytest.raises(BackendError, match="CUDA out of memory"):
+            failing.wait()
+    assert slots.in_flight == [None, None]
+    monkeypatch.setattr(cuda_slots, "postprocess_on_device", real)
+    slots.submit_batch(batch(1, 1.0), one_box_per_frame)  # slot 1
+    CALLS.clear()
+    third = slots.submit_batch(batch(1, 4.0), one_box_per_frame)  # slot 0: nothing left to collect there
+    assert CALLS == upload(0) + compute(0, "output", "d2h") and third.wait()[0, 0, 6] == 4.0
+
+
 @pytest.mark.parametrize(
     "count, formats, error",
     [

@@ -147,3 +147,15 @@ def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path,
         reference = "plain" if stream == "bgr" else stream
         assert_same_detections(expected[(reference, seq)], found, f"{stream} frame {seq}")
     assert len(list((tmp_path / "torch" / "rec").glob("bgr_*.mp4"))) == 1
+
+
+@pytest.mark.parametrize("backend, index", [
+    ({"type": "torch", "device": "cuda:1"}, 1), ({"type": "torch", "device": "cpu"}, 0), ({"type": "tensorrt", "device": 2}, 2),
+    ({"type": "onnxruntime"}, 0), ({"type": "auto"}, 0),
+])  # fmt: skip
+def test_nvdec_decodes_on_the_backends_gpu(backend, index):
+    from streamd.config import BackendConfig
+    from streamd.pipeline.compose import cuda_device
+    from pydantic import TypeAdapter
+
+    assert cuda_device(TypeAdapter(BackendConfig).validate_python(backend)) == index

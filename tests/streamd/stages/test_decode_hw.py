@@ -14,10 +14,11 @@ import av
 import cv2
 import numpy as np
 import pytest
-from av.codec.hwaccel import hwdevices_available
+from av.codec.hwaccel import HWAccel, hwdevices_available
 
 from streamd.config import SourceKind, StreamConfig
 from streamd.ops.metrics import Metrics
+from streamd.stages import decode as decode_module
 from streamd.stages import decoder
 from streamd.stages.decode import AVSource, FreezeDetector, open_source
 from streamd.types import BGR24, Frame, PixelLayout
@@ -128,6 +129,41 @@ def test_auto_tries_nvdec_when_a_gpu_is_there_and_says_why_not_at_info(clips, ca
     assert level == logging.INFO and "h264 on the CPU" in line and "(hwaccel auto: NVDEC did not open: " in line
 
 
+def test_nvdec_is_tried_on_the_shared_context_then_on_its_own_then_the_cpu(clips, caplog, monkeypatch):
+    """hwaccel_for's candidates are opened in order (the primary CUDA context inference uses, then a context of the
+    stream's own), each failure falling through, and the CPU last; the GPU is the backend's (cuda_device)."""
+    asked, opened = [], []
+    monkeypatch.setattr(decode_module, "hwaccel_for", lambda mode, device: (asked.append((mode, device)) or ("shared", "own"), None))
+    real_open = decode_module.av.open
+
+    def fake_open(url, **kwargs):
+        opened.append(kwargs["hwaccel"])
+        if kwargs["hwaccel"] is not None:
+            raise av.error.OSError(1, f"{kwargs['hwaccel']} context refused")
+        return real_open(url, **{k: v for k, v in kwargs.items() if k != "hwaccel"})
+
+    monkeypatch.setattr(decode_module.av, "open", fake_open)
+    caplog.set_level(logging.INFO, logger=DECODE_LOG)
+    config = StreamConfig(id="cam-1", source=str(clips["h264"]), hwaccel="cuda")
+    source = open_source(config, Metrics(["cam-1"]), cuda_device=1)
+    source.open()
+    try:
+        assert source.read() is not None
+    finally:
+        source.close()
+    assert asked == [("cuda", 1)] and opened == ["shared", "own", None]
+    ((level, line),) = decoder_lines(caplog)
+    assert level == logging.WARNING and "h264 on the CPU" in line and "NVDEC did not open: " in line and "own context" in line
+
+
+@pytest.mark.skipif("cuda" not in hwdevices_available(), reason="an FFmpeg without cuda")
+def test_hwaccel_for_names_the_backends_gpu_and_the_shared_context_first(monkeypatch):
+    monkeypatch.setattr(decoder, "nvidia_gpu_present", lambda: True)
+    candidates, why_not = decoder.hwaccel_for("auto", 1)
+    assert why_not is None and len(candidates) == 2 and all(isinstance(c, HWAccel) for c in candidates)
+    assert decoder.hwaccel_for("none", 1) == ((), None)
+
+
 def test_the_decoder_is_named_again_after_a_reopen_only_when_it_changed(clips, caplog):
     caplog.set_level(logging.INFO, logger=DECODE_LOG)
     config = StreamConfig(id="cam-1", source=str(clips["h264"]), hwaccel="none", decoder_threads=2)
@@ -186,6 +222,19 @@ def test_yuv420p_planes_carry_their_layout_and_convert_to_the_bgr_frames(clips, 
             mean_max, p99_max, share_max = tolerance
             assert difference.mean() <= mean_max and np.percentile(difference, 99) <= p99_max
             assert (difference > 3).mean() <= share_max
+
+
+def test_a_yuvj_frame_without_a_range_tag_is_full_range_as_its_format_says(clips):
+    """yuvj420p is full range by definition: untagged, to_ndarray would rescale it to limited range (up to 20 levels
+    off) and the device would expand it again."""
+    with av.open(str(clips["mjpeg"])) as container:
+        av_frame = next(container.decode(video=0))
+    assert av_frame.format.name == "yuvj420p"
+    tagged, tagged_layout, _, _ = decoder.frame_pixels(av_frame, "yuv420p", None)
+    av_frame.color_range = 0  # unspecified
+    untagged, untagged_layout, _, _ = decoder.frame_pixels(av_frame, "yuv420p", None)
+    assert untagged_layout == tagged_layout == PixelLayout("yuv420p", "bt601", True)
+    np.testing.assert_array_equal(untagged, tagged)
 
 
 def test_a_frame_of_a_matrix_the_device_does_not_convert_goes_out_as_bgr24(clips):
