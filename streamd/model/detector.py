@@ -138,8 +138,11 @@ class Detector:
         return self.collect(self.submit(images_bgr, conf_threshold=conf_threshold, iou_threshold=iou_threshold))
 
     def warm_up(self, runs: int = 2) -> None:
-        """Run the backend at batch 1 and at max_batch, so the first real frame is not slow (before READY=1).
+        """Run the backend before READY=1, so that the first real frames are not slow.
 
+        submit() at batch 1 and max_batch, checking the output's shape. A FrameBackend also takes frames at every
+        batch size (without CUDA graphs, cuDNN autotunes each new batch size on its first use) as BGR and as
+        yuv420p planes (the colour-conversion kernels), `runs` times so that every slot has been used.
         Raises BundleError when the model's output does not fit the bundle's class names or input size.
         """
         height, width = self.input_hw
@@ -147,10 +150,13 @@ class Detector:
             zeros = np.full((size, 3, height, width), self.preprocess.pad_value, np.float32)
             for _ in range(runs):
                 self.check_output(self.backend.submit(zeros).wait(), size)
-            if isinstance(self.backend, FrameBackend):  # the device's letterbox and NMS kernels too
-                frames = [np.full((height, width, 3), self.preprocess.pad_value, np.uint8)] * size
-                for _ in range(runs):
-                    self.collect(self.submit(frames))
+        if isinstance(self.backend, FrameBackend):
+            bgr = np.full((height, width, 3), self.preprocess.pad_value, np.uint8)
+            planes = np.full((height * 3 // 2, width), 128, np.uint8)  # input_hw: multiples of 32
+            for size in range(1, self.backend.max_batch + 1):
+                for image, layout in ((bgr, BGR24), (planes, PixelLayout("yuv420p"))):
+                    for _ in range(runs):
+                        self.collect(self.submit([image] * size, layouts=[layout] * size))
 
     def check_output(self, output: np.ndarray, batch: int) -> None:
         """The output of a batch must be [batch, A, 5 + classes], A the YOLOX anchors of input_hw."""

@@ -227,10 +227,14 @@ def test_a_frame_backend_gets_the_frames_as_decoded_in_chunks_with_the_threshold
 
 
 def test_setup_warms_a_frame_backend_up_on_frames_too(tiny_bundle):
+    """Every batch size (cuDNN autotunes each on first use without CUDA graphs), BGR and planes, `runs` times."""
     backend = DeviceBackend(max_batch=3)
-    Infer(Detector.for_bundle(tiny_bundle, backend), warmup_runs=1).setup()
-    assert backend.calls == [1, 3] and [len(call["shapes"]) for call in backend.frame_calls] == [1, 3]
-    assert backend.frame_calls[0]["shapes"] == [(64, 64, 3)]  # frames of the model's input size
+    Infer(Detector.for_bundle(tiny_bundle, backend), warmup_runs=2).setup()
+    assert backend.calls == [1, 1, 3, 3]
+    sizes = [len(call["shapes"]) for call in backend.frame_calls]
+    assert sizes == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert {call["layouts"][0].format for call in backend.frame_calls} == {"bgr24", "yuv420p"}
+    assert backend.frame_calls[0]["shapes"] == [(64, 64, 3)] and backend.frame_calls[2]["shapes"] == [(96, 64)]
 
 
 def test_planes_for_a_host_backend_are_refused(tiny_bundle):
