@@ -6,6 +6,7 @@ on the host path from the same video."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ def _cuda() -> bool:
     pytest.param({"type": "torch", "device": "cuda:0", "precision": "fp16"}, id="cuda-fp16",
                  marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA GPU")]),
 ])  # fmt: skip
-def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path, bccd_videos, backend):
+def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path, bccd_videos, backend, caplog):
     """ONNX Runtime on full-size BGR frames (recorded streams: the decoder's bgr24, OpenCV's letterbox on the host)
     against torch on the planes of unrecorded streams (BT.601 limited, BT.709, full range: converted on the device
     with the frame's own matrix and range) and on the BGR frames of a recorded one; on a GPU machine also in fp16
@@ -138,8 +139,13 @@ def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path,
     ort = config(tmp_path / "ort", {"type": "onnxruntime", "threads": 1}, bccd_videos, recorded=tuple(VIDEOS))
     streams = {**bccd_videos, "bgr": bccd_videos["plain"]}
     on_device = config(tmp_path / "torch", backend, streams, recorded=("bgr",))
-    ort_run, torch_run = run_pipeline(ort), run_pipeline(on_device)
+    ort_run = run_pipeline(ort)
+    caplog.set_level(logging.INFO, logger="streamd.stages.decode")
+    torch_run = run_pipeline(on_device)
     assert ort_run.ok and torch_run.ok, (ort_run.error, torch_run.error)
+    if backend["device"].startswith("cuda"):  # hwaccel auto on a GPU machine: the H.264 streams on NVDEC, for real
+        decoders = [r.getMessage() for r in caplog.records if " on NVDEC (cuda)" in r.getMessage()]
+        assert {line.split("'")[1] for line in decoders} >= {"plain", "bt709", "bgr"}, caplog.text[-2000:]
     expected, actual = logged(tmp_path / "ort"), logged(tmp_path / "torch")
     assert len(expected) == 8 * len(VIDEOS) and len(actual) == 8 * len(streams)
     assert sum(len(d) for d in expected.values()) > 40 * len(VIDEOS)  # BCCD: many cells per image
