@@ -212,6 +212,9 @@ class _Runner:
         self.worker = worker
         self.control = control
         self.failures: dict[int, _Failure] = {}
+        # Set up again but not yet through an item: a stage that opens and then fails at once (a recorder on a
+        # disk that is still full) keeps doubling its wait instead of being "back" every RETRY_S.
+        self.probation: dict[int, _Failure] = {}
         self.fatal = False
 
     def deliver(self, node: Node, item: Any) -> None:
@@ -228,9 +231,12 @@ class _Runner:
         except Exception as exc:
             if node.stream is None:
                 raise  # a shared stage: fatal (run_worker records it)
-            self._fail(node, describe(node.name, exc))
+            previous = self.probation.pop(id(node), None)
+            self._fail(node, describe(node.name, exc), previous.wait_s * 2 if previous is not None else None)
             self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
             return
+        if (recovered := self.probation.pop(id(node), None)) is not None:
+            log.info("%s works again after: %s", node.name, recovered.error, extra=stream_extra(node.stream))
         for output in outputs:
             self.emit(node, output)
 
@@ -245,8 +251,7 @@ class _Runner:
             except Exception as exc:
                 self._fail(node, describe(f"{node.name} setup", exc), failure.wait_s * 2)
             else:
-                del self.failures[id(node)]
-                log.info("%s works again after: %s", node.name, failure.error, extra=stream_extra(node.stream))
+                self.probation[id(node)] = self.failures.pop(id(node))  # "works again" once an item got through
                 return True
         self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
         return False
@@ -255,7 +260,7 @@ class _Runner:
         wait_s = min(RETRY_S if wait_s is None else wait_s, RETRY_MAX_S)
         self.failures[id(node)] = _Failure(text, wait_s)
         self.control.metrics.error(node.stream, text)
-        log.error("%s; this output of the stream stops, retrying in %.0f s (the rest goes on)", text, wait_s,
+        log.error("%s; this output of the stream stops, retrying in %.3g s (the rest goes on)", text, wait_s,
                   extra=stream_extra(node.stream))
         _close(node, self.control, fatal=False)
 

@@ -8,6 +8,7 @@ come from readiness signals (a stage that has seen N items), not timers.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -170,6 +171,22 @@ def test_a_failing_output_stops_for_its_stream_only_and_is_retried(tiny_bundle, 
     lost = dict(a.dropped_by_queue)["rec failed"]
     assert 1 <= lost < 200 and len(failing.items) == 200 - lost  # retried: it took frames again
     assert failing.setups == 2 and failing.closes == 2  # closed when it failed, set up again, closed at the end
+
+
+def test_an_output_that_sets_up_and_fails_at_once_waits_longer_each_time(tiny_bundle, monkeypatch, caplog):
+    """A recorder on a disk that stays full opens its file and fails on the first frame: that is not "working
+    again", so each retry waits twice as long (5, 10, 20 ... 60 s in the daemon) and nothing says it is back,
+    until a frame gets through."""
+    monkeypatch.setattr(worker_module, "RETRY_S", 0.02)
+    caplog.set_level(logging.INFO, logger="streamd.pipeline.worker")
+    failing = CollectStage("rec", fail_at=3, fail_times=4, delay_s=0.001)
+    built = build(tiny_bundle, [FakeSource("a", 600, read_delay_s=0.002)], outputs=lambda sid: [failing], queue_size=1)
+    summary = run(built)
+    assert summary.ok and summary.stream("a").errors == 4
+    waits = [float(m.split("retrying in ")[1].split(" s")[0]) for m in caplog.messages if "retrying in" in m]
+    assert waits == [0.02, 0.04, 0.08, 0.16]
+    assert sum("works again" in m for m in caplog.messages) == 1  # once, when a frame got through
+    assert failing.setups == 5 and len(failing.items) > 3
 
 
 def test_a_recoverable_output_error_skips_the_item(tiny_bundle):
