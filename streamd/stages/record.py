@@ -14,6 +14,7 @@ a recording never splices across the frames it could not write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -201,6 +202,7 @@ class RecordStage:
             options["frag_duration"] = str(int(self.fragment_s * 1_000_000))
         else:  # Matroska: a cluster per fragment_s, the same crash bound as an MP4 fragment
             options["cluster_time_limit"] = str(int(self.fragment_s * 1000))
+        container = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             container = av.open(
@@ -218,6 +220,10 @@ class RecordStage:
             container.start_encoding()
             path.chmod(FILE_MODE)  # only the service user reads a procedure's recording
         except (av.error.FFmpegError, OSError) as exc:
+            if container is not None:
+                with contextlib.suppress(av.error.FFmpegError, OSError):
+                    container.close()
+            self._discard_if_empty(path)  # a file the failed start left (0 bytes on a full disk) plays nothing
             raise OutputError(f"stream {self.stream_id!r}: cannot start recording {path} with {codec}: {exc}") from exc
         self._container, self._stream = container, stream
         self._last_pts = -1
@@ -271,5 +277,15 @@ class RecordStage:
         self._fsync(self.segments[-1])
 
     def close(self) -> None:
-        """Flush the encoder and finish the current segment."""
-        self._close_segment()
+        """Flush the encoder and finish the current segment; a segment without a complete fragment (its writes
+        failed: a full disk) is removed now rather than at the next start, which may never come."""
+        try:
+            self._close_segment()
+        finally:
+            if self.segments:
+                self._discard_if_empty(self.segments[-1])
+
+    def _discard_if_empty(self, path: Path) -> None:
+        if path.exists() and not has_frames(path):
+            log.warning("stream %r: removing %s: it holds no complete fragment", self.stream_id, path)
+            path.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -204,3 +205,23 @@ def test_a_full_disk_is_an_output_error_and_setup_again_starts_a_new_segment(sma
     (path,) = small_disk.iterdir()
     assert path.stem.endswith("_0001")  # a new segment, never a splice across the frames it could not write
     assert media.probe_frame_count(path) == 5
+
+
+def test_a_disk_still_full_leaves_no_empty_segment_behind(small_disk: Path) -> None:
+    """A recorder retried on a disk that is still full: the segment it could not start (0 bytes), and at close
+    one without a complete fragment, are removed at once, not left unplayable until a next start that may not come."""
+    (small_disk / "filler").write_bytes(b"\0" * (small_disk_free(small_disk) - 512))
+    recorder = recorder_for(small_disk, codec="libx264", preset="ultrafast")
+    recorder.setup()
+    (frame,) = media.synthetic_frames(1, size=(320, 240), fps=FPS)
+    with pytest.raises(OutputError, match="cannot (start recording|write)"):
+        for _ in range(50):
+            list(recorder.process(frame))
+    with contextlib.suppress(OutputError):
+        recorder.close()
+    assert [path.name for path in small_disk.iterdir()] == ["filler"]
+
+
+def small_disk_free(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
