@@ -239,7 +239,9 @@ def soak(minutes: float, fps: float, bundle: Path, work: Path) -> dict:
     duration_s = minutes * 60
     clip = media.make_video(work / "clip.mp4", size=(320, 240), fps=fps, frames=int(10 * fps), gop=int(fps))
     disk = work / "disk"
-    disk_fault = mount_tmpfs(disk, "512m")
+    # Room for the whole run's file recordings (about 10 MiB a minute for the two at 320x240): the 60-minute run
+    # filled 512 MiB after 49 minutes, and the recordings failed from then on, a fault not on the schedule.
+    disk_fault = mount_tmpfs(disk, f"{max(512, int(minutes * 16))}m")
     live_ports = {sid: media.free_port("udp") for sid in LIVE}
     relays = {sid: Relay(live_ports[sid]) for sid in LIVE}
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
