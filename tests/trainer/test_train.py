@@ -163,8 +163,11 @@ def test_ctrl_c_says_which_epoch_is_saved_and_how_to_resume(voc_dataset, tmp_pat
     config = write_experiment(tmp_path / "exp.yaml", voc_dataset.root, "voc", voc_dataset.classes,
                               train={"epochs": 200, "eval_interval": 200})
     last = tmp_path / "runs" / "synthetic" / "last.pth"
+    # SIGINT as a terminal delivers it: a test run started in the background (nohup, `make test &`) has SIGINT
+    # ignored, which its children inherit, and Python then never raises KeyboardInterrupt.
     process = subprocess.Popen([sys.executable, "-m", "trainer.cli", "train", str(config)], cwd=Path(__file__).parents[2],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -101,7 +101,7 @@ def test_int8_bundle_is_a_bundle_of_its_own(int8, bccd_experiment) -> None:
 
 @pytest.mark.slow
 def test_an_onnxruntime_int8_bundle_is_refused_for_tensorrt_before_it_parses(int8) -> None:
-    with pytest.raises(BackendError, match=r"bccd-nano-int8.bundle/model.onnx: TensorRT builds symmetric int8 Q/DQ only.*--for tensorrt") as refused:
+    with pytest.raises(BackendError, match=r"bccd-nano-int8.bundle/model.onnx: streamd's TensorRT backend builds symmetric int8 Q/DQ only.*--for tensorrt") as refused:
         check_qdq(load_bundle(int8.bundle).onnx_path)
     assert re.search(r"zero point is uint8, not int8: \d+ node", str(refused.value))  # the activations
     assert re.search(r"zero point is int32, not int8: \d+ node", str(refused.value))  # the biases
