@@ -10,7 +10,8 @@
      GPU path takes them (yuv420p planes), on the CPU with all cores and with NVDEC;
    - the bare model (fp16) on device-resident batches at batch 1/8/16/32, with CUDA graphs; eager at 16;
    - the GPU path from decoded planes: submit_frames (upload, colour, letterbox, model, NMS), 2 in flight, with
-     the detections per frame (an untrained model finds next to none: the NMS is timed nearly empty);
+     the detections per frame (an untrained model finds next to none: the NMS is timed nearly empty), and the
+     same with the shipped BCCD model on BCCD images (about 40 detections a frame for the NMS);
    - the daemon (run_pipeline, torch backend, NVDEC by hwaccel auto) on 16 file streams of 1080p H.264, no
      recording: frames/s and its ratio to min(best decode ceiling, bare at max_batch);
    - the daemon on 8 live 1080p30 streams (files read at their frame rate): latency p50 / worst p99 from the
@@ -235,6 +236,39 @@ def gpu_path_rate(backend, frames: list, batch: int, seconds: float) -> tuple[fl
     return count / (time.perf_counter() - started), found / count
 
 
+def shipped_model_row(profile: Profile, work: Path, seconds: float) -> tuple[str, str, str]:
+    """The GPU path with real detections for the NMS to do: the shipped BCCD model on BCCD test images (640x480
+    planes, about 40 cells each), when the images are here (STREAMD_BCCD_ROOT, .gpu-data/BCCD or ../shared)."""
+    import av
+    import cv2
+
+    from streamd.backends.select import make_backend
+    from streamd.config import TorchConfig
+    from streamd.model import load_bundle
+
+    check = f"GPU path, shipped bccd-nano 416 {profile.precision} on BCCD 480p planes, batch {profile.max_batch} (frames/s; detections per frame)"
+    roots = [os.environ.get("STREAMD_BCCD_ROOT"), REPO / ".gpu-data" / "BCCD", REPO.parent / "shared" / "datasets" / "BCCD"]
+    root = next((Path(r) for r in roots if r and (Path(r) / "ImageSets" / "Main" / "test.txt").is_file()), None)
+    if root is None:
+        return check, "n/a (no BCCD images here)", ""
+    names = (root / "ImageSets" / "Main" / "test.txt").read_text().split()[: 2 * profile.max_batch]
+    video = work / "bccd.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 640, 480, "yuv420p"
+        for name in names:
+            image = cv2.imread(str(root / "JPEGImages" / f"{name}.jpg"), cv2.IMREAD_COLOR)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")))
+        container.mux(stream.encode())
+    bundle = load_bundle(REPO / "models" / "bccd-nano.bundle")
+    backend = make_backend(bundle, TorchConfig(type="torch", device=profile.device, precision=profile.precision), max_batch=profile.max_batch)
+    try:
+        rate, per_frame = gpu_path_rate(backend, decoded_planes(video, len(names)), profile.max_batch, seconds)
+    finally:
+        backend.close()
+    return check, f"{_fmt(rate)}; {per_frame:.1f}", ""
+
+
 def pipeline_config(bundle: Path, profile: Profile, streams: list[dict]):
     from streamd.config import StreamdConfig
 
@@ -307,6 +341,7 @@ def measure(torch, profile: Profile, work: Path, seconds: float, report) -> None
     backend.close()
     report((f"GPU path from decoded {height}p planes, batch {profile.max_batch}: upload, colour, letterbox, model, NMS "
             f"(frames/s; detections per frame, untrained model)", f"{_fmt(rate)}; {per_frame:.1f}", ""))  # fmt: skip
+    report(shipped_model_row(profile, work, seconds))
     fps = pipeline_files(bundle_path, video, profile)
     ceiling = max((rate for rate in ceilings.values() if isinstance(rate, float)), default=float("inf"))
     limit = min(ceiling, bare.get(profile.max_batch, max(bare.values())))

@@ -27,6 +27,9 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     gpu_path = next(value for check, (value, _) in rows.items() if check.startswith("GPU path from decoded 240p planes"))
     rate, per_frame = gpu_path.split("; ")
     assert float(rate.replace(",", "")) > 0 and float(per_frame) >= 0
+    shipped = next(value for check, (value, _) in rows.items() if check.startswith("GPU path, shipped bccd-nano"))
+    if not shipped.startswith("n/a"):  # BCCD beside the checkout: real cells for the NMS
+        assert float(shipped.split("; ")[1]) > 5
     files = next(value for check, (value, _) in rows.items() if check.startswith("pipeline, 2 file streams"))
     assert float(files.replace(",", "")) > 0
     live_drops = next(check for check in rows if check.endswith("frames dropped"))
