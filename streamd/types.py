@@ -35,6 +35,21 @@ class PixelLayout:
 BGR24 = PixelLayout()
 
 
+_EXPECTED = {"bgr24": "uint8 HxWx3 BGR", "yuv420p": "uint8 [H * 3 / 2, W] yuv420p planes (H, W even)"}
+
+
+def image_problem(image, pixel_format: str, is_uint8: bool) -> str | None:
+    """What is wrong with an image array (NumPy or torch) for pixel_format, or None: the one check of a layout."""
+    shape = tuple(image.shape)
+    if pixel_format == "yuv420p":
+        fits = len(shape) == 2 and shape[0] % 3 == 0 and shape[1] % 2 == 0
+    elif pixel_format == "bgr24":
+        fits = len(shape) == 3 and shape[2] == 3
+    else:
+        return f"unknown pixel format {pixel_format!r} (bgr24 | yuv420p)"
+    return None if fits and is_uint8 else f"expected {_EXPECTED[pixel_format]}, got {image.dtype} {shape}"
+
+
 def picture_hw(image: np.ndarray, pixel_format: PixelFormat) -> tuple[int, int]:
     """The (H, W) of the picture an image array holds in pixel_format (for yuv420p, the Y plane's)."""
     if pixel_format == "yuv420p":
@@ -79,14 +94,8 @@ class Frame:
 
     def __post_init__(self) -> None:
         image = self.image
-        if self.pixel_format == "yuv420p":
-            ok = image.ndim == 2 and image.shape[0] % 3 == 0 and image.shape[1] % 2 == 0
-            expected = "uint8 [H * 3 / 2, W] yuv420p planes (H, W even)"
-        else:
-            ok = image.ndim == 3 and image.shape[2] == 3
-            expected = "uint8 HxWx3 BGR"
-        if not ok or image.dtype != np.uint8:
-            raise ValueError(f"stream {self.stream_id!r} frame {self.seq}: expected {expected}, got {image.dtype} {image.shape}")
+        if problem := image_problem(image, self.pixel_format, image.dtype == np.uint8):
+            raise ValueError(f"stream {self.stream_id!r} frame {self.seq}: {problem}")
         image.setflags(write=False)
 
     @property

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from streamd.backends.device_ops import letterbox_layouts, postprocess_on_device
+from streamd.backends.device_ops import letterbox_frames, postprocess_on_device
 from streamd.errors import BackendError
 from streamd.model.bundle import Preprocess
 from streamd.model.detections import Detections
@@ -230,7 +230,7 @@ class CudaSlots:
             slot = self.take()
             with self.runtime.on(self.upload_stream):
                 frames = self._upload_frames(slot, images)
-                letterbox_scales = letterbox_layouts(frames, input_hw, preprocess, self.staged[slot], layouts)
+                letterbox_scales = letterbox_frames(frames, input_hw, preprocess, self.staged[slot], layouts)
             scales = source_scales(letterbox_scales, prescales)
             self.runtime.record(self.uploaded[slot], self.upload_stream)
             self._compute(slot, count, run, to_host=False)

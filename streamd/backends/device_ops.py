@@ -18,7 +18,7 @@ import torchvision
 
 from streamd.model.bundle import Preprocess
 from streamd.model.detections import Detections
-from streamd.types import PixelLayout
+from streamd.types import BGR24, PixelLayout, image_problem, picture_hw
 
 
 class GridDecode(torch.nn.Module):
@@ -131,73 +131,41 @@ def resize_linear(images: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor
     return out.add_(2).bitwise_right_shift_(2).clamp_(0, 255).to(torch.uint8)
 
 
-def _check_frame(frame: torch.Tensor, pixel_format: str) -> tuple[int, int]:
-    """The picture's (H, W) of one frame in pixel_format; ValueError when its shape or dtype does not fit."""
-    if pixel_format == "yuv420p":
-        ok = frame.ndim == 2 and frame.shape[0] % 3 == 0 and frame.shape[1] % 2 == 0
-        expected = "uint8 [H * 3 / 2, W] yuv420p planes (H, W even)"
-        size = (int(frame.shape[0]) * 2 // 3, int(frame.shape[1])) if frame.ndim == 2 else (0, 0)
-    elif pixel_format == "bgr24":
-        ok = frame.ndim == 3 and frame.shape[2] == 3
-        expected = "uint8 HxWx3"
-        size = (int(frame.shape[0]), int(frame.shape[1])) if frame.ndim == 3 else (0, 0)
-    else:
-        raise ValueError(f"unknown pixel format {pixel_format!r} (bgr24 | yuv420p)")
-    if not ok or frame.dtype != torch.uint8:
-        raise ValueError(f"expected {expected} frames, got {frame.dtype} {tuple(frame.shape)}")
-    return size
-
-
-def letterbox_layouts(
-    frames: Sequence[torch.Tensor], input_hw: tuple[int, int], preprocess: Preprocess, out: torch.Tensor,
-    layouts: Sequence[PixelLayout],
-) -> list[float]:  # fmt: skip
-    """letterbox_frames for frames described by their streamd.types.PixelLayout (a FrameBackend's input)."""
-    return letterbox_frames(frames, input_hw, preprocess, out, [layout.format for layout in layouts],
-                            [layout.colorspace for layout in layouts], [layout.full_range for layout in layouts])  # fmt: skip
-
-
 def letterbox_frames(
     frames: Sequence[torch.Tensor],
     input_hw: tuple[int, int],
     preprocess: Preprocess,
     out: torch.Tensor,
-    pixel_formats: Sequence[str] | None = None,
-    colorspaces: Sequence[str] | None = None,
-    full_range: Sequence[bool] | None = None,
+    layouts: Sequence[PixelLayout] | None = None,
 ) -> list[float]:
     """Letterbox uint8 frames (on out's device) into out[:n], float32 [n, 3, H, W]; their scales.
 
-    pixel_formats[i] (default all "bgr24"): "bgr24" HxWx3 or "yuv420p" [H * 3 / 2, W] planes, converted to
-    BGR first as swscale does (yuv420p_to_bgr), so a frame letterboxes the same whichever way it was decoded.
-    colorspaces[i] (default all "bt601"): the matrix a yuv420p frame is tagged with (PyAV's VideoFrame.colorspace:
-    1 bt709, 9 bt2020, 2/5/6 bt601); a BT.709 frame read as BT.601 is off by up to 34 grey levels.
-    full_range[i] (default all False): a full-range (JPEG, yuvj420p) frame's planes as decoded. Scaling them to
-    limited range on the CPU first costs a pass and is 3 grey levels off: 12% of BCCD boxes fell below IoU 0.98.
-    streamd.model.preprocess.letterbox on the device, bit for bit: resize by r = min(H/h, W/w) with OpenCV's
-    uint8 INTER_LINEAR arithmetic (resize_linear), top-left on a pad_value canvas, then channel order, mean/std
-    and scale. Frames of the same size, format, colorspace and range are converted and resized in one call.
+    layouts[i] (default all BGR24): "bgr24" HxWx3, or "yuv420p" [H * 3 / 2, W] planes converted to BGR first as
+    swscale does (yuv420p_to_bgr) for the matrix the frame is tagged with (a BT.709 frame read as BT.601 is off by
+    up to 34 grey levels) and its range (full-range planes scaled to limited range on the CPU first were 3 grey
+    levels off: 12% of BCCD boxes fell below IoU 0.98), so a frame letterboxes the same whichever way it was
+    decoded. streamd.model.preprocess.letterbox on the device, bit for bit: resize by r = min(H/h, W/w) with
+    OpenCV's uint8 INTER_LINEAR arithmetic (resize_linear), top-left on a pad_value canvas, then channel order,
+    mean/std and scale. Frames of the same size and layout are converted and resized in one call.
     """
     height, width = input_hw
-    formats = ["bgr24"] * len(frames) if pixel_formats is None else list(pixel_formats)
-    matrices = ["bt601"] * len(frames) if colorspaces is None else list(colorspaces)
-    ranges = [False] * len(frames) if full_range is None else list(full_range)
-    if not len(formats) == len(matrices) == len(ranges) == len(frames):
-        raise ValueError(f"{len(frames)} frames but {len(formats)} pixel formats, {len(matrices)} colorspaces "
-                         f"and {len(ranges)} ranges")  # fmt: skip
+    layouts = [BGR24] * len(frames) if layouts is None else list(layouts)
+    if len(layouts) != len(frames):
+        raise ValueError(f"{len(frames)} frames but {len(layouts)} layouts")
     out[: len(frames)].fill_(preprocess.pad_value)
-    groups: dict[tuple[str, str, bool, int, int], list[int]] = defaultdict(list)
-    for index, (frame, pixel_format, colorspace, full) in enumerate(zip(frames, formats, matrices, ranges)):
-        size = _check_frame(frame, pixel_format)
-        yuv = pixel_format == "yuv420p"  # a bgr24 frame has neither
-        groups[(pixel_format, colorspace if yuv else "", bool(full) and yuv, *size)].append(index)
+    groups: dict[tuple[PixelLayout, int, int], list[int]] = defaultdict(list)
+    for index, (frame, layout) in enumerate(zip(frames, layouts)):
+        if problem := image_problem(frame, layout.format, frame.dtype == torch.uint8):
+            raise ValueError(problem)
+        key = layout if layout.format == "yuv420p" else BGR24  # a bgr24 frame has no matrix or range
+        groups[(key, *picture_hw(frame, layout.format))].append(index)
     scales = [0.0] * len(frames)
-    for (pixel_format, colorspace, full, frame_h, frame_w), indices in groups.items():
+    for (layout, frame_h, frame_w), indices in groups.items():
         scale = min(height / frame_h, width / frame_w)
         new_h, new_w = int(frame_h * scale), int(frame_w * scale)
         images = torch.stack([frames[i] for i in indices])
-        if pixel_format == "yuv420p":
-            images = yuv420p_to_bgr(images, colorspace, full)
+        if layout.format == "yuv420p":
+            images = yuv420p_to_bgr(images, layout.colorspace, layout.full_range)
         images = images.permute(0, 3, 1, 2)  # planar: a view (of yuv420p_to_bgr's planar result: contiguous)
         if (new_h, new_w) != (frame_h, frame_w):
             images = resize_linear(images, (new_h, new_w))

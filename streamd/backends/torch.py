@@ -11,7 +11,7 @@ TorchBackend is a base.FrameBackend:
 
 - `submit_frames(images, layouts, prescales, source_hw, conf, iou)`:
   uint8 frames as decoded go up as they are; colour conversion and
-  letterbox (device_ops.letterbox_layouts), the model, the score threshold
+  letterbox (device_ops.letterbox_frames), the model, the score threshold
   and class-aware NMS (device_ops.postprocess_on_device) run on the device;
   only the kept boxes come back, in source pixels.
 - `submit(batch)` (base.Backend, for warm-up and the trainer): a
@@ -46,7 +46,7 @@ import torch
 from streamd.backends import cuda_slots
 from streamd.backends.base import Ready
 from streamd.backends.cuda_slots import check_frames, source_scales
-from streamd.backends.device_ops import GridDecode, letterbox_layouts, postprocess_on_device
+from streamd.backends.device_ops import GridDecode, letterbox_frames, postprocess_on_device
 from streamd.config import TorchConfig
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle
@@ -177,9 +177,7 @@ class TorchBackend:
 
     def submit(self, batch: np.ndarray):
         """Start a letterboxed float32 [N, 3, H, W] batch; wait() on the result gives float32 [N, A, 5 + C]."""
-        count = int(batch.shape[0])
-        if not 1 <= count <= self.max_batch:
-            raise BackendError(f"backend torch: batch of {count} frames, this backend takes 1..{self.max_batch}")
+        check_frames("backend torch", self.max_batch, batch)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if self.slots is not None:
             return self.slots.submit_batch(batch, self._run)
@@ -203,7 +201,7 @@ class TorchBackend:
         with torch.inference_mode():
             batch = torch.empty((len(images), 3, *self.input_hw))
             frames = [torch.from_numpy(np.array(image)) for image in images]  # writable copies: frames are read-only
-            scales = letterbox_layouts(frames, self.input_hw, self.preprocess, batch, layouts)
+            scales = letterbox_frames(frames, self.input_hw, self.preprocess, batch, layouts)
             output, scales = self.net(batch), source_scales(scales, prescales)
             return Ready(postprocess_on_device(output, scales, source_hw, conf_threshold, iou_threshold))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -85,6 +86,11 @@ class Detector:
     conf_threshold: float = Thresholds().conf_threshold
     iou_threshold: float = Thresholds().iou_threshold
 
+    @cached_property
+    def on_device(self) -> bool:
+        """Whether the backend takes frames as decoded (a FrameBackend): asked once, not on every batch."""
+        return isinstance(self.backend, FrameBackend)
+
     @classmethod
     def for_bundle(cls, bundle: Bundle, backend: Backend) -> Detector:
         meta = bundle.meta
@@ -114,7 +120,7 @@ class Detector:
         prescales = list(prescales or [1.0] * len(images))
         sizes = list(source_hw or [picture_hw(image, layout.format) for image, layout in zip(images, layouts)])
         step = self.backend.max_batch
-        if isinstance(self.backend, FrameBackend):
+        if self.on_device:
             chunks = range(0, len(images), step)
             return DeviceSubmitted(tuple(
                 self.backend.submit_frames(images[i : i + step], layouts[i : i + step], prescales[i : i + step],
@@ -150,7 +156,7 @@ class Detector:
             zeros = np.full((size, 3, height, width), self.preprocess.pad_value, np.float32)
             for _ in range(runs):
                 self.check_output(self.backend.submit(zeros).wait(), size)
-        if isinstance(self.backend, FrameBackend):
+        if self.on_device:
             bgr = np.full((height, width, 3), self.preprocess.pad_value, np.uint8)
             planes = np.full((height * 3 // 2, width), 128, np.uint8)  # input_hw: multiples of 32
             for size in range(1, self.backend.max_batch + 1):

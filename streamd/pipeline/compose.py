@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import zmq
 
-from streamd.backends.base import FrameBackend
 from streamd.config import BackendConfig, StreamConfig, StreamdConfig, TensorRTConfig, TorchConfig
 from streamd.model.detector import Detector
 from streamd.ops.heartbeat import HeartbeatSource
@@ -54,7 +53,7 @@ def compose(
     batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms)
     submit = SubmitStage(detector, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
     results = ResultsStage(detector, metrics)
-    on_device = isinstance(detector.backend, FrameBackend)  # colour conversion and resize on the GPU
+    on_device = detector.on_device  # a FrameBackend: colour conversion and resize on its device
     gpu = cuda_device(config.backend)  # NVDEC decodes where inference runs
     graph.add_flow(batch, submit)
     graph.add_flow(submit, results, Queue("in_flight", size=1, policy="block", per_frame=False))

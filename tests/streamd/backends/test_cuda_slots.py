@@ -80,7 +80,7 @@ def test_a_model_that_writes_the_slot_output_itself_is_not_copied(slots):
 
 
 def test_frames_are_letterboxed_on_the_upload_stream_and_only_boxes_come_back(slots, monkeypatch):
-    monkeypatch.setattr(cuda_slots, "letterbox_layouts", fake_gpu.recorded(cuda_slots.letterbox_layouts, "letterbox"))
+    monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
     images = [np.full((8, 8, 3), 100, np.uint8), np.full((4, 6, 3), 50, np.uint8), np.full((12, 8), 128, np.uint8)]
     pending = slots.submit_frames(images, [BGR24, BGR24, PixelLayout("yuv420p")], [0.5, 1.0, 1.0], [(16, 16), (4, 6), (8, 8)], 0.3,
                                   0.45, (4, 4), Preprocess(), one_box_per_frame)  # fmt: skip

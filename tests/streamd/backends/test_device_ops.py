@@ -23,6 +23,7 @@ from streamd.model.detections import Detections
 from streamd.model.detector import Detector
 from streamd.model.postprocess import box_iou, postprocess
 from streamd.model.preprocess import letterbox
+from streamd.types import PixelLayout
 
 SHIPPED = Path(__file__).parents[3] / "models" / "bccd-nano.bundle"
 # The bit-exact tests also run on CUDA where there is one (benchmarks/gpu_check.py runs the gpu-marked tests).
@@ -153,15 +154,16 @@ def test_yuv420p_planes_are_read_in_pyavs_layout():
 )
 def test_letterbox_refuses_frames_that_do_not_fit_their_format(frame, pixel_format, error):
     with pytest.raises(ValueError, match=error):
-        letterbox_frames([frame], (64, 64), Preprocess(), torch.empty(1, 3, 64, 64), pixel_formats=[pixel_format])
+        letterbox_frames([frame], (64, 64), Preprocess(), torch.empty(1, 3, 64, 64), [PixelLayout(pixel_format)])
 
 
 def test_letterbox_wants_one_pixel_format_per_frame():
     frames = [torch.zeros(12, 10, dtype=torch.uint8)] * 2
-    with pytest.raises(ValueError, match="2 frames but 1 pixel formats, 2 colorspaces and 2 ranges"):
-        letterbox_frames(frames, (64, 64), Preprocess(), torch.empty(2, 3, 64, 64), pixel_formats=["yuv420p"])
+    with pytest.raises(ValueError, match="2 frames but 1 layouts"):
+        letterbox_frames(frames, (64, 64), Preprocess(), torch.empty(2, 3, 64, 64), [PixelLayout("yuv420p")])
     with pytest.raises(ValueError, match="unknown colorspace 'bt470m' .bt601 | bt709 | bt2020."):
-        letterbox_frames(frames, (64, 64), Preprocess(), torch.empty(2, 3, 64, 64), ["yuv420p"] * 2, ["bt709", "bt470m"])
+        letterbox_frames(frames, (64, 64), Preprocess(), torch.empty(2, 3, 64, 64),
+                         [PixelLayout("yuv420p", "bt709"), PixelLayout("yuv420p", "bt470m")])  # fmt: skip
 
 
 # --- the letterbox -------------------------------------------------------------------------------
@@ -225,7 +227,8 @@ def test_yuv420p_frames_letterbox_as_their_bgr24_decode_does_on_the_cpu(decoded)
     frames[3] = (frames[3][0], tagged.to_ndarray(format="bgr24"))
     images = [torch.from_numpy(planes if fmt == "yuv420p" else bgr) for (planes, bgr), fmt in zip(frames, formats)]
     out = torch.empty(len(frames), 3, *INPUT_HW)
-    scales = letterbox_frames(images, INPUT_HW, Preprocess(), out, pixel_formats=formats, colorspaces=colorspaces)
+    layouts = [PixelLayout(fmt, colorspace) for fmt, colorspace in zip(formats, colorspaces)]
+    scales = letterbox_frames(images, INPUT_HW, Preprocess(), out, layouts)
     for index, (_, bgr) in enumerate(frames):
         expected = letterbox(bgr, INPUT_HW)
         assert scales[index] == expected.scale
@@ -254,7 +257,7 @@ def _device_path(
         frames, fmts = images[start : start + chunk], formats[start : start + chunk]
         out = torch.empty(len(frames), 3, *bundle.meta.input_hw)
         scales = letterbox_frames([torch.from_numpy(f) for f in frames], tuple(bundle.meta.input_hw), bundle.meta.preprocess,
-                                  out, pixel_formats=fmts, full_range=full_range[start : start + chunk])  # fmt: skip
+                                  out, [PixelLayout(fmt, "bt601", full) for fmt, full in zip(fmts, full_range[start : start + chunk])])  # fmt: skip
         source_hw = [(f.shape[0] * 2 // 3, f.shape[1]) if fmt == "yuv420p" else f.shape[:2] for f, fmt in zip(frames, fmts)]
         with torch.inference_mode():
             detections += postprocess_on_device(net(out), scales, source_hw, CONF, IOU)

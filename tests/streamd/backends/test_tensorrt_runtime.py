@@ -60,7 +60,7 @@ def test_batches_upload_then_execute_and_a_reused_slot_waits_for_its_batch(backe
 def test_frames_give_onnxruntimes_detections_in_source_pixels(backend_of, tiny_bundle, monkeypatch):
     backend = backend_of()
     assert isinstance(backend, FrameBackend)
-    monkeypatch.setattr(cuda_slots, "letterbox_layouts", fake_gpu.recorded(cuda_slots.letterbox_layouts, "letterbox"))
+    monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
     # uniform frames letterbox exactly alike on the device and with OpenCV; the second is its source at half size
     images = [np.full((48, 64, 3), 255, np.uint8), np.full((64, 32, 3), 200, np.uint8)]
     source_hw = [(48, 64), (128, 64)]

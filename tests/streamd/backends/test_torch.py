@@ -289,7 +289,7 @@ def test_cuda_path_frames_order_and_detections_equal_the_cpus(
     frames = bccd_images[:3]  # 3 frames: bucket 4, padded
     expected = frames_in(cpu_backend, frames)
     backend = recorded_cuda_backend(cuda_graphs)
-    monkeypatch.setattr(cuda_slots, "letterbox_layouts", fake_gpu.recorded(cuda_slots.letterbox_layouts, "letterbox"))
+    monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
     detections = frames_in(backend, frames)
     assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0),
                      *on_compute(0, *model), ("compute", "record done", 0), ("host", "wait done", 0)]  # fmt: skip
