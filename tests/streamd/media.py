@@ -15,6 +15,7 @@ import socket
 import subprocess
 import textwrap
 from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,33 @@ def make_video(
         "-filter_complex", _MOVING_BOX, "-frames:v", str(frames), *codec_args, "-an", str(path),
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return path
+
+
+def encode_images(
+    path: Path, images, *, fps: float = 25, codec: str = "libx264", pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None, colorspace: int | None = None,
+) -> Path:  # fmt: skip
+    """Encode uint8 HxWx3 BGR images into `path` with PyAV alone (the GPU machine has no ffmpeg binary).
+
+    colorspace: the matrix the frames are tagged with and converted with (FFmpeg's AVColorSpace: 1 BT.709,
+    9 BT.2020); None leaves them untagged (BT.601). libx264 gets ultrafast, no B-frames, unless `options` says.
+    """
+    import av
+
+    height, width = images[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if colorspace is not None:
+            stream.codec_context.colorspace = stream.codec_context.color_primaries = colorspace
+        stream.options = options if options is not None else ({"preset": "ultrafast", "bf": "0"} if codec == "libx264" else {})
+        for image in images:
+            av_frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            if colorspace is not None:
+                av_frame.colorspace = colorspace
+            container.mux(stream.encode(av_frame))
+        container.mux(stream.encode())
     return path
 
 

@@ -23,6 +23,7 @@ from streamd.model.detector import Detector  # noqa: E402
 from streamd.ops.metrics import Metrics  # noqa: E402
 from streamd.pipeline.compose import Switches, compose  # noqa: E402
 from streamd.pipeline.daemon import run_pipeline  # noqa: E402
+from tests.streamd import media  # noqa: E402
 
 REPO = Path(__file__).parents[3]
 SHIPPED = REPO / "models" / "bccd-nano.bundle"
@@ -40,7 +41,6 @@ VIDEOS = {  # (file, codec, pix_fmt, colorspace tag): frames of different colour
 def bccd_videos(bccd_root, tmp_path_factory) -> dict[str, Path]:
     """Eight BCCD test images (640x480) at 5 fps, encoded three ways (VIDEOS) with PyAV (the GPU machine has no
     ffmpeg binary)."""
-    import av
     import cv2
 
     folder = tmp_path_factory.mktemp("bccd-video")
@@ -48,19 +48,9 @@ def bccd_videos(bccd_root, tmp_path_factory) -> dict[str, Path]:
     images = [cv2.imread(str(bccd_root / "JPEGImages" / f"{name}.jpg"), cv2.IMREAD_COLOR) for name in names]
     videos = {}
     for kind, (name, codec, pix_fmt, colorspace) in VIDEOS.items():
-        videos[kind] = folder / name
-        with av.open(str(videos[kind]), "w") as container:
-            stream = container.add_stream(codec, rate=5)
-            stream.width, stream.height, stream.pix_fmt = 640, 480, pix_fmt
-            stream.options = {"crf": "12", "bf": "0", "preset": "veryfast"} if codec == "libx264" else {"qmin": "2", "qmax": "2"}
-            if colorspace is not None:
-                stream.codec_context.colorspace = stream.codec_context.color_primaries = colorspace
-            for image in images:
-                frame = av.VideoFrame.from_ndarray(image, format="bgr24")
-                if colorspace is not None:
-                    frame.colorspace = colorspace
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode())
+        options = {"crf": "12", "bf": "0", "preset": "veryfast"} if codec == "libx264" else {"qmin": "2", "qmax": "2"}
+        videos[kind] = media.encode_images(folder / name, images, fps=5, codec=codec, pix_fmt=pix_fmt, options=options,
+                                           colorspace=colorspace)  # fmt: skip
     return videos
 
 

@@ -39,23 +39,15 @@ def pyav_video(
     matrix its frames are tagged with (FFmpeg's AVColorSpace: 1 BT.709, 9 BT.2020), and converted with."""
     width, height = size
     rows, cols = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if colorspace is not None:
-            stream.codec_context.colorspace = stream.codec_context.color_primaries = colorspace
-        if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "bf": "0", "g": "10"}
-        for n in range(frames):
-            ramps = [cols * 255 // max(1, width - 1), rows * 255 // max(1, height - 1), np.full_like(cols, n * 9 % 256)]
-            image = np.stack(ramps, axis=-1).astype(np.uint8)
-            x = n * 4 % max(1, width - 16)
-            image[height // 3 : height // 3 + 16, x : x + 16] = (40, 200, 240)
-            av_frame = av.VideoFrame.from_ndarray(image, format="bgr24")
-            if colorspace is not None:
-                av_frame.colorspace = colorspace
-            container.mux(stream.encode(av_frame))
-        container.mux(stream.encode())
+    images = []
+    for n in range(frames):
+        ramps = [cols * 255 // max(1, width - 1), rows * 255 // max(1, height - 1), np.full_like(cols, n * 9 % 256)]
+        image = np.stack(ramps, axis=-1).astype(np.uint8)
+        x = n * 4 % max(1, width - 16)
+        image[height // 3 : height // 3 + 16, x : x + 16] = (40, 200, 240)
+        images.append(image)
+    options = {"preset": "ultrafast", "bf": "0", "g": "10"} if codec == "libx264" else {}
+    media.encode_images(path, images, fps=FPS, codec=codec, pix_fmt=pix_fmt, options=options, colorspace=colorspace)
     return path
 
 
