@@ -79,6 +79,13 @@ def make_video(
     return path
 
 
+def write_config(folder: Path, text: str) -> Path:
+    """FOLDER/streamd.yaml from an indented YAML text (the tests' configs, written as a user would)."""
+    path = folder / "streamd.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
 def encode_images(
     path: Path, images, *, fps: float = 25, codec: str = "libx264", pix_fmt: str = "yuv420p",
     options: dict[str, str] | None = None, colorspace: int | None = None,

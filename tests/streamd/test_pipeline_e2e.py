@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -41,12 +40,6 @@ def listen(endpoint: str) -> subprocess.Popen:
     listener = streamd("listen", endpoint, "--json", "--timeout-s", "3")
     assert listener.stderr.readline().startswith("listening on")
     return listener
-
-
-def write(folder: Path, text: str) -> Path:
-    path = folder / "streamd.yaml"
-    path.write_text(textwrap.dedent(text).lstrip())
-    return path
 
 
 class NotifyReader(threading.Thread):
@@ -81,7 +74,7 @@ def jsonl(paths: list[Path]) -> list[dict]:
 
 def test_two_streams_to_a_subscriber_process_a_recording_and_a_log(tmp_path: Path, tiny_bundle, clip):
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
-    config = write(
+    config = media.write_config(
         tmp_path,
         f"""
         model: {tiny_bundle.path}
@@ -135,7 +128,7 @@ def test_two_streams_to_a_subscriber_process_a_recording_and_a_log(tmp_path: Pat
 
 def test_sigterm_mid_stream_drains_closes_and_exits_0(tmp_path: Path, tiny_bundle, long_clip):
     notify = NotifyReader(tmp_path / "notify")
-    config = write(
+    config = media.write_config(
         tmp_path,
         f"""
         model: {tiny_bundle.path}
@@ -185,7 +178,7 @@ def test_sigterm_mid_stream_drains_closes_and_exits_0(tmp_path: Path, tiny_bundl
 )  # fmt: skip
 def test_bad_configs_exit_with_one_message_and_no_traceback(tmp_path: Path, tiny_bundle, clip, text, code, expected):
     (tmp_path / "broken.bundle").mkdir()
-    config = write(tmp_path, text.format(bundle=tiny_bundle.path, clip=clip, broken=tmp_path / "broken.bundle"))
+    config = media.write_config(tmp_path, text.format(bundle=tiny_bundle.path, clip=clip, broken=tmp_path / "broken.bundle"))
     daemon = streamd("run", str(config))
     _, err = daemon.communicate(timeout=60)
     assert daemon.returncode == code
@@ -198,7 +191,7 @@ def test_bad_configs_exit_with_one_message_and_no_traceback(tmp_path: Path, tiny
 def test_a_live_udp_stream_for_a_fixed_duration(tmp_path: Path, tiny_bundle):
     port = media.free_port("udp")
     sender = media.udp_sender(port, size=(160, 120), fps=25)
-    config = write(
+    config = media.write_config(
         tmp_path,
         f"""
         model: {tiny_bundle.path}
@@ -231,7 +224,7 @@ def test_a_corrupt_file_ends_its_own_stream_and_the_others_run_complete(tmp_path
     port = media.free_port("udp")
     sender = media.udp_sender(port, size=(160, 120), fps=25)
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
-    config = write(
+    config = media.write_config(
         tmp_path,
         f"""
         model: {tiny_bundle.path}
@@ -281,7 +274,7 @@ def test_a_corrupt_file_ends_its_own_stream_and_the_others_run_complete(tmp_path
 def test_a_full_recording_disk_stops_only_that_recording(tmp_path: Path, tiny_bundle, long_clip, small_disk: Path):
     """Stream a records to a disk that fills up: its recording stops (and says so), while its detection log,
     its messages and stream b (recording included) stay complete; the daemon runs to the end and exits 0."""
-    config = write(
+    config = media.write_config(
         tmp_path,
         f"""
         model: {tiny_bundle.path}
@@ -319,7 +312,7 @@ def test_the_heartbeat_tells_running_from_reconnecting_and_not_running(tmp_path:
     port = media.free_port("udp")
     sender = media.udp_sender(port, size=(160, 120), fps=25)
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
-    config = write(
+    config = media.write_config(
         tmp_path,
         f"""
         model: {tiny_bundle.path}

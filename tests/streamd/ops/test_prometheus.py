@@ -7,7 +7,6 @@ has seen /healthz fail, as in test_runner's test_a_stalled_worker_starves_the_wa
 
 from __future__ import annotations
 
-import textwrap
 import threading
 import time
 import urllib.error
@@ -83,9 +82,7 @@ class Run(threading.Thread):
 
 
 def config_file(folder: Path, text: str):
-    path = folder / "streamd.yaml"
-    path.write_text(textwrap.dedent(text).lstrip())
-    return load_config(path)
+    return load_config(media.write_config(folder, text))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import pytest
 
 from streamd.ops.systemd import SystemdNotifier, watchdog_interval_s
 from tests.streamd import media
-from tests.streamd.test_pipeline_e2e import NotifyReader, jsonl, listen, streamd, write
+from tests.streamd.test_pipeline_e2e import NotifyReader, jsonl, listen, streamd
 
 REPO = Path(__file__).parents[3]
 UNITS = ("streamd.service", "streamd@.service")
@@ -216,7 +216,7 @@ def test_a_full_recording_disk_at_start_is_waited_out_while_detection_runs(tmp_p
             while True:
                 out.write(b"\0" * 4096)
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
-    config = write(
+    config = media.write_config(
         tmp_path,
         f"""
         model: {tiny_bundle.path}

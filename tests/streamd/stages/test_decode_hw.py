@@ -153,6 +153,11 @@ def test_hwaccel_for_names_the_backends_gpu_and_the_shared_context_first(monkeyp
     monkeypatch.setattr(decoder, "nvidia_gpu_present", lambda: True)
     candidates, why_not = decoder.hwaccel_for("auto", 1)
     assert why_not is None and len(candidates) == 2 and all(isinstance(c, HWAccel) for c in candidates)
+    made = []  # HWAccel keeps its settings to itself: record what it was built with
+    monkeypatch.setattr(decoder, "HWAccel", lambda kind, **settings: made.append((kind, settings)) or kind)
+    decoder.hwaccel_for("cuda", 1)
+    assert made == [("cuda", {"device": "1", "allow_software_fallback": True, "options": {"primary_ctx": "1"}}),
+                    ("cuda", {"device": "1", "allow_software_fallback": True})]  # fmt: skip
     assert decoder.hwaccel_for("none", 1) == ((), None)
 
 
