@@ -14,7 +14,8 @@ import pytest
 from streamd.config import StreamConfig
 from streamd.errors import FatalError, SourceError
 from streamd.ops.metrics import Metrics
-from streamd.stages.decode import AVSource, FreezeDetector, TimeLine, open_source
+from streamd.stages.decode import AVSource, TimeLine, open_source
+from streamd.stages.freeze import FreezeDetector
 from streamd.types import Frame
 from tests.streamd import media
 
