@@ -62,8 +62,17 @@ def heartbeat_message(wall_clock_s: float, uptime_s: float, state: str, model: M
 
 
 def encode(message: dict) -> bytes:
-    """Compact UTF-8 JSON: the payload frame of a ZeroMQ message and one log line."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON: the payload frame of a ZeroMQ message and one log line.
+
+    Strict JSON only: a NaN or infinite number raises ValueError naming the message's schema and stream,
+    never the bare `NaN` / `Infinity` that strict parsers reject.
+    """
+    try:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except ValueError as exc:
+        raise ValueError(
+            f"message {message.get('schema')!r} of stream {message.get('stream')!r} is not JSON: {exc}"
+        ) from exc
 
 
 def encode_message(frame: Frame, detections: Detections, model: ModelRef, latency: Latency) -> bytes:

@@ -5,9 +5,16 @@ is float32 [N, A, 5 + C] with `cx, cy, w, h` in letterboxed input pixels,
 then objectness, then C class scores, all after the sigmoid. What is left is
 YOLOX's `postprocess`: score = objectness x best class score, a confidence
 threshold, and class-aware NMS.
+
+A row that could not be published as JSON or drawn (a NaN or infinite value
+anywhere in it) and a box with no area (zero or negative width or height,
+before or after clipping to the frame) are dropped and counted
+(`Decoded.invalid_boxes`), so that a broken model never reaches a message.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,6 +56,61 @@ def nms(xyxy: np.ndarray, scores: np.ndarray, class_id: np.ndarray, iou_threshol
     return np.asarray(keep, dtype=np.int64)
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A batch's detections (one per image, source-frame pixels) and, per image, the rows dropped as invalid
+    (non-finite values, or a box without area): the caller counts them (metrics counter "invalid_boxes")."""
+
+    detections: list[Detections]
+    invalid_boxes: tuple[int, ...]
+
+
+def _has_area(xyxy: np.ndarray) -> np.ndarray:
+    """bool [M]: the xyxy boxes [M, 4] whose width and height are both > 0 (False for NaN)."""
+    return (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+
+
+def decode_output(
+    output: np.ndarray,
+    scales: np.ndarray,
+    source_hw: list[tuple[int, int]],
+    conf_threshold: float,
+    iou_threshold: float,
+) -> Decoded:
+    """Turn a float32 [N, A, 5 + C] output into N Detections in source-frame pixels, and the invalid rows dropped.
+
+    scales[i] is the letterbox scale of image i; source_hw[i] its (height, width),
+    used to clip the boxes to the frame.
+    """
+    if output.ndim != 3 or output.shape[2] < 6:
+        raise ValueError(f"expected model output [N, A, 5 + C], got shape {output.shape}")
+    results, invalid = [], []
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and infinite rows are found and dropped below
+        for i in range(output.shape[0]):
+            rows = output[i]
+            finite = np.isfinite(rows).all(axis=1)
+            class_scores = rows[:, 5:]
+            class_id = np.where(finite, class_scores.argmax(axis=1), 0)
+            confidence = rows[:, 4] * class_scores[np.arange(len(rows)), class_id]
+            mask = finite & (confidence >= conf_threshold)
+            cxcywh = rows[mask, :4]
+            xyxy = np.empty_like(cxcywh)
+            xyxy[:, :2] = cxcywh[:, :2] - cxcywh[:, 2:] / 2
+            xyxy[:, 2:] = cxcywh[:, :2] + cxcywh[:, 2:] / 2
+            valid = np.isfinite(xyxy).all(axis=1) & _has_area(xyxy)  # w, h of 1e38 overflow to inf
+            dropped = int((~finite).sum() + (~valid).sum())
+            xyxy, confidence, class_id = xyxy[valid], confidence[mask][valid], class_id[mask][valid]
+            keep = nms(xyxy, confidence, class_id, iou_threshold)
+            xyxy = xyxy[keep] / scales[i]
+            height, width = source_hw[i]
+            np.clip(xyxy[:, 0::2], 0, width, out=xyxy[:, 0::2])
+            np.clip(xyxy[:, 1::2], 0, height, out=xyxy[:, 1::2])
+            inside = _has_area(xyxy)  # a box wholly outside the frame is clipped to nothing
+            invalid.append(dropped + int((~inside).sum()))
+            results.append(Detections(xyxy[inside], confidence[keep][inside], class_id[keep][inside]))
+    return Decoded(results, tuple(invalid))
+
+
 def postprocess(
     output: np.ndarray,
     scales: np.ndarray,
@@ -56,32 +118,5 @@ def postprocess(
     conf_threshold: float,
     iou_threshold: float,
 ) -> list[Detections]:
-    """Turn a float32 [N, A, 5 + C] output into N Detections in source-frame pixels.
-
-    scales[i] is the letterbox scale of image i; source_hw[i] its (height, width),
-    used to clip the boxes to the frame.
-    """
-    if output.ndim != 3 or output.shape[2] < 6:
-        raise ValueError(f"expected model output [N, A, 5 + C], got shape {output.shape}")
-    results = []
-    for i in range(output.shape[0]):
-        rows = output[i]
-        class_scores = rows[:, 5:]
-        class_id = class_scores.argmax(axis=1)
-        confidence = rows[:, 4] * class_scores[np.arange(len(rows)), class_id]
-        mask = confidence >= conf_threshold
-        if not mask.any():
-            results.append(Detections.empty())
-            continue
-        cxcywh = rows[mask, :4]
-        xyxy = np.empty_like(cxcywh)
-        xyxy[:, :2] = cxcywh[:, :2] - cxcywh[:, 2:] / 2
-        xyxy[:, 2:] = cxcywh[:, :2] + cxcywh[:, 2:] / 2
-        confidence, class_id = confidence[mask], class_id[mask]
-        keep = nms(xyxy, confidence, class_id, iou_threshold)
-        xyxy = xyxy[keep] / scales[i]
-        height, width = source_hw[i]
-        np.clip(xyxy[:, 0::2], 0, width, out=xyxy[:, 0::2])
-        np.clip(xyxy[:, 1::2], 0, height, out=xyxy[:, 1::2])
-        results.append(Detections(xyxy, confidence[keep], class_id[keep]))
-    return results
+    """decode_output's detections alone (N Detections in source-frame pixels), for callers that count nothing."""
+    return decode_output(output, scales, source_hw, conf_threshold, iou_threshold).detections
