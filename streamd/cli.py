@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import signal
 import sys
 import threading
@@ -54,6 +53,7 @@ log = logging.getLogger("streamd")
 
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
+MAX_TIMEOUT_S = 366 * 86400.0  # `listen --timeout-s`: a year, whose milliseconds zmq_poll's timeout still holds
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -159,7 +159,9 @@ def listen(
     heartbeats: Annotated[bool, typer.Option(
         "--heartbeats", help="Also print the daemon's heartbeat (its state and each stream's, once a second).",
     )] = False,
-    timeout_s: Annotated[Optional[float], typer.Option(min=0.0, help="Exit after S seconds without a message.")] = None,
+    timeout_s: Annotated[Optional[float], typer.Option(
+        min=0.0, max=MAX_TIMEOUT_S, help="Exit after S seconds without a message (at most a year).",
+    )] = None,
     curve_server_key: Annotated[Optional[Path], typer.Option(
         help="The daemon's public key file (NAME.key), when it publishes with curve; needs --curve-client-key.",
     )] = None,
@@ -175,8 +177,6 @@ def listen(
     Exits 1 at once when the daemon refuses this subscriber's CURVE key, and 2
     for a bad argument or key file.
     """
-    if timeout_s is not None and not math.isfinite(timeout_s):
-        raise _fail(f"listen: --timeout-s must be a finite number of seconds, got {timeout_s}", EXIT_CONFIG)
     if (curve_server_key is None) != (curve_client_key is None):
         raise _fail("listen: --curve-server-key and --curve-client-key go together (CURVE needs both)", EXIT_CONFIG)
     try:
@@ -190,6 +190,7 @@ def listen(
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 100_000)
     socket.setsockopt(zmq.RECONNECT_IVL, 50)  # join a daemon that starts after us quickly
+    socket.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT connects (IPv4 endpoints are unchanged)
     if server_key is not None and client_keys is not None:
         socket.curve_serverkey = server_key
         socket.curve_publickey = client_keys.public
@@ -292,9 +293,15 @@ def _parse_message(parts: list[bytes]) -> tuple[dict | None, str]:
     if len(parts) != 2:
         return None, f"{len(parts)} frames (expected [topic, json])"
     try:
-        message = json.loads(parts[1])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"not JSON ({exc})"
+        text = parts[1].decode("utf-8")
+    except UnicodeDecodeError as exc:  # json.loads would guess UTF-16 or -32 from the first bytes
+        return None, f"not UTF-8 ({exc.reason} at byte {exc.start})"
+    try:
+        message = json.loads(text)
+    except RecursionError:
+        return None, "not JSON that can be read (nested too deep)"
+    except ValueError as exc:  # a syntax error, or an integer of more digits than int() converts
+        return None, f"not JSON that can be read ({_one_line(exc)})"
     version = message.get("schema") if isinstance(message, dict) else None
     if version not in SCHEMA_FILES:
         return None, f"schema: {version!r} is not one of {', '.join(SCHEMA_FILES)}"
