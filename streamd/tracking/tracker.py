@@ -1,0 +1,213 @@
+"""One stream's tracker: roboflow `trackers` (ByteTrack or SORT) behind our ids, confirmation and events.
+
+The association (Kalman prediction, IoU matching, ByteTrack's second pass
+over low-score boxes) is `trackers`'; what is ours is thin and on top:
+- track ids: our own counter from 1, one per track, never reused for the
+  tracker's life (not even after `finish`);
+- confirmation: a track is confirmed once it was seen in `confirm_n` of its
+  last `confirm_m` frames, and stays confirmed;
+- events: "confirmed" once per track, "ended" when `trackers` drops the track
+  (unseen for `max_lost_s`) or at `finish`.
+
+`trackers` gives a box an id only when a second box in the next frame matches
+it, so the first frame of every object is untracked (-1) and a track's
+`first_pts_s` is the second frame its object was seen. Times are the stream's
+pts in seconds, so the settings mean the same at 10 or 60 fps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import supervision as sv
+from trackers import ByteTrackTracker, SORTTracker
+
+from streamd.model.detections import Detections
+
+TRACKERS_FPS = 30.0  # `trackers` counts its lost buffer in frames at this rate; we give it seconds x this
+
+
+@dataclass(frozen=True, slots=True)
+class TrackSettings:
+    """How one stream is tracked.
+
+    method: "bytetrack" (two-pass association, low-score boxes keep tracks alive) or "sort".
+    new_track_threshold: a box starts a track only with at least this confidence.
+    high_conf_threshold: ByteTrack's first pass takes boxes at or above it, the second pass the others
+        (ignored by SORT).
+    match_iou_threshold: the least IoU between a track's predicted box and a box for them to match.
+    confirm_n / confirm_m: a track is confirmed after it was seen in confirm_n of its last confirm_m frames.
+    max_lost_s: a track ends after this long unseen (stream seconds).
+    """
+
+    method: Literal["bytetrack", "sort"] = "bytetrack"
+    new_track_threshold: float = 0.3
+    high_conf_threshold: float = 0.5
+    match_iou_threshold: float = 0.2
+    confirm_n: int = 3
+    confirm_m: int = 5
+    max_lost_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("bytetrack", "sort"):
+            raise ValueError(f"unknown tracking method {self.method!r}: use 'bytetrack' or 'sort'")
+        for name in ("new_track_threshold", "high_conf_threshold", "match_iou_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 1 <= self.confirm_n <= self.confirm_m:
+            raise ValueError(f"need 1 <= confirm_n <= confirm_m, got {self.confirm_n} of {self.confirm_m}")
+        if self.max_lost_s < 0:
+            raise ValueError(f"max_lost_s must be >= 0, got {self.max_lost_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class TrackEvent:
+    """A track confirmed or ended.
+
+    kind: "confirmed" (sent once, at the frame that confirmed it) or "ended".
+    track_id: the stream's track id. class_id: the class of its best-scoring box.
+    first_pts_s / last_pts_s: the stream times of its first and last box (so far, for "confirmed").
+    frames: frames it had a box in. best_score: its highest box confidence, in [0, 1].
+    """
+
+    kind: Literal["confirmed", "ended"]
+    track_id: int
+    class_id: int
+    first_pts_s: float
+    last_pts_s: float
+    frames: int
+    best_score: float
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds from the track's first box to its last."""
+        return self.last_pts_s - self.first_pts_s
+
+
+@dataclass(frozen=True, slots=True)
+class TrackUpdate:
+    """The tracker's answer for one frame.
+
+    track_id: int64 [N], aligned with the input rows; -1 where a row got no track.
+    confirmed: bool [N], whether the row's track is confirmed (False for -1 rows).
+    events: the tracks confirmed or ended at this frame.
+    """
+
+    track_id: np.ndarray
+    confirmed: np.ndarray
+    events: tuple[TrackEvent, ...]
+
+    def __post_init__(self) -> None:
+        for name, dtype in (("track_id", np.int64), ("confirmed", np.bool_)):
+            array = np.asarray(getattr(self, name), dtype=dtype).reshape(-1)
+            array.setflags(write=False)
+            object.__setattr__(self, name, array)
+
+
+@dataclass(slots=True)
+class _Track:
+    """A live track's bookkeeping (mutable, private to its Tracker)."""
+
+    track_id: int
+    class_id: int
+    first_pts_s: float
+    last_pts_s: float
+    best_score: float
+    seen: deque[bool]
+    frames: int = 0
+    confirmed: bool = False
+
+    def event(self, kind: Literal["confirmed", "ended"]) -> TrackEvent:
+        return TrackEvent(kind, self.track_id, self.class_id, self.first_pts_s, self.last_pts_s, self.frames,
+                          self.best_score)
+
+
+@dataclass(slots=True)
+class Tracker:
+    """Tracks one stream's detections; `update` once per frame in pts order, `finish` at the stream's end."""
+
+    settings: TrackSettings
+    _engine: ByteTrackTracker | SORTTracker = field(init=False)
+    _tracks: dict[int, _Track] = field(init=False, default_factory=dict)  # by the engine's id
+    _next_id: int = field(init=False, default=1)
+    _last_pts_s: float = field(init=False, default=-np.inf)
+
+    def __post_init__(self) -> None:
+        self._engine = _make_engine(self.settings)
+
+    def update(self, detections: Detections, pts_s: float) -> TrackUpdate:
+        """Track one frame's detections (source pixels) at stream time pts_s (s, not below the last frame's)."""
+        if pts_s < self._last_pts_s:
+            raise ValueError(f"pts_s went back from {self._last_pts_s} to {pts_s}: a tracker needs stream order")
+        self._last_pts_s = pts_s
+        rows = len(detections)
+        found = sv.Detections(xyxy=detections.xyxy, confidence=detections.confidence, class_id=detections.class_id,
+                              data={"row": np.arange(rows)})
+        tracked = self._engine.update(found, timestamp=pts_s)
+        pairs = [(int(row), int(engine_id)) for row, engine_id
+                 in zip(tracked.data.get("row", ()), tracked.tracker_id) if engine_id != -1]
+        for row, engine_id in pairs:
+            self._seen(engine_id, detections, row, pts_s)
+        seen = {engine_id for _, engine_id in pairs}
+        events: list[TrackEvent] = []
+        for engine_id, track in self._tracks.items():
+            track.seen.append(engine_id in seen)
+            if not track.confirmed and sum(track.seen) >= self.settings.confirm_n:
+                track.confirmed = True
+                events.append(track.event("confirmed"))
+        track_id = np.full(rows, -1, np.int64)
+        confirmed = np.zeros(rows, bool)
+        for row, engine_id in pairs:
+            track_id[row] = self._tracks[engine_id].track_id
+            confirmed[row] = self._tracks[engine_id].confirmed
+        alive = {tracklet.tracker_id for tracklet in self._engine.tracks}
+        for engine_id in [i for i in self._tracks if i not in alive]:
+            events.append(self._tracks.pop(engine_id).event("ended"))
+        return TrackUpdate(track_id, confirmed, tuple(events))
+
+    def finish(self, pts_s: float) -> tuple[TrackEvent, ...]:
+        """End every open track (the stream ended at pts_s); the tracker starts afresh, its ids still unused."""
+        self._last_pts_s = max(self._last_pts_s, pts_s)
+        events = tuple(track.event("ended") for track in self._tracks.values())
+        self._tracks.clear()
+        self._engine = _make_engine(self.settings)
+        return events
+
+    def _seen(self, engine_id: int, detections: Detections, row: int, pts_s: float) -> None:
+        """Start or extend the track of engine_id with the box in `row`."""
+        score, class_id = float(detections.confidence[row]), int(detections.class_id[row])
+        track = self._tracks.get(engine_id)
+        if track is None:
+            track = _Track(self._next_id, class_id, pts_s, pts_s, score, deque(maxlen=self.settings.confirm_m))
+            self._tracks[engine_id] = track
+            self._next_id += 1
+        track.frames += 1
+        track.last_pts_s = pts_s
+        if score > track.best_score:
+            track.best_score, track.class_id = score, class_id
+
+
+def _make_engine(settings: TrackSettings) -> ByteTrackTracker | SORTTracker:
+    """The `trackers` tracker for settings; ids from its first match (minimum_consecutive_frames=1), lost in s."""
+    lost_track_buffer = round(settings.max_lost_s * TRACKERS_FPS)
+    match settings.method:
+        case "bytetrack":
+            return ByteTrackTracker(
+                lost_track_buffer=lost_track_buffer, frame_rate=TRACKERS_FPS,
+                track_activation_threshold=settings.new_track_threshold, minimum_consecutive_frames=1,
+                minimum_iou_threshold=settings.match_iou_threshold, high_conf_det_threshold=settings.high_conf_threshold,
+            )
+        case "sort":
+            return SORTTracker(
+                lost_track_buffer=lost_track_buffer, frame_rate=TRACKERS_FPS,
+                track_activation_threshold=settings.new_track_threshold, minimum_consecutive_frames=1,
+                minimum_iou_threshold=settings.match_iou_threshold,
+            )
+
+
+def make_tracker(settings: TrackSettings) -> Tracker:
+    """A tracker for one stream."""
+    return Tracker(settings)
