@@ -36,16 +36,16 @@ class TrackSettings:
 
     method: "bytetrack" (two-pass association, low-score boxes keep tracks alive) or "sort".
     new_track_threshold: a box starts a track only with at least this confidence.
-    high_conf_threshold: ByteTrack's first pass takes boxes at or above it, the second pass the others
-        (ignored by SORT).
+    high_conf_threshold: ByteTrack's first pass takes boxes at or above it, the second pass the others, which
+        only extend tracks (so it may not exceed new_track_threshold; ignored by SORT).
     match_iou_threshold: the least IoU between a track's predicted box and a box for them to match.
     confirm_n / confirm_m: a track is confirmed after it was seen in confirm_n of its last confirm_m frames.
     max_lost_s: a track ends after this long unseen (stream seconds).
     """
 
     method: Literal["bytetrack", "sort"] = "bytetrack"
-    new_track_threshold: float = 0.3
-    high_conf_threshold: float = 0.5
+    new_track_threshold: float = 0.4
+    high_conf_threshold: float = 0.4
     match_iou_threshold: float = 0.2
     confirm_n: int = 3
     confirm_m: int = 5
@@ -57,6 +57,11 @@ class TrackSettings:
         for name in ("new_track_threshold", "high_conf_threshold", "match_iou_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.method == "bytetrack" and self.high_conf_threshold > self.new_track_threshold:
+            raise ValueError(
+                f"high_conf_threshold {self.high_conf_threshold} > new_track_threshold {self.new_track_threshold}: "
+                "ByteTrack starts tracks only from first pass boxes, so boxes in between would start none"
+            )
         if not 1 <= self.confirm_n <= self.confirm_m:
             raise ValueError(f"need 1 <= confirm_n <= confirm_m, got {self.confirm_n} of {self.confirm_m}")
         if self.max_lost_s < 0:
