@@ -101,6 +101,9 @@ def tcp_unbindable(bind: str) -> str | None:
     host, port = split_host_port(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the server binds (http.server sets it): connections it closed, left in TIME-WAIT after a scrape or a
+        # crash, do not hold the port, so a restart at once succeeds; a listening process still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, int(port)))
         except OSError as exc:
@@ -112,6 +115,7 @@ def unbindable(endpoint: str) -> str | None:
     """Why a PUB socket could not bind `endpoint` now, or None (the socket is closed again at once)."""
     context = zmq.Context()
     socket = context.socket(zmq.PUB)
+    socket.setsockopt(zmq.IPV6, 1)  # as PublishStage binds it
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as exc:

@@ -25,10 +25,13 @@ for over `supervisor.STALL_S`), or before the pipeline runs (`starting`).
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Protocol
 
@@ -124,11 +127,23 @@ def _size(path: Path) -> int:
         return 0
 
 
+MAX_WORKERS = 4  # threads that answer requests: a scrape and a health check at once, with room to spare
+MAX_WAITING = 64  # accepted connections that have not sent a byte yet; past that the oldest is closed
+FIRST_BYTE_S = 2.0  # how long a connection may stay silent after it is accepted
+REQUEST_S = 2.0  # how long a worker waits on one connection's socket (reading the request, writing the answer)
+
+
 class MetricsServer:
     """Serves /metrics (the collector) and /healthz on `bind` (HOST:PORT) from a thread of its own.
 
     health: what keeps the watchdog unfed now ([] when nothing), or None before
     the pipeline runs. start() binds (OutputError if it cannot); close() stops.
+
+    Bounded, so that idle or slow clients cannot starve /healthz: one thread
+    accepts and waits (select) for each connection's first byte, FIRST_BYTE_S
+    at most, holding at most MAX_WAITING silent connections (the oldest is
+    closed for a new one); a connection that has sent something goes to one of
+    MAX_WORKERS threads, which gives its socket REQUEST_S per read or write.
     """
 
     def __init__(self, bind: str, collector: RunCollector, health: Callable[[], list[str] | None]):
@@ -137,8 +152,10 @@ class MetricsServer:
         self.registry.register(collector)
         ProcessCollector(registry=self.registry)
         self.health = health
-        self._server: ThreadingHTTPServer | None = None
+        self._server: HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._workers: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
 
     @property
     def port(self) -> int:
@@ -146,25 +163,69 @@ class MetricsServer:
 
     def start(self) -> None:
         host, port = split_host_port(self.bind)
-        handler = type("Handler", (_Handler,), {"owner": self})
-        server_class = type("Server", (ThreadingHTTPServer,), {
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True,
-        })  # fmt: skip
+        handler = type("Handler", (_Handler,), {"owner": self, "timeout": REQUEST_S})
+        server_class = type("Server", (HTTPServer,), {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
         try:
-            self._server = server_class((host, int(port)), handler)
+            self._server = server_class((host, int(port)), handler)  # SO_REUSEADDR, as preflight checks it
         except OSError as exc:
             raise OutputError(f"metrics: cannot serve on {self.bind}: {exc.strerror or exc}") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,), name="metrics", daemon=True)
+        self._stop.clear()
+        self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="metrics")
+        self._thread = threading.Thread(target=self._accept, name="metrics", daemon=True)
         self._thread.start()
         log.info("serving /metrics and /healthz on http://%s", self.bind)
 
     def close(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        self._stop.set()
         self._thread.join()
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        self._server.server_close()
         self._server = None
+
+    def _accept(self) -> None:
+        """Accept connections and hand each one that has sent a byte to a worker (the loop of the accept thread)."""
+        server = self._server
+        waiting: dict[socket.socket, float] = {}  # silent connection -> when it is closed (insertion order: oldest first)
+        with selectors.DefaultSelector() as selector:
+            selector.register(server.socket, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    if key.fileobj is server.socket:
+                        try:
+                            connection, _address = server.socket.accept()
+                        except OSError:  # the client went away before the accept
+                            continue
+                        if len(waiting) >= MAX_WAITING:
+                            oldest = next(iter(waiting))
+                            del waiting[oldest]
+                            selector.unregister(oldest)
+                            oldest.close()
+                        waiting[connection] = time.monotonic() + FIRST_BYTE_S
+                        selector.register(connection, selectors.EVENT_READ)
+                    else:
+                        del waiting[key.fileobj]
+                        selector.unregister(key.fileobj)
+                        self._workers.submit(self._answer, key.fileobj)
+                now = time.monotonic()
+                for connection in [c for c, close_at in waiting.items() if close_at <= now]:
+                    del waiting[connection]
+                    selector.unregister(connection)
+                    connection.close()
+        for connection in waiting:
+            connection.close()
+
+    def _answer(self, connection: socket.socket) -> None:
+        """Answer one request on `connection`, then close it (HTTP/1.0: one request per connection)."""
+        try:
+            self._server.finish_request(connection, connection.getpeername())
+        except OSError as exc:  # the client timed out, reset or went away: nothing to answer
+            log.debug("metrics: connection dropped: %s", exc)
+        except Exception:  # a worker's error would vanish in its future: say it, and serve the next request
+            log.exception("metrics: answering a request failed")
+        finally:
+            self._server.shutdown_request(connection)
 
 
 class _Handler(BaseHTTPRequestHandler):

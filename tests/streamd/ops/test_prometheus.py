@@ -7,6 +7,10 @@ has seen /healthz fail, as in test_runner's test_a_stalled_worker_starves_the_wa
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +25,7 @@ from streamd.config import MetricsConfig, load_config
 from streamd.errors import ConfigError, OutputError
 from streamd.model.detector import Detector
 from streamd.ops.metrics import LATENCY_BUCKETS_MS, Metrics, dropped
+from streamd.ops import prometheus
 from streamd.ops.prometheus import MetricsServer, RunCollector
 from streamd.pipeline import supervisor as supervisor_module
 from streamd.pipeline.daemon import run_pipeline
@@ -262,3 +267,65 @@ def test_healthz_fails_while_a_worker_is_stalled(tmp_path: Path, tiny_bundle, cl
         release.set()
         summary = run.finish()
     assert summary.ok and summary.stream("a").processed > 0
+
+
+def test_hundreds_of_idle_connections_neither_starve_healthz_nor_make_threads():
+    """200 connections that never send a byte (500 made 500 threads and a 1 s /healthz): /healthz still answers,
+    and the server runs no more threads than its accept thread and its workers."""
+    server = MetricsServer("127.0.0.1:0", RunCollector(Metrics(["a"]), [], []), lambda: [])
+    threads_before = threading.active_count()
+    server.start()
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        assert get(f"http://127.0.0.1:{server.port}/healthz") == (200, "ok\n")
+        assert threading.active_count() <= threads_before + 1 + prometheus.MAX_WORKERS
+    finally:
+        for connection in idle:
+            connection.close()
+        server.close()
+
+
+def test_a_client_that_never_finishes_its_request_is_dropped_and_the_next_one_answered():
+    server = MetricsServer("127.0.0.1:0", RunCollector(Metrics(["a"]), [], []), lambda: [])
+    server.start()
+    slow = []
+    try:
+        for _ in range(prometheus.MAX_WORKERS * 2):  # every worker holds one half-sent request until REQUEST_S
+            connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            connection.sendall(b"GET /metr")
+            slow.append(connection)
+        assert wait_for(lambda: get(f"http://127.0.0.1:{server.port}/healthz")[0], what="an answer") == 200
+        for connection in slow:
+            assert connection.recv(100) == b""  # closed by the server, no answer
+    finally:
+        for connection in slow:
+            connection.close()
+        server.close()
+
+
+def test_a_daemon_stopped_after_a_scrape_starts_again_at_once(tmp_path: Path, tiny_bundle, clip):
+    """A closed scrape leaves the port in TIME-WAIT: a restart at once must not fail ("Address already in use")."""
+    port = media.free_port("tcp")
+    config = media.write_config(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: onnxruntime
+        streams: [{{id: a, source: {clip}, loop: true, realtime: true}}]
+        metrics: {{bind: "127.0.0.1:{port}"}}
+        """,
+    )
+    streamd = Path(sys.executable).with_name("streamd")
+    for start in ("first", "second"):
+        daemon = subprocess.Popen([streamd, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: daemon.poll() is not None or get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n"),
+                     timeout_s=120, what=f"the {start} start's /healthz")  # fmt: skip
+            daemon.send_signal(signal.SIGTERM)
+            stdout, stderr = daemon.communicate(timeout=60)
+        finally:
+            media.stop(daemon)
+        assert daemon.returncode == 0, f"{start} start: {stderr}"
+        assert "Address already in use" not in stderr
