@@ -12,7 +12,10 @@ the engine instead of building it.
 
 Precisions: fp32 is fp32 (TensorRT's default TF32 for convolutions and
 matrix products is cleared); fp16 allows fp16 and TF32 kernels; int8 allows
-int8 where scales are known, else fp16. The int8 scales come either from a
+int8 where scales are known, else fp16. With fp16 or int8, YOLOX's decode
+inside the graph (the grid add, exp * stride, the final concat) is held in
+fp32 (`keep_decode_fp32`): in fp16 a centre near 640 px is quantised to
+0.5 px and exp(wh) * 32 overflows above wh ~ 7.6. The int8 scales come either from a
 calibrator (implicit quantization, TensorRT 10 only) or from the model's own
 Q/DQ nodes (explicit quantization: `trainer quantize --for tensorrt`), which
 must be symmetric int8 (zero point 0): checked in the ONNX file before
@@ -61,8 +64,12 @@ class Int8Calibrator(Protocol):
 
 
 # How serialize_engine builds, in the key: a change that makes another engine of the same inputs (2: fp32 with TF32
-# cleared, int8 calibrated through its own profile) must not find the engines cached before it.
-BUILD_RECIPE = 2
+# cleared, int8 calibrated through its own profile; 3: the in-graph decode held in fp32) must not find the engines
+# cached before it.
+BUILD_RECIPE = 3
+# The layers YOLOX's in-graph decode is made of (its Add/Mul/Exp, Slice, Concat, Reshape/Transpose and their
+# constants), walked back from the network's output; the walk stops at the head's last convolutions and sigmoids.
+DECODE_LAYER_TYPES = ("ELEMENTWISE", "UNARY", "CONCATENATION", "SLICE", "SHUFFLE", "CONSTANT", "CAST", "IDENTITY")
 
 
 def engine_key(onnx_sha256: str, gpu_name: str, trt_version: str, precision: str, max_batch: int) -> str:
@@ -151,6 +158,9 @@ def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, worksp
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 rounds conv/matmul inputs to 10 mantissa bits
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without int8 kernels fall back to fp16
+        held = keep_decode_fp32(trt, network)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)  # PREFER would let TensorRT pick fp16 anyway
+        log.info("TensorRT build of %s: %d layers of the in-graph decode held in fp32", bundle.onnx_path, len(held))
     if precision == "int8":
         if calibrator is None and not has_qdq:
             raise BackendError(
@@ -186,6 +196,37 @@ def serialize_engine(trt, bundle: Bundle, precision: str, max_batch: int, worksp
     if serialized is None:
         raise BackendError(f"{bundle.onnx_path}: TensorRT could not build an engine (build_serialized_network returned None; see its log above)")
     return bytes(serialized)
+
+
+def keep_decode_fp32(trt, network) -> list[str]:
+    """Hold the in-graph decode in fp32: the names of the layers given precision and output types float32.
+
+    The decode is every layer of DECODE_LAYER_TYPES reached walking back from the network's outputs (through all
+    their inputs); those with a float32 output (not the shape arithmetic in int32/int64) are constrained. The
+    constraints bind only with BuilderFlag.OBEY_PRECISION_CONSTRAINTS, which the caller sets.
+    """
+    decode_types = {getattr(trt.LayerType, name) for name in DECODE_LAYER_TYPES}
+    producer = {}
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        for output in range(layer.num_outputs):
+            producer[layer.get_output(output).name] = layer
+    pending = [network.get_output(index).name for index in range(network.num_outputs)]
+    seen: set[str] = set()
+    held = []
+    while pending:
+        layer = producer.get(pending.pop())
+        if layer is None or layer.name in seen or layer.type not in decode_types:
+            continue
+        seen.add(layer.name)
+        pending.extend(tensor.name for tensor in map(layer.get_input, range(layer.num_inputs)) if tensor is not None)
+        floats = [index for index in range(layer.num_outputs) if layer.get_output(index).dtype == trt.float32]
+        if floats and layer.type != trt.LayerType.CONSTANT:  # a constant holds its weights' own type
+            layer.precision = trt.float32
+            for index in floats:
+                layer.set_output_type(index, trt.float32)
+            held.append(layer.name)
+    return held
 
 
 def check_qdq(onnx_path: Path, required: bool = True) -> bool:

@@ -1,7 +1,9 @@
 """A fake of TensorRT's builder API (Builder, network, config, profiles), as streamd.backends.tensorrt_build uses it.
 
 A "serialized engine" is JSON naming the ONNX file and the profile's max batch; fake_gpu.FakeTRT's runtime
-deserializes it into an engine that runs the model with ONNX Runtime.
+deserializes it into an engine that runs the model with ONNX Runtime. The fake parser reads the ONNX file into
+one layer per node (TensorRT's layer type for its op, outputs typed by ONNX shape inference) on which precision
+constraints are recorded; a build keeps them (`precisions`, `output_types`).
 
 The fake build runs an int8 calibrator the way TensorRT does: get_batch until it returns None, at the
 calibration profile's opt batch, and an exception raised inside get_batch ends the calibration silently
@@ -32,10 +34,14 @@ class FakeTRTBuild:
         WORKSPACE = "workspace"
 
     class BuilderFlag:
-        FP16, INT8, TF32 = "fp16", "int8", "tf32"
+        FP16, INT8, TF32, OBEY_PRECISION_CONSTRAINTS = "fp16", "int8", "tf32", "obey_precision_constraints"
 
     class LayerType:
-        QUANTIZE = "quantize"
+        QUANTIZE, CONVOLUTION, ACTIVATION, ELEMENTWISE, UNARY = "quantize", "convolution", "activation", "elementwise", "unary"
+        CONCATENATION, SLICE, SHUFFLE, CONSTANT, CAST, IDENTITY = "concatenation", "slice", "shuffle", "constant", "cast", "identity"
+        SHAPE, POOLING, RESIZE, OTHER = "shape", "pooling", "resize", "other"
+
+    float32, float16, int32, int64 = "float32", "float16", "int32", "int64"
 
     class TensorIOMode:
         INPUT, OUTPUT = "input", "output"
@@ -52,6 +58,7 @@ class FakeTRTBuild:
 
         def parse_from_file(self, path: str) -> bool:
             self.network["onnx"] = path
+            self.network.read_onnx(path)
             return True
 
     class Builder:
@@ -77,7 +84,9 @@ class FakeTRTBuild:
         def build_serialized_network(self, network, config):
             build = {"flags": set(config.flags), "cleared": set(config.cleared), "profiles": config.profiles,
                      "calibrator": config.int8_calibrator, "calibration_profile": config.calibration_profile,
-                     "calibration_batches": []}  # fmt: skip
+                     "calibration_batches": [],
+                     "precisions": {layer.name: layer.precision for layer in network.layers if layer.precision},
+                     "output_types": {layer.name: layer.output_types for layer in network.layers if layer.output_types}}  # fmt: skip
             FakeTRTBuild.builds.append(build)
             if config.int8_calibrator is not None and "int8" in config.flags:
                 build["calibration_batches"] = calibrate(config.int8_calibrator)
@@ -105,11 +114,75 @@ def calibrate(calibrator) -> list[int]:
     return pointers
 
 
-class FakeNetwork(dict):
-    num_layers = 0  # the fake parser adds no layers: serialize_engine reads Q/DQ from the ONNX file
+# ONNX op -> TensorRT's layer type as its ONNX parser makes it (the ops YOLOX and the tests' tiny model use).
+LAYER_TYPES = {
+    "Conv": "CONVOLUTION", "Sigmoid": "ACTIVATION", "Relu": "ACTIVATION", "Add": "ELEMENTWISE", "Mul": "ELEMENTWISE",
+    "Sub": "ELEMENTWISE", "Div": "ELEMENTWISE", "Exp": "UNARY", "Concat": "CONCATENATION", "Slice": "SLICE",
+    "Reshape": "SHUFFLE", "Transpose": "SHUFFLE", "Constant": "CONSTANT", "Cast": "CAST", "Identity": "IDENTITY",
+    "Shape": "SHAPE", "MaxPool": "POOLING", "Resize": "RESIZE", "QuantizeLinear": "QUANTIZE",
+}  # fmt: skip
+ONNX_TYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64"}
 
-    def get_layer(self, index: int):
-        raise IndexError(index)
+
+class FakeTensor(types.SimpleNamespace):
+    """A network tensor: name and dtype."""
+
+
+class FakeLayer:
+    """One parsed ONNX node as a TensorRT layer: name, type, input and output tensors, and the precision
+    constraints set on it (`precision`, `output_types`: output index -> type)."""
+
+    def __init__(self, name: str, layer_type: str, inputs: list, outputs: list):
+        self.name, self.type, self.inputs, self.outputs = name, layer_type, inputs, outputs
+        self.num_inputs, self.num_outputs = len(inputs), len(outputs)
+        self.precision, self.output_types = None, {}
+
+    def get_input(self, index: int):
+        return self.inputs[index]
+
+    def get_output(self, index: int):
+        return self.outputs[index]
+
+    def set_output_type(self, index: int, dtype) -> None:
+        self.output_types[index] = dtype
+
+
+class FakeNetwork(dict):
+    """The parsed network: one FakeLayer per ONNX node, in the file's (topological) order."""
+
+    def __init__(self, **fields):
+        super().__init__(**fields)
+        self.layers: list[FakeLayer] = []
+        self.outputs: list[FakeTensor] = []
+
+    def read_onnx(self, path: str) -> None:
+        import onnx
+
+        model = onnx.shape_inference.infer_shapes(onnx.load(path))
+        graph = model.graph
+        dtypes = {v.name: ONNX_TYPES.get(v.type.tensor_type.elem_type, "other") for v in [*graph.value_info, *graph.input, *graph.output]}
+        dtypes.update({t.name: ONNX_TYPES.get(t.data_type, "other") for t in graph.initializer})
+        tensors = {name: FakeTensor(name=name, dtype=dtype) for name, dtype in dtypes.items()}
+        for node in graph.node:
+            inputs = [tensors.setdefault(name, FakeTensor(name=name, dtype="other")) if name else None for name in node.input]
+            outputs = [tensors.setdefault(name, FakeTensor(name=name, dtype="other")) for name in node.output]
+            layer_type = getattr(FakeTRTBuild.LayerType, LAYER_TYPES.get(node.op_type, "OTHER"))
+            self.layers.append(FakeLayer(node.name or node.output[0], layer_type, inputs, outputs))
+        self.outputs = [tensors[output.name] for output in graph.output]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def get_layer(self, index: int) -> FakeLayer:
+        return self.layers[index]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def get_output(self, index: int) -> FakeTensor:
+        return self.outputs[index]
 
 
 def fake_trt11():

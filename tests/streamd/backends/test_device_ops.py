@@ -208,13 +208,41 @@ def test_resize_linear_alone_is_cv2_resize():
     "preprocess",
     [Preprocess(pad_value=0, channel_order="rgb"), Preprocess(mean=(100.0, 110.0, 120.0), std=(50.0, 60.0, 70.0), scale=2.0)],
 )
-def test_letterbox_applies_channel_order_and_normalisation_as_the_cpu_does(preprocess, bccd_images):
+@pytest.mark.parametrize("device", DEVICES)
+def test_letterbox_applies_channel_order_and_normalisation_as_the_cpu_does(preprocess, bccd_images, device):
     frames = bccd_images[:4]
-    out = torch.empty(len(frames), 3, *INPUT_HW)
-    letterbox_frames([torch.from_numpy(f) for f in frames], INPUT_HW, preprocess, out)
+    out = torch.empty(len(frames), 3, *INPUT_HW, device=device)
+    letterbox_frames([torch.from_numpy(f).to(device) for f in frames], INPUT_HW, preprocess, out)
+    out = out.cpu()
     for index, frame in enumerate(frames):
-        # A division by a Python scalar is a multiplication by its reciprocal in torch: a float32 ulp at most.
-        np.testing.assert_allclose(out[index].numpy(), letterbox(frame, INPUT_HW, preprocess).tensor, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(out[index].numpy(), letterbox(frame, INPUT_HW, preprocess).tensor)
+
+
+class DivisionRecorder(torch.overrides.TorchFunctionMode):
+    """Records the divisor of every Tensor.div_ (torch function mode: sees the call as the caller wrote it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.divisors = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.div_:
+            self.divisors.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_std_division_is_a_true_division_on_the_device_not_by_a_python_scalar(bccd_images):
+    """CUDA divides by a CPU scalar (a Python number) as a multiply by its reciprocal, up to 1 ulp off the host's
+    float32 division (on the CPU, torch divides either way, so the bit-exact test above cannot see it there): the
+    divisor must be a tensor on out's device, holding std in float32."""
+    preprocess = Preprocess(mean=(100.0, 110.0, 120.0), std=(50.0, 60.0, 70.0), scale=2.0)
+    out = torch.empty(1, 3, *INPUT_HW)
+    with DivisionRecorder() as recorder:
+        letterbox_frames([torch.from_numpy(bccd_images[0])], INPUT_HW, preprocess, out)
+    assert len(recorder.divisors) == 3
+    for divisor, std in zip(recorder.divisors, preprocess.std):
+        assert isinstance(divisor, torch.Tensor) and divisor.device == out.device and divisor.dtype == torch.float32
+        assert divisor.item() == np.float32(std)
 
 
 def test_yuv420p_frames_letterbox_as_their_bgr24_decode_does_on_the_cpu(decoded):

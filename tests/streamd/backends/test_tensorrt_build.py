@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ import pytest
 from streamd.backends import tensorrt_build
 from streamd.backends.tensorrt_build import build_engine, engine_key, serialize_engine, write_cache
 from streamd.errors import BackendError
-from streamd.model import write_bundle
+from streamd.model import load_bundle, write_bundle
 from tests.streamd.backends.fake_trt_build import FakeCalibrator, FakeTRTBuild, fake_build_torch, fake_trt11
 from tests.streamd.conftest import bundle_meta
+
+REPO = Path(__file__).parents[3]
 
 
 @pytest.fixture
@@ -30,13 +33,39 @@ def fake_build(monkeypatch):
 # --- precision flags ---
 
 
-@pytest.mark.parametrize("precision, flags, cleared", [("fp32", set(), {"tf32"}), ("fp16", {"fp16"}, set())])
+OBEY = "obey_precision_constraints"
+
+
+@pytest.mark.parametrize("precision, flags, cleared", [("fp32", set(), {"tf32"}), ("fp16", {"fp16", OBEY}, set())])
 def test_fp32_clears_tf32_and_fp16_keeps_it(tiny_bundle, fake_build, caplog, precision, flags, cleared):
     caplog.set_level("INFO")
     serialize_engine(fake_build, tiny_bundle, precision, 4, 64)
     (build,) = fake_build.builds
     assert build["flags"] == flags and build["cleared"] == cleared
     assert ("TF32 cleared" in caplog.text) == (precision == "fp32")
+
+
+# YOLOX's in-graph decode in the shipped model (trainer export): the grid add, the stride multiply, exp, the concat.
+DECODE_LAYERS = {"/head/Add", "/head/Mul", "/head/Exp", "/head/Mul_1", "/head/Concat_24", "/head/Transpose", "/head/Concat_6"}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_fp16_holds_yoloxs_in_graph_decode_in_fp32_and_nothing_before_it(fake_build, precision):
+    """fp16 would quantise a centre near 640 px to 0.5 px and overflow exp(wh) * stride above wh ~ 7.6: the decode
+    layers get precision and output type float32 (binding with OBEY_PRECISION_CONSTRAINTS); the convolutions, the
+    sigmoids and the shape arithmetic (int64) are left to TensorRT. fp32 needs no constraint."""
+    bundle = load_bundle(REPO / "models" / "bccd-nano.bundle")
+    serialize_engine(fake_build, bundle, precision, 4, 64)
+    (build,) = fake_build.builds
+    if precision == "fp32":
+        assert build["precisions"] == {} and OBEY not in build["flags"]
+        return
+    held = set(build["precisions"])
+    assert DECODE_LAYERS <= held and set(build["precisions"].values()) == {"float32"}
+    assert all(types == {0: "float32"} for types in build["output_types"].values()) and set(build["output_types"]) == held
+    assert not [name for name in held if "Conv" in name or "Sigmoid" in name or "/Shape" in name]
+    assert not [name for name in held if not name.startswith("/head/")]  # the backbone and neck stay free
+    assert OBEY in build["flags"]
 
 
 # --- int8 with a calibrator (implicit quantization) ---
@@ -51,7 +80,7 @@ def test_calibration_profile_is_the_calibrators_batch_not_max_batch(tiny_bundle,
     assert build["calibration_profile"].shapes["images"] == (shape, shape, shape)  # TensorRT calibrates at opt
     assert build["profiles"][0].shapes["images"] == ((1, 3, 64, 64), (max_batch, 3, 64, 64), (max_batch, 3, 64, 64))
     assert build["calibration_profile"] not in build["profiles"]  # only for calibration: not an engine profile
-    assert len(build["calibration_batches"]) == 3 and build["flags"] == {"fp16", "int8"}
+    assert len(build["calibration_batches"]) == 3 and build["flags"] == {"fp16", "int8", OBEY}
 
 
 class FailingCalibrator(FakeCalibrator):
@@ -137,7 +166,7 @@ def test_qdq_models_build_without_a_calibrator_when_symmetric_int8(fake_build, t
     if problem is None:
         serialize_engine(fake_build, bundle, "int8", 4, 64)
         (build,) = fake_build.builds
-        assert build["flags"] == {"fp16", "int8"} and build["calibrator"] is None
+        assert build["flags"] == {"fp16", "int8", OBEY} and build["calibrator"] is None
         with pytest.raises(BackendError, match="already carries its int8 scales"):
             serialize_engine(fake_build, bundle, "int8", 4, 64, FakeCalibrator(2, batches=1))
     else:
