@@ -25,13 +25,31 @@ class Letterbox:
     scale: float  # input pixels per source pixel
 
 
+def letterbox_hw(source_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[int, int, float]:
+    """(h, w, r): the size a source (H, W) image takes inside an input_hw letterbox, r = min(H_in / H, W_in / W).
+
+    ValueError when a side would be 0 pixels: an image more than input_hw's side times wider than tall, or
+    taller than wide (1920x4 into 416x416), or an image without pixels. Nothing can letterbox such a frame.
+    """
+    height, width = source_hw
+    if height < 1 or width < 1:
+        raise ValueError(f"a {width}x{height} image has no pixels")
+    scale = min(input_hw[0] / height, input_hw[1] / width)
+    new_h, new_w = int(height * scale), int(width * scale)
+    if new_h < 1 or new_w < 1:
+        raise ValueError(
+            f"a {width}x{height} image cannot be letterboxed into {input_hw[1]}x{input_hw[0]}: "
+            f"it would be {new_w}x{new_h} pixels"
+        )
+    return new_h, new_w, scale
+
+
 def _place(image_bgr: np.ndarray, input_hw: tuple[int, int], pad_value: int) -> tuple[np.ndarray, float]:
     """The uint8 HxWx3 canvas: the image resized by r = min(H / h, W / w) top-left, the rest pad_value; and r."""
-    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {image_bgr.shape}")
+    if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {image_bgr.dtype} {image_bgr.shape}")
+    new_h, new_w, scale = letterbox_hw(image_bgr.shape[:2], input_hw)
     canvas = np.full((input_hw[0], input_hw[1], 3), pad_value, dtype=np.uint8)
-    scale = min(input_hw[0] / image_bgr.shape[0], input_hw[1] / image_bgr.shape[1])
-    new_h, new_w = int(image_bgr.shape[0] * scale), int(image_bgr.shape[1] * scale)
     if (new_h, new_w) == image_bgr.shape[:2]:
         canvas[:new_h, :new_w] = image_bgr  # already the letterbox's size (decoded for the model): pad only
     else:

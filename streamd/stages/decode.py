@@ -28,6 +28,13 @@ SourceError that names the stream and its URL. Packets the demuxer flags as
 corrupt, and packets the decoder rejects, are skipped and counted
 (`corrupt_packets`); successful opens and file loops are counted too, all in
 the pipeline's Metrics.
+
+Frames no stage can take: a frame the model's letterbox would give a 0-pixel
+side (1920x4 into 416x416) or whose pixels do not have their layout's shape is
+checked here, before it joins a batch shared with the other streams, and
+skipped (counted as dropped("unfit_frame")), with one warning per size and one
+stream error, not a line per frame. The stream's other frames and the other
+streams go on; a file that had such frames ends as its stream's error.
 """
 
 from __future__ import annotations
@@ -39,16 +46,18 @@ from urllib.parse import urlsplit
 
 import av
 import av.error
+import numpy as np
 from av.codec.hwaccel import HWAccel
 
 from streamd.config import SourceKind, StreamConfig
 from streamd.errors import FatalError, SourceError
-from streamd.ops.metrics import Metrics
+from streamd.model.preprocess import letterbox_hw
+from streamd.ops.metrics import Metrics, dropped
 from streamd.pipeline.stage import Backoff
 from streamd.stages.decoder import PIXEL_FORMATS, decoder_in_use, frame_pixels, hwaccel_for
 from streamd.stages.freeze import FreezeDetector
 from streamd.stages.timeline import TimeLine  # noqa: F401 (also streamd.stages.decode.TimeLine)
-from streamd.types import Frame, PixelFormat, picture_hw
+from streamd.types import Frame, PixelFormat, image_problem, picture_hw
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +73,18 @@ _UDP_FIFO_SIZE = 100_000
 # 4.5 s to the first frame with the default probe, 1.3 s with this one). The stream's parameters come with
 # its first keyframe either way.
 _SHORT_PROBE = {"analyzeduration": "300000", "probesize": "65536"}
+UNFIT_FRAME = "unfit_frame"  # the drop reason of a frame no stage can take (its size or its layout)
 
 
 def open_source(
     stream: StreamConfig, metrics: Metrics, *, model_hw: tuple[int, int] | None = None,
-    pixel_format: PixelFormat = "bgr24", cuda_device: int = 0, options: dict[str, str] | None = None,
+    input_hw: tuple[int, int] | None = None, pixel_format: PixelFormat = "bgr24", cuda_device: int = 0,
+    options: dict[str, str] | None = None,
 ) -> AVSource:  # fmt: skip
     """The source of a validated stream config (not opened yet: the runner calls open()).
 
     model_hw, pixel_format: see AVSource (compose passes one of them for streams that are not recorded).
+    input_hw: the model's input (H, W), to skip frames it cannot letterbox (model_hw implies it).
     cuda_device: the GPU NVDEC decodes on (compose passes the backend's, so frames are where inference runs).
     options: extra FFmpeg options, applied last (tests, benchmarks).
     """
@@ -106,6 +118,7 @@ def open_source(
         loop=stream.loop, timeout_s=stream.timeout_s, backoff=Backoff(stream.reconnect.initial_s, stream.reconnect.max_s),
         frozen_after_s=stream.frozen_after_s if stream.kind.live else None, model_hw=model_hw,
         pixel_format=pixel_format, hwaccel=stream.hwaccel, cuda_device=cuda_device, decoder_threads=stream.decoder_threads,
+        input_hw=input_hw,
     )
 
 
@@ -118,12 +131,14 @@ class AVSource:
     to the letterbox's size in one swscale pass, never made at full size (None: full-size BGR frames).
     pixel_format: "yuv420p" hands each frame over as its planes, for a backend that converts colour and
     resizes on its device (odd-sized frames as bgr24); excludes model_hw.
+    input_hw: the model's input (H, W): a frame it cannot letterbox is skipped (default: model_hw; None and no
+    model_hw: only the pixels' layout is checked).
     hwaccel: auto | cuda | none (streams[].hwaccel); cuda_device: the GPU NVDEC decodes on.
     decoder_threads: the codec's thread count (None: FFmpeg's).
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
     files and "SLICE" for live sources, where frame threading would add a
     frame of latency per thread.
-    Counted in `metrics`: opens, loops, corrupt_packets.
+    Counted in `metrics`: opens, loops, corrupt_packets, dropped("unfit_frame").
     """
 
     def __init__(
@@ -146,6 +161,7 @@ class AVSource:
         cuda_device: int = 0,
         decoder_threads: int | None = None,
         thread_type: str | None = None,
+        input_hw: tuple[int, int] | None = None,
     ) -> None:
         if pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"stream {stream_id!r}: pixel_format must be one of {PIXEL_FORMATS}, not {pixel_format!r}")
@@ -166,6 +182,7 @@ class AVSource:
         self.timeout_s = timeout_s
         self.backoff = backoff
         self.model_hw = model_hw
+        self.input_hw = input_hw or model_hw
         self.pixel_format = pixel_format
         self.hwaccel = hwaccel
         self.cuda_device = cuda_device
@@ -186,6 +203,7 @@ class AVSource:
         # The decoder to name once the first frame of an open is out: (codec context, tried NVDEC, why not).
         self._decoder_pending: tuple[av.VideoCodecContext, bool, str | None] | None = None
         self._decoder_said: str | None = None  # the last line logged about it
+        self._unfit: dict[str, int] = {}  # why frames were skipped (size or layout) -> how many
 
     def __repr__(self) -> str:
         return f"AVSource({self.stream_id!r}, {self.url!r}, kind={self.kind!r}, live={self.live})"
@@ -290,12 +308,22 @@ class AVSource:
         if self._frames is None:
             raise self._error("read() without a successful open()")
         try:
-            av_frame, received = next(self._frames)
-            image, layout, source_hw, scale = frame_pixels(av_frame, self.pixel_format, self.model_hw)
+            while True:
+                av_frame, received = next(self._frames)
+                problem = self._size_problem(av_frame.height, av_frame.width)
+                if problem is None:
+                    image, layout, source_hw, scale = frame_pixels(av_frame, self.pixel_format, self.model_hw)
+                    problem = image_problem(image, layout.format, image.dtype == np.uint8)
+                if problem is None:
+                    break
+                self._skip(problem)
         except StopIteration:
             if self.live:
                 self._frames = None
                 raise self._error("the stream ended") from None
+            if self._unfit:  # the file's other frames went through: its frames no stage could take are its error
+                self._frames = None
+                raise self._error(f"{self._unfit_text()}, skipped") from None
             return None  # the exhausted generator keeps answering None
         except (av.error.ExitError, av.error.TimeoutError) as exc:
             self._frames = None
@@ -334,6 +362,30 @@ class AVSource:
         self._last_frame_at = received
         self.frames += 1
         return frame
+
+    def _size_problem(self, height: int, width: int) -> str | None:
+        """Why a frame of this size cannot be letterboxed into the model's input, or None (also when unknown)."""
+        if self.input_hw is None:
+            return None
+        try:
+            letterbox_hw((height, width), self.input_hw)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _skip(self, problem: str) -> None:
+        """Count a frame no stage can take; warn (and count a stream error) the first time for each reason."""
+        self.metrics.count(self.stream_id, dropped(UNFIT_FRAME))
+        first = problem not in self._unfit
+        self._unfit[problem] = self._unfit.get(problem, 0) + 1
+        if first:
+            text = f"stream {self.stream_id!r}: skipping the frames no stage can take: {problem}"
+            log.warning(text)
+            self.metrics.error(self.stream_id, text)
+
+    def _unfit_text(self) -> str:
+        """"12 frames: a 1920x4 image cannot be letterboxed into 416x416 ...", one part per reason."""
+        return "; ".join(f"{n} frame{'s' if n != 1 else ''}: {problem}" for problem, n in self._unfit.items())
 
     def _pace(self, pts_s: float) -> None:
         """Sleep until the frame is due at the file's own rate (restart the clock when far behind)."""

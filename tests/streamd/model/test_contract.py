@@ -23,6 +23,15 @@ def test_letterbox_equals_yolox_preproc(source_hw, input_hw):
     np.testing.assert_array_equal(boxed.tensor, expected)
 
 
+@pytest.mark.parametrize("source_hw", [(4, 1920), (2, 4096), (2048, 2), (0, 16)])
+def test_letterbox_refuses_images_with_a_0_pixel_side(source_hw):
+    """cv2.resize would assert (inv_scale_x > 0); letterbox says which size cannot fit, as a ValueError."""
+    image = np.zeros((*source_hw, 3), np.uint8)
+    height, width = source_hw
+    with pytest.raises(ValueError, match=f"a {width}x{height} image"):
+        letterbox(image, (416, 416))
+
+
 def test_letterbox_rgb_and_normalisation():
     image = np.zeros((32, 32, 3), np.uint8)
     image[..., 0] = 10  # blue
