@@ -59,6 +59,15 @@ def is_loopback_host(host: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+# ZMQ_MAXMSGSIZE of the PUB socket: the largest message a subscriber may send it. What a subscriber sends a PUB is
+# its subscriptions (1 byte + a topic prefix; topics are stream ids of at most 64 characters) and, with CURVE, the
+# handshake (INITIATE, about 300 bytes) and the encrypted subscriptions (about 40 bytes more each). A peer that sends
+# more is disconnected before ZeroMQ buffers the message. ZeroMQ has no option that caps the *number* of
+# subscriptions a peer keeps: each distinct prefix costs at most this many bytes (plus a trie node) until the peer
+# goes away, and only local users (loopback or ipc://) or the allow-listed CURVE keys can connect at all.
+MAX_SUBSCRIPTION_BYTES = 1024
+
+
 class PublishConfig(StrictModel):
     """The daemon's one ZeroMQ PUB socket (DESIGN contract 2)."""
 

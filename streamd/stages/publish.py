@@ -23,6 +23,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from streamd.config import CurveConfig, PublishConfig
+from streamd.config_outputs import MAX_SUBSCRIPTION_BYTES
 from streamd.errors import OutputError
 from streamd.keys import read_authorized_keys, read_key_pair
 from streamd.ops.metrics import Metrics
@@ -103,6 +104,8 @@ class PublishStage:
         try:
             socket.setsockopt(zmq.SNDHWM, self.sndhwm)
             socket.setsockopt(zmq.LINGER, self.linger_ms)
+            socket.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)  # a subscriber cannot make it buffer more
+            socket.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT binds (IPv4 endpoints are unchanged)
             if self.curve is not None:  # the ZAP handler runs before the first client can connect
                 self.authenticator = curve_server(self.context, socket, self.curve)
             try:
