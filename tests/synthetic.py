@@ -13,6 +13,7 @@ after clipping and dropping) and where each injected flaw should be reported
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -24,7 +25,7 @@ import yaml
 SPLITS = ("train", "val", "test")
 FLAWS = (
     "malformed_xml",  # VOC only: a truncated XML file -> error, image skipped
-    "unknown_class",  # an extra box of class "hexagon" -> warning, box dropped
+    "unknown_class",  # an extra box of class "hexagon" -> error (with its count), box dropped
     "zero_area_box",  # an extra box of zero width, as in BCCD -> warning, box dropped
     "outside_box",  # a shape crossing the right edge -> warning, box clipped
     "missing_image",  # listed / in the JSON, no file -> error, image skipped
@@ -386,3 +387,20 @@ def assert_sound(split, root: Path) -> None:
         assert (xyxy[:, [0, 1]] >= 0).all() and (xyxy[:, 2] <= record.width).all() and (xyxy[:, 3] <= record.height).all()
         assert (xyxy[:, 2] > xyxy[:, 0]).all() and (xyxy[:, 3] > xyxy[:, 1]).all()
         assert ((record.class_id >= 0) & (record.class_id < len(split.class_names))).all()
+
+
+def bccd_subset(bccd_root: Path, dest: Path, counts: dict[str, int]) -> Path:
+    """A VOC dataset at dest holding the first counts[split] images of each of BCCD's splits; return dest.
+
+    The images and XML files are copied (a test may change them); the splits named in counts are written.
+    """
+    dest = Path(dest)
+    for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+    for split, count in counts.items():
+        ids = (Path(bccd_root) / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[:count]
+        for image_id in ids:
+            shutil.copyfile(Path(bccd_root) / "JPEGImages" / f"{image_id}.jpg", dest / "JPEGImages" / f"{image_id}.jpg")
+            shutil.copyfile(Path(bccd_root) / "Annotations" / f"{image_id}.xml", dest / "Annotations" / f"{image_id}.xml")
+        (dest / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return dest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shlex
 from dataclasses import asdict
 from pathlib import Path
@@ -82,7 +83,8 @@ def train(
         again = f"trainer train {shlex.quote(str(config))}" + (" --resume" if stop.epoch else "")
         console.print(f"{stop}\n{'resume' if stop.epoch else 'start again'} with: {again}", highlight=False)
         raise typer.Exit(130) from None  # the shell's code for Ctrl-C
-    typer.echo(json.dumps(asdict(result), indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same result: print it once
+        typer.echo(json.dumps(asdict(result), indent=2))
 
 
 @app.command("eval")
@@ -166,13 +168,14 @@ def export(
     source: Annotated[Path, typer.Argument(help="Run folder (takes best.pth) or checkpoint file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write, NAME.bundle.")],
     name: Annotated[Optional[str], typer.Option(help="Model name (default: the experiment's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle, or write into a folder that holds files.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Export the ONNX model (dynamic batch, decode in graph, simplified) and bundle.json."""
+    """Export the ONNX model (dynamic batch, decode in graph, simplified), golden frames and bundle.json."""
     from trainer.export.bundle import export_bundle
 
     _setup_logging(verbose)
-    result = export_bundle(source, out, name)
+    result = export_bundle(source, out, name, overwrite)
     typer.echo(json.dumps(asdict(result), indent=2))
 
 
@@ -185,6 +188,7 @@ def quantize(
     calibration_images: Annotated[int, typer.Option(min=1, help="First N images of the train split.")] = 64,
     name: Annotated[Optional[str], typer.Option(help="Model name (default: the source's, with -int8).")] = None,
     target: Annotated[str, typer.Option("--for", help="onnxruntime (uint8 activations, fastest on the CPU) or tensorrt (symmetric int8, zero points 0: `trainer build-engine --precision int8` builds it without --data; ONNX Runtime runs it too).")] = "onnxruntime",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle, or write into a folder that holds files.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """int8 bundle (static Q/DQ quantization, calibrated on the train split) for ONNX Runtime or TensorRT; check it
@@ -192,7 +196,7 @@ def quantize(
     from trainer.export.quantize import quantize_bundle
 
     _setup_logging(verbose)
-    result = quantize_bundle(bundle, data, out, calibration_images, name, target)
+    result = quantize_bundle(bundle, data, out, calibration_images, name, target, overwrite)
     typer.echo(json.dumps(asdict(result), indent=2))
 
 

@@ -21,6 +21,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# The largest input side streamd.model.bundle accepts: a larger experiment could never be exported.
+MAX_INPUT_SIDE = 4096
+# The widest zoom range the mosaic and mixup steps may draw from (YOLOX uses 0.5-1.5 and 0.1-2).
+MAX_AUGMENT_SCALE = 10.0
+
+
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     if value is None:
         return None
@@ -37,6 +43,10 @@ class DatasetConfig(_Strict):
     train: str = Field("train", description="VOC: ImageSets/Main/<name>.txt; COCO: JSON file relative to root.")
     val: str = Field("val", description="Split used for model selection during training.")
     test: str = Field("test", description="Split used by `trainer eval` by default.")
+    ignore_labels: tuple[str, ...] = Field(
+        (), description="Annotation labels (VOC names, COCO category names) not trained: their boxes are dropped "
+        "without an error. Any other label that is not one of `classes` is an error.",
+    )
 
     _resolve_root = field_validator("root")(_resolve)
 
@@ -56,9 +66,17 @@ class ModelConfig(_Strict):
     @field_validator("input_hw")
     @classmethod
     def _multiple_of_32(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if any(v < 64 or v % 32 for v in value):
-            raise ValueError(f"input_hw must be multiples of 32 and at least 64, got {list(value)}")
+        if any(v < 64 or v % 32 or v > MAX_INPUT_SIDE for v in value):
+            raise ValueError(f"input_hw must be multiples of 32 from 64 to {MAX_INPUT_SIDE}, got {list(value)}")
         return value
+
+
+def _scale_range(value: tuple[float, float]) -> tuple[float, float]:
+    """A (low, high) zoom range: 0 < low <= high <= MAX_AUGMENT_SCALE."""
+    low, high = value
+    if not 0 < low <= high <= MAX_AUGMENT_SCALE:
+        raise ValueError(f"must be [low, high] with 0 < low <= high <= {MAX_AUGMENT_SCALE:g}, got {list(value)}")
+    return value
 
 
 class AugmentConfig(_Strict):
@@ -71,8 +89,10 @@ class AugmentConfig(_Strict):
     degrees: float = Field(10.0, ge=0, le=180, description="Random rotation range (+/-) of the affine step.")
     translate: float = Field(0.1, ge=0, le=0.5)
     shear: float = Field(2.0, ge=0, le=45)
-    mosaic_scale: tuple[float, float] = (0.5, 1.5)
-    mixup_scale: tuple[float, float] = (0.5, 1.5)
+    mosaic_scale: tuple[float, float] = Field((0.5, 1.5), description="Zoom range of the mosaic's random affine.")
+    mixup_scale: tuple[float, float] = Field((0.5, 1.5), description="Zoom range of the mixed-in image.")
+
+    _scale_ranges = field_validator("mosaic_scale", "mixup_scale")(_scale_range)
 
 
 class TrainConfig(_Strict):
@@ -128,10 +148,21 @@ class Experiment(_Strict):
     @field_validator("classes")
     @classmethod
     def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Unique, non-empty names that a label can equal: annotation labels are read stripped of blanks."""
+        for name in value:
+            if not name.strip() or name != name.strip() or any(ord(c) < 32 for c in name):
+                raise ValueError(f"class name {name!r} is empty, has blanks around it or a control character")
         duplicates = sorted({c for c in value if value.count(c) > 1})
         if duplicates:
             raise ValueError(f"class names must be unique, repeated: {duplicates}")
         return value
+
+    @model_validator(mode="after")
+    def _ignored_are_not_classes(self) -> Experiment:
+        both = sorted(set(self.classes) & set(self.dataset.ignore_labels))
+        if both:
+            raise ValueError(f"dataset.ignore_labels names classes that are trained: {both}")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -14,6 +14,14 @@ Resuming (`resume=True`) reloads last.pth and continues at the saved epoch
 and iteration, so the learning-rate schedule, the no-aug tail and the EMA
 pick up where they stopped (YOLOX issue #506: AP collapses after a resume
 that restarts the schedule). The run folder's files are listed in trainer.runs.
+
+Under torchrun (DDP, WORLD_SIZE > 1) every rank trains its DistributedSampler
+share with batch_size // world_size images per step, and logs its schedule
+(iterations and learning rate per epoch, logger trainer.train.ranks); only
+rank 0 logs the rest, validates, shows a progress bar and writes the run
+folder. Its validation is broadcast so that every rank keeps the same
+progress, and the ranks meet at a barrier after each epoch's checkpoint is
+written. A resume restores rank 0's saved RNG state on every rank.
 """
 
 from __future__ import annotations
@@ -36,12 +44,15 @@ from trainer import yolox_adapter as yx
 from trainer.checkpoint import Checkpoint, RngState, save_checkpoint
 from trainer.config import Experiment
 from trainer.datasets import load_split
-from trainer.datasets.records import DatasetSplit
+from trainer.datasets.check import coverage_problems, split_source
+from trainer.datasets.records import DatasetError, DatasetSplit
 from trainer.device import pick_device
 from trainer.evaluate import validation_metrics
 from trainer.runs import BEST, LAST, MetricsLog, checkpoint_to_resume, start_fresh
 
 log = logging.getLogger(__name__)
+# Each rank's schedule, one line per epoch: the only INFO lines a rank other than 0 writes.
+rank_log = logging.getLogger(f"{__name__}.ranks")
 
 
 @dataclass(frozen=True)
@@ -170,11 +181,15 @@ def train(
             epoch_started = time.time()
             stats = train_one_epoch(training, epoch)
             val = {}
-            if process.main and ((epoch + 1) % exp.train.eval_interval == 0 or epoch + 1 == exp.train.epochs):
-                val = validation_metrics(training.eval_model, training.val_split, exp.model.input_hw, process.device)
+            if (epoch + 1) % exp.train.eval_interval == 0 or epoch + 1 == exp.train.epochs:
+                if process.main:
+                    val = validation_metrics(training.eval_model, training.val_split, exp.model.input_hw, process.device)
+                val = _from_main(process, val)
             progress = progress.after_epoch(val)
             if process.main:
                 save_epoch(training, progress, val, run_dir)
+            if process.distributed:
+                torch.distributed.barrier()  # last.pth is complete before any rank goes on (or returns)
             saved_epoch = progress.epoch
             if process.main:
                 _report_epoch(metrics, exp, progress.epoch, stats, val, time.time() - epoch_started)
@@ -207,8 +222,20 @@ def init_process(exp: Experiment) -> Process:
             torch.cuda.set_device(device)
     rank = torch.distributed.get_rank() if distributed else 0
     world_size = torch.distributed.get_world_size() if distributed else 1
+    if rank != 0:  # rank 0 speaks for the run; the others only log their schedule and errors
+        logging.getLogger("trainer").setLevel(logging.ERROR)
+        rank_log.setLevel(logging.INFO)
     yx.seed_everything(exp.train.seed + rank)
     return Process(device, distributed, rank, world_size)
+
+
+def _from_main(process: Process, value: dict[str, float]) -> dict[str, float]:
+    """Rank 0's `value` on every rank (itself when not distributed): the ranks wait here for rank 0's validation."""
+    if not process.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def setup(exp: Experiment, process: Process, fine_tune: bool) -> Training:
@@ -219,6 +246,7 @@ def setup(exp: Experiment, process: Process, fine_tune: bool) -> Training:
     """
     train_split = load_split(exp, "train")
     val_split = load_split(exp, "val")
+    refuse_flawed(exp, train_split, val_split)
     for problem in train_split.problems:
         log.warning("%s", problem)
     log.info(
@@ -248,6 +276,20 @@ def setup(exp: Experiment, process: Process, fine_tune: bool) -> Training:
         ema=yx.build_ema(model) if exp.train.ema else None, dataset=dataset, sampler=sampler, loader=loader,
         scheduler=yx.build_scheduler(exp, len(loader)),
     )
+
+
+def refuse_flawed(exp: Experiment, train_split: DatasetSplit, val_split: DatasetSplit) -> None:
+    """Raise DatasetError for an error in the train or val split, or a train split with nothing to learn a class from.
+
+    An image a split names but that cannot be read, a label that is not a
+    class (a typo in `classes` drops all its boxes), a class with no box in
+    train, a train split of background images only: a run would train or
+    select its best epoch on less than the dataset says, without a word.
+    """
+    coverage = coverage_problems("train", split_source(exp, "train"), train_split)
+    errors = [*train_split.errors, *coverage, *val_split.errors]
+    if errors:
+        raise DatasetError(errors, "training refused")
 
 
 def resume_from(training: Training, checkpoint: Checkpoint) -> Progress:
@@ -299,6 +341,11 @@ def train_one_epoch(training: Training, epoch: int) -> EpochStats:
             value = losses[key]
             sums[key] += float(value.item() if torch.is_tensor(value) else value)
         bar.set_postfix({k.replace("_loss", ""): f"{sums[k] / (i + 1):.3f}" for k in yx.LOSS_KEYS} | {"lr": f"{lr:.2e}"})
+    first = epoch * iters_per_epoch + 1
+    rank_log.info(
+        "rank %d/%d epoch %d: iterations %d-%d, lr %.8e", training.process.rank, training.process.world_size,
+        epoch + 1, first, first + iters_per_epoch - 1, lr,
+    )
     return EpochStats(lr, {key: sums[key] / max(iters_per_epoch, 1) for key in yx.LOSS_KEYS})
 
 
@@ -321,8 +368,11 @@ def save_epoch(training: Training, progress: Progress, val: dict[str, float], ru
         rng=RngState.capture(),
     )
     save_checkpoint(run_dir / LAST, checkpoint)
+    written = [LAST]
     if val and progress.best_epoch == progress.epoch:
         save_checkpoint(run_dir / BEST, checkpoint)
+        written.append(BEST)
+    log.info("rank %d wrote %s (epoch %d)", training.process.rank, " and ".join(written), progress.epoch)
 
 
 def _report_epoch(

@@ -52,8 +52,8 @@ def test_clean_dataset_has_no_problems_and_counts_every_box(tmp_path: Path, requ
 @pytest.mark.parametrize(
     ("format", "flaws", "num_errors", "num_warnings"),
     [
-        ("voc", FLAWS, 3, 5),  # malformed XML, missing and unreadable image; unknown, zero-area, outside, size, repeated
-        ("coco", tuple(f for f in FLAWS if f != "malformed_xml"), 2, 5),
+        ("voc", FLAWS, 4, 4),  # malformed XML, missing and unreadable image, unknown label; zero-area, outside, size, repeated
+        ("coco", tuple(f for f in FLAWS if f != "malformed_xml"), 3, 4),
     ],
 )
 def test_every_flaw_is_reported_with_its_file_errors_first(
@@ -119,17 +119,18 @@ def test_images_shared_between_splits_are_warnings(tmp_path: Path, lists: dict[s
     ("classes", "n_images", "expected"),
     [
         (("circle", "square"), 10, []),
-        (("circle", "square", "triangle"), 1, [("train", "class 'square' has no box in the train split"),
-                                               ("train", "class 'triangle' has no box in the train split"),
-                                               ("val", "the val split has no images"),
-                                               ("test", "the test split has no images")]),
+        (("circle", "square", "triangle"), 1, [("train", "class 'square' has no box in the train split", "error"),
+                                               ("train", "class 'triangle' has no box in the train split", "error"),
+                                               ("val", "the val split has no images", "warning"),
+                                               ("test", "the test split has no images", "warning")]),
     ],
 )
-def test_empty_split_and_class_without_boxes_are_warnings(tmp_path: Path, classes, n_images: int, expected: list) -> None:
+def test_empty_split_and_class_without_boxes(tmp_path: Path, classes, n_images: int, expected: list) -> None:
+    """A class with no box in train is an error (nothing to learn it from, e.g. a typo in classes); elsewhere a warning."""
     ds = make_voc(tmp_path / "data", n_images=n_images, background=0, classes=classes)
     exp = experiment(tmp_path, ds)
     report = check_dataset(exp)
-    assert report.problems == tuple(Problem(split_source(exp, split), message) for split, message in expected)
+    assert report.problems == tuple(Problem(split_source(exp, split), message, sev) for split, message, sev in expected)
 
 
 def test_report_prints_counts_problems_and_verdict(tmp_path: Path) -> None:

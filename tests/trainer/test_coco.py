@@ -57,7 +57,7 @@ def test_same_images_as_voc_give_the_same_records(
 @pytest.mark.parametrize(
     ("flaw", "expected"),
     [
-        ("unknown_class", ("warning", "category 'hexagon' (id 99) is not one of the classes (circle, square): 1 annotation(s) dropped")),
+        ("unknown_class", ("error", "label 'hexagon' is not one of the classes (circle, square): 1 box(es) on 1 image(s) dropped")),
         ("zero_area_box", ("warning", "image 'flaw_zero_area_box.jpg' (id 4): zero-area box")),
         ("outside_box", ("warning", "image 'flaw_outside_box.jpg' (id 4): box [113.0, 10.0, 143.0, 40.0] (square) outside the 128x96 image")),
         ("missing_image", ("error", "image 'flaw_missing_image.jpg' (id 4) not found under")),

@@ -57,7 +57,7 @@ def test_background_images_are_records_without_boxes(
     ("flaw", "expected"),
     [
         ("malformed_xml", ("error", "malformed XML")),
-        ("unknown_class", ("warning", "unknown class 'hexagon' (known: circle, square), box dropped")),
+        ("unknown_class", ("error", "label 'hexagon' is not one of the classes (circle, square): 1 box(es) on 1 image(s) dropped")),
         ("zero_area_box", ("warning", "zero-area box")),
         ("outside_box", ("warning", "(square) outside the 128x96 image, clipped")),
         ("missing_image", ("error", "image 'flaw_missing_image' listed but not found in JPEGImages/")),

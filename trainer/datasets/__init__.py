@@ -12,10 +12,10 @@ def load_split(exp: Experiment, split: str) -> DatasetSplit:
     if ds.format == "voc":
         from trainer.datasets.voc import load_voc
 
-        return load_voc(ds.root, ds.split(split), exp.classes, ds.name)
+        return load_voc(ds.root, ds.split(split), exp.classes, ds.name, ds.ignore_labels)
     from trainer.datasets.coco import load_coco
 
-    return load_coco(ds.root, ds.root / ds.split(split), exp.classes, ds.name, split)
+    return load_coco(ds.root, ds.root / ds.split(split), exp.classes, ds.name, split, ds.ignore_labels)
 
 
 __all__ = ["DatasetSplit", "ImageRecord", "Problem", "load_split"]

@@ -113,6 +113,37 @@ def _split_stats(split: str, source: Path, data: DatasetSplit) -> SplitStats:
     )
 
 
+def coverage_problems(split: str, source: Path, data: DatasetSplit) -> list[Problem]:
+    """A split with no image, with background images only, or with a class that has no box.
+
+    In the train split these are errors (there is nothing to learn the class
+    from: a typo in `classes` ends here); in val and test, warnings.
+    """
+    severity = "error" if split == "train" else "warning"
+    if not len(data):
+        return [Problem(source, f"the {split} split has no images", severity)]
+    if data.num_background == len(data):
+        return [Problem(source, f"all {len(data)} images of the {split} split are background (no box)", severity)]
+    counts = np.bincount(np.concatenate([r.class_id for r in data.records]), minlength=len(data.class_names))
+    return [
+        Problem(source, f"class {name!r} has no box in the {split} split", severity)
+        for name, n in zip(data.class_names, counts)
+        if n == 0
+    ]
+
+
+def rotated_problem(split: str, data: DatasetSplit) -> list[Problem]:
+    """One warning naming the first of the split's images stored rotated (EXIF orientation), with their count."""
+    rotated = [r for r in data.records if r.orientation != 1]
+    if not rotated:
+        return []
+    message = (
+        f"{len(rotated)} image(s) of the {split} split are stored rotated (EXIF orientation {rotated[0].orientation} "
+        "here): read turned as displayed, as labelling tools show them, so their boxes must be in that frame"
+    )
+    return [Problem(rotated[0].path, message)]
+
+
 def _repeated_images(loaded: dict[str, DatasetSplit]) -> list[Problem]:
     """Warnings for an image listed twice in one split, or in more than one split (a leak into val/test)."""
     splits_of: dict[Path, list[str]] = defaultdict(list)
@@ -137,8 +168,9 @@ def check_dataset(exp: Experiment, splits: tuple[str, ...] = SPLITS) -> DatasetR
     """Read each split of the experiment's dataset and report it; never raises for a bad dataset.
 
     A split whose list or JSON file is missing or unreadable is an error in the
-    report, not an exception. Also warns about images shared between splits, an
-    empty split, and a class with no box in a split.
+    report, not an exception. Also reports images shared between splits,
+    images stored rotated, and (coverage_problems) an empty or all-background
+    split and a class with no box in a split.
     """
     loaded: dict[str, DatasetSplit] = {}
     stats, problems = [], []
@@ -151,16 +183,9 @@ def check_dataset(exp: Experiment, splits: tuple[str, ...] = SPLITS) -> DatasetR
             continue
         loaded[split] = data
         problems.extend(data.problems)
-        split_stats = _split_stats(split, source, data)
-        stats.append(split_stats)
-        if not split_stats.num_images:
-            problems.append(Problem(source, f"the {split} split has no images"))
-        else:
-            problems.extend(
-                Problem(source, f"class {name!r} has no box in the {split} split")
-                for name, n in zip(exp.classes, split_stats.boxes_per_class)
-                if n == 0
-            )
+        stats.append(_split_stats(split, source, data))
+        problems.extend(coverage_problems(split, source, data))
+        problems.extend(rotated_problem(split, data))
     problems.extend(_repeated_images(loaded))
     # two splits may read the same file (val: trainval, test: trainval): report each problem once
     unique = sorted(dict.fromkeys(problems), key=lambda p: p.severity != "error")

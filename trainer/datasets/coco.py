@@ -15,12 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from streamd.yamlconfig import read_utf8
-from trainer.datasets.records import DatasetSplit, Problem, leaves_root, record_from_objects
-from trainer.datasets.voc import image_size
+from trainer.datasets.images import image_info
+from trainer.datasets.records import DatasetSplit, Problem, leaves_root, record_from_objects, unknown_label_problem
 
 
 def _read_json(ann_file: Path) -> dict:
     """The JSON object of the annotation file; FileNotFoundError or ValueError naming the file."""
+    if ann_file.exists() and not ann_file.is_file():
+        raise ValueError(f"{ann_file}: the COCO annotation file is not a regular file (a folder or a device)")
     if not ann_file.is_file():
         raise FileNotFoundError(f"{ann_file}: COCO annotation file not found")
     text = read_utf8(ann_file)
@@ -89,7 +91,8 @@ def _parse_bbox(bbox) -> list[float] | None:
 
 
 def load_coco(
-    image_root: Path, ann_file: Path, class_names: tuple[str, ...], dataset: str = "coco", split: str | None = None
+    image_root: Path, ann_file: Path, class_names: tuple[str, ...], dataset: str = "coco", split: str | None = None,
+    ignore_labels: tuple[str, ...] = (),
 ) -> DatasetSplit:
     """Read one split from a COCO JSON file; image `file_name`s are relative to `image_root`.
 
@@ -98,9 +101,13 @@ def load_coco(
     Raises FileNotFoundError or ValueError, naming the file, when the JSON is
     missing, not JSON, or lacks the three lists. Anything wrong inside it becomes
     a Problem: an unreadable or missing image, or a file_name that leaves
-    `image_root`, is skipped (error); an annotation of a category not in
-    `class_names`, or with a bad bbox, is dropped (warning; error when the bbox
-    is not finite); boxes are clipped to the image (warning). An image with no
+    `image_root`, is skipped (error); the annotations of a category that is
+    neither in `class_names` nor in `ignore_labels` are dropped (one error per
+    category, with its count); an annotation with a bad bbox is dropped
+    (warning; error when the bbox is not finite); an annotation id used twice
+    keeps its first annotation (error), and an annotation repeating another's
+    image, category and bbox is dropped (warning). Boxes are clipped to the
+    displayed image (EXIF orientation applied, warning). An image with no
     annotation is a background image. `iscrowd: 1` boxes are kept as difficult.
     A boolean is never taken for a number (`true` would be id 1).
     """
@@ -111,6 +118,9 @@ def load_coco(
     annotations_of: dict[int | str, list[tuple[str, int, list[float], bool]]] = defaultdict(list)
     annotated_ids: set[int | str] = set()  # any annotation at all, kept or dropped: such an image is not background
     dropped_by_category: Counter[int] = Counter()
+    images_by_category: defaultdict[int, set] = defaultdict(set)
+    first_of_id: dict = {}  # annotation id -> the first annotation with it
+    first_of_box: dict[tuple, object] = {}  # (image id, category id, bbox) -> the id of its first annotation
     file_name_of = {  # for messages about an annotation
         image["id"]: image.get("file_name") for image in document["images"] if isinstance(image, dict) and _is_id(image.get("id"))
     }
@@ -120,12 +130,27 @@ def load_coco(
             continue
         ann_id, category_id = annotation.get("id"), annotation.get("category_id")
         annotated_ids.add(annotation["image_id"])
+        if _is_id(ann_id) and ann_id in first_of_id:
+            images = f"image ids {first_of_id[ann_id]!r} and {annotation['image_id']!r}"
+            message = f"annotation id {ann_id!r} is used twice ({images}); the second dropped"
+            problems.append(Problem(ann_file, message, "error"))
+            continue
+        if _is_id(ann_id):
+            first_of_id[ann_id] = annotation["image_id"]
+        same = (annotation["image_id"], repr(category_id), repr(annotation.get("bbox")))
+        if same in first_of_box:
+            message = f"annotation {ann_id!r} repeats annotation {first_of_box[same]!r} (same image, category and bbox); dropped"
+            problems.append(Problem(ann_file, message))
+            continue
+        first_of_box[same] = ann_id
         if not _is_int(category_id) or category_id not in class_of:
             message = f"annotation {ann_id}: category_id {category_id!r} is not in categories; dropped"
             problems.append(Problem(ann_file, message))
             continue
         if class_of[category_id] is None:
-            dropped_by_category[category_id] += 1
+            if name_of[category_id] not in ignore_labels:
+                dropped_by_category[category_id] += 1
+                images_by_category[category_id].add(annotation["image_id"])
             continue
         xyxy = _parse_bbox(annotation.get("bbox"))
         if xyxy is None:
@@ -139,14 +164,10 @@ def load_coco(
             continue
         difficult = annotation.get("iscrowd", 0) == 1
         annotations_of[annotation["image_id"]].append((name_of[category_id], class_of[category_id], xyxy, difficult))
-    for category_id, count in sorted(dropped_by_category.items()):
-        problems.append(
-            Problem(
-                ann_file,
-                f"category {name_of[category_id]!r} (id {category_id}) is not one of the classes "
-                f"({', '.join(class_names)}): {count} annotation(s) dropped",
-            )
-        )
+    problems.extend(
+        unknown_label_problem(name_of[category_id], count, len(images_by_category[category_id]), tuple(class_names), ann_file)
+        for category_id, count in sorted(dropped_by_category.items())
+    )
 
     records, seen_ids = [], set()
     for image in document["images"]:
@@ -168,7 +189,8 @@ def load_coco(
             problems.append(Problem(ann_file, f"{where} not found under {image_root}; skipped", "error"))
             continue
         try:
-            width, height = image_size(image_path)
+            info = image_info(image_path)
+            width, height = info.width, info.height
         except OSError as exc:
             problems.append(Problem(image_path, f"{exc}; skipped", "error"))
             continue
@@ -178,7 +200,8 @@ def load_coco(
             problems.append(Problem(ann_file, f"{message}; using the file's"))
         objects = annotations_of.pop(image_id, [])
         record, box_problems = record_from_objects(
-            str(image_id), image_path, width, height, objects, ann_file, background=image_id not in annotated_ids
+            str(image_id), image_path, width, height, objects, ann_file, background=image_id not in annotated_ids,
+            orientation=info.orientation,
         )
         problems.extend(replace(p, message=f"{where}: {p.message}") for p in box_problems)
         records.append(record)
@@ -187,4 +210,5 @@ def load_coco(
         for image_id, objects in annotations_of.items()
         if image_id not in seen_ids
     )
-    return DatasetSplit(dataset, split or ann_file.stem, tuple(class_names), tuple(records), tuple(problems))
+    listed = len(document["images"])
+    return DatasetSplit(dataset, split or ann_file.stem, tuple(class_names), tuple(records), tuple(problems), listed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ class ImageRecord:
     difficult: bool [N], VOC's difficult flag (ignored by VOC mAP, as in VOC).
     background: the image has no annotation at all (no XML / no COCO annotation);
         it trains as a negative and counts in evaluation.
+    orientation: the file's EXIF orientation (1: stored as displayed); width,
+        height and boxes are in the displayed frame (trainer.datasets.images).
     """
 
     image_id: str
@@ -29,6 +32,7 @@ class ImageRecord:
     class_id: np.ndarray
     difficult: np.ndarray
     background: bool = False
+    orientation: int = 1
 
     def __post_init__(self) -> None:
         for name, dtype, shape in (("xyxy", np.float32, (-1, 4)), ("class_id", np.int64, (-1,)), ("difficult", bool, (-1,))):
@@ -49,18 +53,42 @@ class Problem:
         return f"{self.severity}: {self.file}: {self.message}"
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be trained or evaluated as it is; the message names the file to fix."""
+
+    def __init__(self, problems: list[Problem], command: str):
+        self.problems = tuple(problems)
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more error(s))" if len(problems) > 1 else ""
+        super().__init__(f"{first.file}: {first.message}{more}; `trainer check-dataset` lists them; {command}")
+
+
 @dataclass(frozen=True)
 class DatasetSplit:
-    """The images of one split, and every problem found while reading them."""
+    """The images of one split, and every problem found while reading them.
+
+    num_listed: the images the split's file names (None: as many as records);
+    the ones not in records were skipped, each with an error in problems.
+    """
 
     dataset: str
     split: str
     class_names: tuple[str, ...]
     records: tuple[ImageRecord, ...]
     problems: tuple[Problem, ...] = field(default=())
+    num_listed: int | None = None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def num_skipped(self) -> int:
+        """Images the split names that could not be read (missing, unreadable, malformed annotation)."""
+        return 0 if self.num_listed is None else self.num_listed - len(self.records)
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "error")
 
     @property
     def num_background(self) -> int:
@@ -73,6 +101,26 @@ class DatasetSplit:
             digest.update(name.encode() + b"\n")
         digest.update("|".join(self.class_names).encode())
         return digest.hexdigest()
+
+
+def did_you_mean(label: str, class_names: tuple[str, ...]) -> str:
+    """"; did you mean 'X'?" for the class closest to a label (case ignored), or "" when none is close."""
+    by_lower = {name.lower(): name for name in class_names}
+    close = difflib.get_close_matches(label.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
+def unknown_label_problem(label: str, boxes: int, images: int, class_names: tuple[str, ...], source: Path) -> Problem:
+    """The error for a label that is not one of the classes: its box and file counts, and the closest class.
+
+    A typo in `classes` would otherwise drop every box of the class and train on nothing.
+    """
+    return Problem(
+        source,
+        f"label {label!r} is not one of the classes ({', '.join(class_names)}): {boxes} box(es) on {images} "
+        f"image(s) dropped{did_you_mean(label, class_names)} (list a label not to train in dataset.ignore_labels)",
+        "error",
+    )
 
 
 def leaves_root(name: str) -> bool:
@@ -100,7 +148,8 @@ def clip_boxes(
 
 
 def record_from_objects(
-    image_id: str, path: Path, width: int, height: int, objects: list[tuple], source: Path, background: bool = False
+    image_id: str, path: Path, width: int, height: int, objects: list[tuple], source: Path, background: bool = False,
+    orientation: int = 1,
 ) -> tuple[ImageRecord, list[Problem]]:
     """An ImageRecord from parsed objects [(label, class index, xyxy, difficult)], boxes clipped or dropped.
 
@@ -117,5 +166,6 @@ def record_from_objects(
         np.asarray([o[1] for o in objects], dtype=np.int64).reshape(-1)[keep],
         np.asarray([o[3] for o in objects], dtype=bool).reshape(-1)[keep],
         background=background,
+        orientation=orientation,
     )
     return record, problems

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from defusedxml import ElementTree
-from PIL import Image, UnidentifiedImageError
 
 from streamd.yamlconfig import read_utf8
-from trainer.datasets.records import DatasetSplit, ImageRecord, Problem, leaves_root, record_from_objects
+from trainer.datasets.images import image_info
+from trainer.datasets.records import (
+    DatasetSplit, ImageRecord, Problem, leaves_root, record_from_objects, unknown_label_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +31,16 @@ def find_image(folder: Path, image_id: str) -> Path | None:
     return None
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image that decodes in full; raises OSError for an unreadable, truncated or corrupt file.
+def _parse_xml(
+    xml_path: Path, class_names: tuple[str, ...], ignore_labels: tuple[str, ...]
+) -> tuple[list, list[Problem], tuple[int, int] | None, list[str]]:
+    """Objects [(label, class index, xyxy, difficult)], problems, the <size> and the labels that are not classes.
 
-    Reading the header (or PIL's verify()) is not enough: a truncated JPEG
-    passes both, and OpenCV later decodes it with its missing half grey.
+    A label in ignore_labels is dropped without a word; any other label that is not a class is returned.
     """
-    try:
-        with Image.open(path) as image:
-            size = image.size
-            image.draft("RGB", (size[0] // 8, size[1] // 8))  # JPEG at 1/8 scale: every byte read, less work
-            image.load()
-            return size
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise OSError(f"unreadable image: {exc}") from exc
-
-
-def _parse_xml(xml_path: Path, class_names: tuple[str, ...]) -> tuple[list, list[Problem], tuple[int, int] | None]:
-    """Objects [(label, class index or None, xyxy, difficult)] and the <size> of one XML file."""
     root = ElementTree.parse(xml_path).getroot()
     size = root.find("size")
-    wh, objects, problems = None, [], []
+    wh, objects, problems, unknown = None, [], [], []
     if size is not None and size.findtext("width") and size.findtext("height"):
         try:
             wh = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
@@ -70,15 +62,24 @@ def _parse_xml(xml_path: Path, class_names: tuple[str, ...]) -> tuple[list, list
             problems.append(Problem(xml_path, f"object {name!r} has a non-finite <bndbox> {xyxy}, dropped", "error"))
             continue
         if name not in class_names:
-            problems.append(Problem(xml_path, f"unknown class {name!r} (known: {', '.join(class_names)}), box dropped"))
+            if name not in ignore_labels:
+                unknown.append(name)
             continue
         difficult = (obj.findtext("difficult") or "0").strip() == "1"
         objects.append((name, class_names.index(name), xyxy, difficult))
-    return objects, problems, wh
+    return objects, problems, wh, unknown
 
 
-def load_voc(root: Path, split: str, class_names: tuple[str, ...], dataset: str = "voc") -> DatasetSplit:
+def load_voc(
+    root: Path, split: str, class_names: tuple[str, ...], dataset: str = "voc", ignore_labels: tuple[str, ...] = ()
+) -> DatasetSplit:
     """Read one split. Never raises for a bad file: it becomes a Problem and the image is skipped.
+
+    Sizes and boxes are those of the displayed image (EXIF orientation
+    applied, trainer.datasets.images). A label that is neither a class nor in
+    ignore_labels is one error per label with its box count (its boxes are
+    dropped), naming the first XML file that has it. An annotation path that
+    is not a regular file (a folder, a device) is an error and its image skipped.
 
     A listed image with no XML file is a background image: one log line gives
     their count, and an XML file whose name differs only in case (`.XML`) is a
@@ -95,6 +96,9 @@ def load_voc(root: Path, split: str, class_names: tuple[str, ...], dataset: str 
     annotations = root / "Annotations"
     xml_by_lower_name = {p.name.lower(): p for p in annotations.iterdir()} if annotations.is_dir() else {}
     records, problems = [], []
+    unknown_boxes: Counter[str] = Counter()
+    unknown_files: Counter[str] = Counter()
+    first_file: dict[str, Path] = {}
     for image_id in ids:
         if leaves_root(image_id):
             problems.append(Problem(list_file, f"image id {image_id!r} points outside the dataset root; skipped", "error"))
@@ -104,30 +108,45 @@ def load_voc(root: Path, split: str, class_names: tuple[str, ...], dataset: str 
             problems.append(Problem(list_file, f"image {image_id!r} listed but not found in JPEGImages/", "error"))
             continue
         try:
-            width, height = image_size(image_path)
+            info = image_info(image_path)
         except OSError as exc:
             problems.append(Problem(image_path, str(exc), "error"))
             continue
         xml_path = annotations / f"{image_id}.xml"
+        if xml_path.exists() and not xml_path.is_file():
+            problems.append(Problem(xml_path, "not a regular file (a folder or a device); image skipped", "error"))
+            continue
         if not xml_path.is_file():
             other_case = xml_by_lower_name.get(xml_path.name.lower())
             if other_case is not None:
                 message = f"not read: the annotation of image {image_id!r} must be named {xml_path.name!r}; read as background"
                 problems.append(Problem(other_case, message))
-            records.append(ImageRecord(image_id, image_path, width, height, np.zeros((0, 4)), [], [], background=True))
+            records.append(ImageRecord(image_id, image_path, info.width, info.height, np.zeros((0, 4)), [], [],
+                                       background=True, orientation=info.orientation))
             continue
         try:
-            objects, xml_problems, xml_wh = _parse_xml(xml_path, class_names)
-        except (ElementTree.ParseError, ValueError) as exc:
+            objects, xml_problems, xml_wh, unknown = _parse_xml(xml_path, class_names, ignore_labels)
+        except (ElementTree.ParseError, ValueError, OSError) as exc:
             problems.append(Problem(xml_path, f"malformed XML: {exc}; image skipped", "error"))
             continue
         problems.extend(xml_problems)
-        if xml_wh is not None and xml_wh != (width, height):
-            problems.append(Problem(xml_path, f"<size> {xml_wh[0]}x{xml_wh[1]} differs from the image's {width}x{height}; using the image's"))
-        record, box_problems = record_from_objects(image_id, image_path, width, height, objects, xml_path)
+        unknown_boxes.update(unknown)
+        unknown_files.update(set(unknown))
+        for label in unknown:
+            first_file.setdefault(label, xml_path)
+        if xml_wh is not None and xml_wh != (info.width, info.height):
+            problems.append(Problem(xml_path, f"<size> {xml_wh[0]}x{xml_wh[1]} differs from the image's "
+                                              f"{info.width}x{info.height}; using the image's"))
+        record, box_problems = record_from_objects(
+            image_id, image_path, info.width, info.height, objects, xml_path, orientation=info.orientation
+        )
         problems.extend(box_problems)
         records.append(record)
-    result = DatasetSplit(dataset, split, tuple(class_names), tuple(records), tuple(problems))
+    problems.extend(
+        unknown_label_problem(label, boxes, unknown_files[label], tuple(class_names), first_file[label])
+        for label, boxes in unknown_boxes.most_common()
+    )
+    result = DatasetSplit(dataset, split, tuple(class_names), tuple(records), tuple(problems), num_listed=len(ids))
     if result.num_background:
         log.warning(
             "%s: %d of %d images have no file in Annotations/ and are read as background (no objects)",
