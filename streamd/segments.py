@@ -11,6 +11,7 @@ after the first frame.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from streamd.errors import OutputError
 from streamd.types import Frame
+
+log = logging.getLogger(__name__)
 
 _BOUNDARY_EPS_S = 1e-6  # float pts on a boundary (25 x 0.04 s) count as reaching it
 
@@ -86,17 +89,57 @@ class Segmenter:
 
 FOLDER_MODE = 0o700  # recordings and logs are the procedure's: only the service user reads them
 FILE_MODE = 0o600
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def start_output(segmenter: Segmenter, directory: Path, what: str) -> None:
-    """An output's setup(): create its folder (0700); the next frame opens a new segment (at start, and on a retry).
-
-    A folder this user owns is set to 0700 even when it was there before.
-    """
+    """An output's setup(): make its folder (make_folder); the next frame opens a new segment (at start, and on a
+    retry)."""
     try:
-        directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-        if directory.stat().st_uid == os.getuid():
-            directory.chmod(FOLDER_MODE)
+        make_folder(directory, what)
     except OSError as exc:
         raise OutputError(f"stream {segmenter.stream_id!r}: cannot create the {what} folder {directory}: {exc}") from exc
     segmenter.cut()
+
+
+def make_folder(directory: Path, what: str) -> None:
+    """Create the folders of `directory` that are missing, each 0700; never change one that exists.
+
+    An existing folder that others can write to (group or world writable, a 1777 /tmp included) is kept as it
+    is, with a warning naming it: streamd's files in it are 0600 and opened so that nobody's link or file there
+    is followed or replaced (open_new, publish), but others can see their names.
+    """
+    missing = []
+    folder = directory
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=FOLDER_MODE)
+        folder.chmod(FOLDER_MODE)  # ours: the umask does not decide who reads a procedure's files
+    mode = directory.stat().st_mode
+    if not missing and mode & 0o022:
+        log.warning("the %s folder %s is %s writable (mode %04o): streamd leaves its mode as it is; its files "
+                    "there are 0600, but anyone who can write there sees their names",
+                    what, directory, "world" if mode & 0o002 else "group", mode & 0o7777)
+
+
+def open_new(path: Path) -> int:
+    """A file descriptor of a new file (0600) at `path`: FileExistsError if anything is there, a symlink included."""
+    return os.open(path, _OPEN_NEW, FILE_MODE)
+
+
+def publish(temporary: Path, path: Path) -> Path:
+    """Give a finished temporary file its name, never replacing what is there: `path`, else `stem.1.ext`, ... `.99`.
+
+    A hard link then an unlink, so that a file or link someone else put at the name survives. The name it got.
+    """
+    for n in range(100):
+        target = path if n == 0 else path.with_name(f"{path.stem}.{n}{path.suffix}")
+        try:
+            os.link(temporary, target, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        os.unlink(temporary)
+        return target
+    raise FileExistsError(f"{path} and {path.stem}.1..99{path.suffix} all exist")

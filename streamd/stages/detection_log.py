@@ -9,8 +9,10 @@ most the line being written; `fsync_s` bounds what a power cut can lose.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import BinaryIO
 
 from streamd.errors import OutputError
 from streamd.segments import FILE_MODE, Segmenter, start_output
-from streamd.types import AnnotatedFrame, FrameResult
+from streamd.types import AnnotatedFrame, FrameResult, TrackReport
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,16 @@ class DetectionLogStage:
         """Create the folder; the next frame opens a new segment (at start, and when retried after a failure)."""
         start_output(self.segmenter, self.directory, "detection-log")
 
-    def process(self, item: FrameResult | AnnotatedFrame) -> Iterator[FrameResult | AnnotatedFrame]:
+    def process(
+        self, item: FrameResult | AnnotatedFrame | TrackReport
+    ) -> Iterator[FrameResult | AnnotatedFrame | TrackReport]:
+        """Write the item's message as one line: a frame's into its segment (a new one when the frame starts one),
+        a track event's into the current segment (none open: not written, the next frame opens one)."""
+        if isinstance(item, TrackReport):
+            if self._file is not None:
+                self._write(item.message)
+            yield item
+            return
         match item:
             case AnnotatedFrame():
                 result = item.result
@@ -61,24 +72,27 @@ class DetectionLogStage:
             self.close()
             path = self.directory / f"{self.segmenter.current.base_name}.jsonl"
             try:
-                # Append, unbuffered, 0600: a restart within the same second continues the file instead of
-                # truncating it, and only the service user can read it.
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
-                self._file = os.fdopen(fd, "ab", buffering=0)  # noqa: SIM115 (closed in close())
+                self._file = _open_log(path)
             except OSError as exc:
                 raise OutputError(f"stream {self.stream_id!r}: cannot open detection log {path}: {exc}") from exc
             self.segments.append(path)
             log.info("stream %r: detection log segment %d to %s", self.stream_id, self.segmenter.current.index, path)
+        self._write(result.message)
+        yield item
+
+    def _write(self, message: bytes) -> None:
+        if not message:
+            raise OutputError(f"detection log of stream {self.stream_id!r}: an item without its encoded message")
         try:
-            self._file.write(result.message + b"\n")
+            self._file.write(message + b"\n")
             if self.fsync_s is not None and time.monotonic() - self._last_fsync >= self.fsync_s:
                 os.fsync(self._file.fileno())
                 self._last_fsync = time.monotonic()
         except OSError as exc:
             raise OutputError(f"stream {self.stream_id!r}: cannot write {self.segments[-1]}: {exc}") from exc
-        yield item
 
     def close(self) -> None:
+        """Force the current file to disk and close it."""
         if self._file is not None:
             file, self._file = self._file, None
             try:
@@ -86,3 +100,25 @@ class DetectionLogStage:
                     os.fsync(file.fileno())
             finally:
                 file.close()
+
+
+def _open_log(path: Path) -> BinaryIO:
+    """The log file at `path`, opened to append, unbuffered, 0600: a restart within the same second continues
+    its file instead of truncating it, and only the service user can read it.
+
+    Never through a symlink (O_NOFOLLOW), never a FIFO or device (O_NONBLOCK, then checked), and never
+    another user's file: PermissionError naming what is there.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, f"{path} is a symbolic link: streamd does not follow it") from exc
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise PermissionError(f"{path} is there and is not a file of this user's: streamd does not write into it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "ab", buffering=0)

@@ -10,13 +10,24 @@ Segments and their names follow `streamd.segments` (the same rule as the
 detection log's). After a failure (a full disk) the runner closes the stage
 and later calls setup() again: the next frame then opens a new segment, so
 a recording never splices across the frames it could not write.
+
+No file without a playable frame: a segment is written to a hidden temporary
+name (`.{name}.partial`, created new: never a file or link already there) and
+gets its name once its first fragment is complete; a segment that never gets
+one is removed at close, and a temporary that a kill -9 left is removed at
+the next start (only that name pattern, only this user's files). A write that
+fails (a full disk) cuts the file back to its last complete fragment, so it
+never ends in half a fragment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
+import stat
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -29,7 +40,7 @@ import numpy as np
 
 from streamd.config import RecordConfig
 from streamd.errors import OutputError
-from streamd.segments import FILE_MODE, Segment, Segmenter, start_output
+from streamd.segments import Segment, Segmenter, open_new, publish, start_output
 from streamd.types import AnnotatedFrame, Frame, FrameResult
 
 log = logging.getLogger(__name__)
@@ -59,20 +70,58 @@ def nvenc_opens() -> bool:
     return True
 
 
-# A segment with a frame in it has a movie fragment (MP4, "moof") or a cluster (Matroska, ID 0x1F43B675).
-_FRAME_MARKERS = {"mp4": b"moof", "mkv": b"\x1f\x43\xb6\x75"}
-_HEADER_BYTES_MAX = 64 * 1024  # an empty segment is its header alone: a few hundred bytes
+_PARTIAL = ".partial"
 
 
-def has_frames(path: Path) -> bool:
-    """Whether a segment file holds at least one complete fragment (a file past the header size surely does)."""
-    try:
-        if path.stat().st_size > _HEADER_BYTES_MAX:
-            return True
-        data = path.read_bytes()
-    except OSError:
-        return True  # not ours to judge: leave it
-    return _FRAME_MARKERS[path.suffix.lstrip(".")] in data
+def partial_name(path: Path) -> Path:
+    """The hidden name a segment is written under until its first fragment is complete: `.{name}.partial`."""
+    return path.with_name(f".{path.name}{_PARTIAL}")
+
+
+class SegmentFile:
+    """The file a segment is muxed into (PyAV writes through it): the descriptor streamd opened, where its last
+    complete fragment ends, and the cut back to there when a write fails.
+
+    The muxer flushes each finished fragment in full before mux() returns (flush_packets), so the size after a
+    successful mux() is a fragment boundary (`commit`). After a failed write the file is cut back to the last
+    boundary and every later write fails: nothing is appended after a hole.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.complete_bytes = 0  # the end of the last complete fragment (or of the header)
+        self.failed = False
+
+    def write(self, data: bytes) -> int:
+        if self.failed:
+            raise OSError(errno.EIO, "an earlier write of this segment failed")
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:
+            self.failed = True
+            os.ftruncate(self.fd, self.complete_bytes)
+            os.lseek(self.fd, self.complete_bytes, os.SEEK_SET)
+            raise
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def commit(self) -> bool:
+        """Mark the end of the file as complete (after a successful mux or close); whether it grew."""
+        size = os.fstat(self.fd).st_size
+        grew, self.complete_bytes = size > self.complete_bytes, size
+        return grew
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
@@ -152,7 +201,10 @@ class RecordStage:
         self.keyframe_s = keyframe_s
         self.fragment_s = fragment_s
         self.fsync_s = fsync_s
-        self.segments: list[Path] = []
+        self.segments: list[Path] = []  # the segments that got their name (each with a playable frame)
+        self._path: Path | None = None  # the current segment's file: its temporary name, then its own
+        self._named: Path | None = None  # the name it will get
+        self._file: SegmentFile | None = None
         self._container: av.container.OutputContainer | None = None
         self._stream: av.VideoStream | None = None
         self._last_pts = -1
@@ -161,13 +213,18 @@ class RecordStage:
     def setup(self) -> None:
         """Create the folder; the next frame opens a new segment (at start, and when retried after a failure).
 
-        A segment that a crash left without a single complete fragment cannot be
-        played: it is removed here, at the next start (and logged).
+        A segment that a crash left before its first complete fragment is still its hidden temporary: such a
+        temporary of this stream (`.{stream_id}_{UTC}_{index}.{ext}.partial`, a regular file of this user) is
+        removed here, and logged; nothing else in the folder is touched.
         """
         start_output(self.segmenter, self.directory, "recording")
-        for path in sorted(self.directory.glob(f"{self.stream_id}_*.{self.config.container}")):
-            if path not in self.segments and not has_frames(path):
-                log.warning("stream %r: removing %s: a crash left it without a complete fragment", self.stream_id, path)
+        pattern = re.compile(
+            rf"\.{re.escape(self.stream_id)}_\d{{8}}T\d{{6}}Z_\d{{4}}\.{self.config.container}{re.escape(_PARTIAL)}"
+        )
+        for path in sorted(self.directory.glob(f".{self.stream_id}_*{_PARTIAL}")):
+            info = path.lstat()
+            if pattern.fullmatch(path.name) and stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
+                log.warning("stream %r: removing %s: a crash left it before its first fragment", self.stream_id, path)
                 path.unlink(missing_ok=True)
 
     def process(self, item: AnnotatedFrame | FrameResult | Frame) -> Iterator[AnnotatedFrame | FrameResult | Frame]:
@@ -193,7 +250,8 @@ class RecordStage:
 
     def _open_segment(self, segment: Segment, frame: Frame) -> None:
         config = self.config
-        path = self.directory / f"{segment.base_name}.{config.container}"
+        named = self.directory / f"{segment.base_name}.{config.container}"
+        path = partial_name(named)
         fps = self.fps or frame.fps
         codec = choose_codec(config.codec)
         options = {"flush_packets": "1"}  # hand each fragment/cluster to the OS as soon as it is complete
@@ -202,12 +260,10 @@ class RecordStage:
             options["frag_duration"] = str(int(self.fragment_s * 1_000_000))
         else:  # Matroska: a cluster per fragment_s, the same crash bound as an MP4 fragment
             options["cluster_time_limit"] = str(int(self.fragment_s * 1000))
-        container = None
+        container, file = None, None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            container = av.open(
-                str(path), mode="w", format=_CONTAINERS[config.container], container_options=options
-            )
+            file = SegmentFile(open_new(path))  # 0600, only the service user reads a procedure's recording
+            container = av.open(file, mode="w", format=_CONTAINERS[config.container], container_options=options)
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frame.width & ~1, frame.height & ~1
             stream.pix_fmt = "yuv420p"
@@ -218,19 +274,20 @@ class RecordStage:
             stream.codec_context.max_b_frames = 0
             stream.options = _encoder_options(codec, config.preset, config.crf)
             container.start_encoding()
-            path.chmod(FILE_MODE)  # only the service user reads a procedure's recording
+            file.commit()  # the header
         except (av.error.FFmpegError, OSError) as exc:
             if container is not None:
                 with contextlib.suppress(av.error.FFmpegError, OSError):
                     container.close()
-            self._discard_if_empty(path)  # a file the failed start left (0 bytes on a full disk) plays nothing
-            raise OutputError(f"stream {self.stream_id!r}: cannot start recording {path} with {codec}: {exc}") from exc
-        self._container, self._stream = container, stream
+            if file is not None:  # ours (created new): a failed start plays nothing
+                file.close()
+                path.unlink(missing_ok=True)
+            raise OutputError(f"stream {self.stream_id!r}: cannot start recording {named} with {codec}: {exc}") from exc
+        self._container, self._stream, self._file = container, stream, file
+        self._path, self._named = path, named
         self._last_pts = -1
-        self.segments.append(path)
-        self._fsync(path, directory_too=True)
         log.info("stream %r: recording segment %d to %s (%s, %dx%d, %.3g fps)",
-                 self.stream_id, segment.index, path, codec, stream.width, stream.height, fps)
+                 self.stream_id, segment.index, named, codec, stream.width, stream.height, fps)
 
     def _encode(self, frame: Frame, image: np.ndarray) -> None:
         stream, container = self._stream, self._container
@@ -245,25 +302,36 @@ class RecordStage:
         self._last_pts = pts
         try:
             container.mux(stream.encode(video_frame))
+            if self._file.commit() and self._path != self._named:
+                self._name_segment()
         except (av.error.FFmpegError, OSError) as exc:
-            raise OutputError(f"stream {self.stream_id!r}: cannot write {self.segments[-1]}: {exc}") from exc
+            raise OutputError(f"stream {self.stream_id!r}: cannot write {self._named}: {exc}") from exc
         if self.fsync_s is not None and time.monotonic() - self._last_fsync >= self.fsync_s:
-            self._fsync(self.segments[-1])
+            self._fsync()
 
-    def _fsync(self, path: Path, directory_too: bool = False) -> None:
+    def _name_segment(self) -> None:
+        """Its first fragment is complete: the segment gets its name (never replacing a file there)."""
+        self._path = self._named = publish(self._path, self._named)
+        self.segments.append(self._path)
+        self._fsync(directory_too=True)
+
+    def _fsync(self, directory_too: bool = False) -> None:
         """Force the file (and its directory entry) to disk: what the muxer flushed survives a power cut."""
         if self.fsync_s is None:
             return
         self._last_fsync = time.monotonic()
-        for target in (path, path.parent) if directory_too else (path,):
-            fd = os.open(target, os.O_RDONLY)
+        os.fsync(self._file.fd)
+        if directory_too:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
 
     def _close_segment(self) -> None:
-        container, stream = self._container, self._stream
+        """Drain the encoder and finish the file; it gets its name if its only fragment came now, and a file that
+        never got a complete fragment (or whose writes failed before its first) is removed: ours, and unplayable."""
+        container, stream, file = self._container, self._stream, self._file
         if container is None:
             return
         self._container = self._stream = None
@@ -272,20 +340,18 @@ class RecordStage:
                 container.mux(stream.encode(None))  # drain the encoder's delayed frames
             finally:
                 container.close()
+            if file.commit() and self._path != self._named:
+                self._name_segment()
+            self._fsync()
         except (av.error.FFmpegError, OSError) as exc:
-            raise OutputError(f"stream {self.stream_id!r}: cannot finish {self.segments[-1]}: {exc}") from exc
-        self._fsync(self.segments[-1])
+            raise OutputError(f"stream {self.stream_id!r}: cannot finish {self._named}: {exc}") from exc
+        finally:
+            self._file = None
+            file.close()
+            if self._path != self._named:
+                log.info("stream %r: %s had no complete fragment: removed", self.stream_id, self._path)
+                self._path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Flush the encoder and finish the current segment; a segment without a complete fragment (its writes
-        failed: a full disk) is removed now rather than at the next start, which may never come."""
-        try:
-            self._close_segment()
-        finally:
-            if self.segments:
-                self._discard_if_empty(self.segments[-1])
-
-    def _discard_if_empty(self, path: Path) -> None:
-        if path.exists() and not has_frames(path):
-            log.warning("stream %r: removing %s: it holds no complete fragment", self.stream_id, path)
-            path.unlink(missing_ok=True)
+        """Flush the encoder and finish the current segment (a segment without a complete fragment is removed)."""
+        self._close_segment()

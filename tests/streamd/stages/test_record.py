@@ -174,8 +174,10 @@ def test_sigkill_loses_at_most_one_second_and_leaves_a_playable_file(tmp_path: P
 
 
 def test_a_segment_killed_before_its_first_fragment_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    """Until its first fragment a segment is a hidden temporary: no file under a recording's name without a frame."""
     written, _ = record_then_kill(tmp_path, "mp4", 10, frames=1)
     (empty,) = tmp_path.iterdir()
+    assert empty.name.startswith(".eus-1_") and empty.name.endswith(".mp4.partial")
     assert written == 1 and media.probe_frame_count(empty) == 0  # a header and nothing to play
     recorder = recorder_for(tmp_path)
     recorder.setup()
