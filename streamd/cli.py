@@ -34,6 +34,7 @@ from streamd.model.bundle import load_bundle
 from streamd.ops.logging import setup_logging
 from streamd.ops.metrics import summary_table
 from streamd.ops.systemd import SystemdNotifier
+from streamd.redact import redact
 from streamd.types import HEARTBEAT_TOPIC
 
 app = typer.Typer(
@@ -57,8 +58,8 @@ MAX_TIMEOUT_S = 366 * 86400.0  # `listen --timeout-s`: a year, whose millisecond
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    """Print the error without a traceback and return the Exit to raise."""
-    typer.echo(message, err=True)
+    """Print the error without a traceback (and without a source URL's credentials); return the Exit to raise."""
+    typer.echo(redact(message), err=True)
     return typer.Exit(code)
 
 

@@ -4,7 +4,8 @@
 
 A line gets its stream from `extra={"stream": id}` (see `stream_extra`), or
 else from the worker thread's name ("source:eus-room-1" -> "eus-room-1"),
-or "-" for lines about the whole daemon. Under systemd (journald sets
+or "-" for lines about the whole daemon. A source URL's user and password
+are replaced by *** (streamd.redact). Under systemd (journald sets
 $JOURNAL_STREAM) the timestamp is left out: the journal adds its own.
 """
 
@@ -14,6 +15,8 @@ import logging
 import os
 import sys
 import threading
+
+from streamd.redact import RedactFilter
 
 FORMAT = "%(asctime)s %(levelname)-7s [%(stream)s] %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)-7s [%(stream)s] %(name)s: %(message)s"
@@ -39,6 +42,7 @@ def setup_logging(level: str = "INFO", stream=None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter(JOURNAL_FORMAT if os.environ.get("JOURNAL_STREAM") else FORMAT))
     handler.addFilter(StreamFilter())
+    handler.addFilter(RedactFilter())  # a camera's password in its URL never reaches the journal
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
