@@ -196,7 +196,8 @@ def postprocess_on_device(
     """streamd.model.postprocess on the device: float32 [N, A, 5 + C] -> N Detections in source pixels.
 
     scales[i]: input pixels per source pixel of frame i (its letterbox scale times any prescale); source_hw[i]:
-    the source's (H, W), to clip to. score = objectness x best class score, kept when >= conf_threshold;
+    the source's (H, W), to clip to. score = objectness x best class score, kept when >= conf_threshold; rows
+    streamd.model.postprocess drops as invalid (non-finite, no area before or after clipping) are dropped here too;
     class-aware NMS per frame in one torchvision batched_nms call (the group of a box is frame * C + class).
     The kept rows come to the host in one copy; dividing by the scale and clipping happen there, in float32
     as streamd.model.postprocess does them (a few boxes, and no host-to-device copy of the scales).
@@ -214,10 +215,13 @@ def postprocess_on_device(
         raise ValueError(f"{count} outputs but {len(scales)} scales and {len(source_hw)} source sizes")
     class_score, class_id = output[..., 5:].max(dim=-1)
     confidence = output[..., 4] * class_score
-    frame, anchor = torch.nonzero(confidence >= conf_threshold, as_tuple=True)
-    cxcywh = output[frame, anchor, :4]
-    xyxy = torch.cat((cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2), dim=1)
-    score, label = confidence[frame, anchor], class_id[frame, anchor]
+    cxcywh = output[..., :4]
+    boxes = torch.cat((cxcywh[..., :2] - cxcywh[..., 2:] / 2, cxcywh[..., :2] + cxcywh[..., 2:] / 2), dim=-1)
+    # What streamd.model.postprocess drops as invalid (a non-finite value in the row or the box, no area), folded
+    # into the one mask so that torch.nonzero stays the only wait here.
+    valid = torch.isfinite(output).all(dim=-1) & torch.isfinite(boxes).all(dim=-1) & _has_area(boxes)
+    frame, anchor = torch.nonzero(valid & (confidence >= conf_threshold), as_tuple=True)
+    xyxy, score, label = boxes[frame, anchor], confidence[frame, anchor], class_id[frame, anchor]
     # In float64: batched_nms shifts each group by group x (largest coordinate + 1); with 16 frames x 80 classes
     # that is ~500,000, where float32 keeps 1/16 of a pixel and IoUs near the threshold would flip.
     keep = torchvision.ops.batched_nms(xyxy.double(), score.double(), frame * num_classes + label, iou_threshold)
@@ -230,5 +234,11 @@ def postprocess_on_device(
         height, width = source_hw[index]
         np.clip(xyxy_np[:, 0::2], 0, width, out=xyxy_np[:, 0::2])
         np.clip(xyxy_np[:, 1::2], 0, height, out=xyxy_np[:, 1::2])
-        results.append(Detections(xyxy_np, mine[:, 4], mine[:, 5].astype(np.int64)))
+        inside = _has_area(xyxy_np)  # a box wholly outside the frame is clipped to nothing, as on the host
+        results.append(Detections(xyxy_np[inside], mine[inside, 4], mine[inside, 5].astype(np.int64)))
     return results
+
+
+def _has_area(xyxy):
+    """bool [...]: the xyxy boxes [..., 4] (a tensor or an array) whose width and height are both > 0."""
+    return (xyxy[..., 2] > xyxy[..., 0]) & (xyxy[..., 3] > xyxy[..., 1])

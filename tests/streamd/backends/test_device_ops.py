@@ -398,6 +398,20 @@ def test_postprocess_on_device_equals_postprocess_on_real_outputs(shipped, net, 
     _assert_same(expected, postprocess_on_device(output, [float(s) for s in combined], source_hw, CONF, IOU))
 
 
+def test_postprocess_on_device_drops_the_invalid_rows_postprocess_drops():
+    """NaN and infinite values, zero and negative sizes and boxes wholly outside the frame: the device drops the rows the host drops (streamd.model.postprocess), so both publish the same boxes."""
+    output = _random_output(2, 400, 3, seed=5)
+    output[:, :80, 4] = np.linspace(0.9, 0.99, 80)  # above the threshold, no ties: only the checks can drop them
+    output[0, :20, 0] = np.nan
+    output[0, 20:40, 5] = np.inf
+    output[1, :20, 2] = 0.0
+    output[1, 20:40, 3] = -5.0
+    output[1, 60:80, :2] = 5000.0  # outside a 416 x 416 frame once clipped
+    scales, source_hw = np.ones(2, np.float32), [(416, 416)] * 2
+    expected = postprocess(output, scales, source_hw, CONF, IOU)
+    _assert_same(expected, postprocess_on_device(torch.from_numpy(output), list(scales), source_hw, CONF, IOU))
+
+
 def test_postprocess_on_device_with_nothing_above_the_threshold():
     output = _random_output(3, 500, 2, seed=1)
     output[1, :, 4] = 0.0  # the middle frame: no box above any threshold
