@@ -42,6 +42,9 @@ from streamd.model.detections import Detections  # noqa: E402
 from streamd.model.detector import Detector  # noqa: E402
 from streamd.tracking import TrackSettings, make_tracker  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench import table  # noqa: E402
+
 BCCD = REPO.parent / "shared" / "datasets" / "BCCD"
 FRAME_HW = (480, 640)
 MATCH_IOU = 0.5
@@ -288,12 +291,6 @@ def settings_rows(quick: bool) -> list[tuple[str, TrackSettings]]:
     return rows
 
 
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "bccd-nano.bundle")
@@ -320,13 +317,13 @@ def main() -> None:
                      f"{overall['delay_p90_s']:.2f}", f"{overall['confirmed']:.0%}", f"{overall['false_per_min']:.1f}",
                      f"{cost_ms(settings):.2f}"))
     print("\nSettings over the pans and over all sequences (IDF1 m: on the detections that match an object):")
-    table(("setting", "IDF1 m pans", "ids on pans", "IDF1 pans", "IDF1 m", "IDF1", "HOTA", "ID sw", "to confirm p50 s", "p90 s", "objects confirmed",
-           "false confirmed /min", "ms/frame @30"), rows)
+    table(rows, ("setting", "IDF1 m pans", "ids on pans", "IDF1 pans", "IDF1 m", "IDF1", "HOTA", "ID sw", "to confirm p50 s", "p90 s", "objects confirmed",
+           "false confirmed /min", "ms/frame @30"))
     print("\nThe default, per sequence:")
-    table(("sequence", "frames", "IDF1 m", "IDF1", "HOTA", "ID sw", "ids on", "false confirmed /min"),
-          [(r.sequence.name, str(len(r.detections)), f"{s.idf1_matched:.3f}", f"{s.idf1:.3f}", f"{s.hota:.3f}", str(s.id_switches),
+    table([(r.sequence.name, str(len(r.detections)), f"{s.idf1_matched:.3f}", f"{s.idf1:.3f}", f"{s.hota:.3f}", str(s.id_switches),
             f"{s.ids_on:.0%}", f"{s.false_tracks / s.minutes:.1f}")
-           for r in recorded for s in [score(r, TrackSettings())]])
+           for r in recorded for s in [score(r, TrackSettings())]],
+          ("sequence", "frames", "IDF1 m", "IDF1", "HOTA", "ID sw", "ids on", "false confirmed /min"))
 
 
 if __name__ == "__main__":
