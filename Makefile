@@ -57,7 +57,7 @@ test-fast: sysdeps venv
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: sysdeps venv sample
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py --json out/bench-results.json  # not the tracked benchmarks/results.json
 
 clean:
 	rm -rf $(DEMO_OUT) runs eval predictions
