@@ -117,6 +117,11 @@ def eval_cmd(
         source = resolve_checkpoint(source)
     detector = load_detector(source, exp)
     target = load_split(exp, split)
+    for problem in target.errors:
+        console.print(f"[red]error:[/red] {problem.file}: {problem.message}", highlight=False)
+    if target.num_skipped:
+        console.print(f"[yellow]evaluating a subset:[/yellow] {len(target)} of the {target.num_listed} images the "
+                      f"{split} split names ({target.num_skipped} skipped: the errors above)", highlight=False)
     out = out or Path("eval") / f"{source.stem}-{split}"
     report = evaluate(detector, target, out_dir=out)
     print_report(report)
@@ -160,6 +165,9 @@ def predict(
         iou_threshold if iou_threshold is not None else thresholds.iou_threshold,
     )
     typer.echo(json.dumps(asdict(result), indent=2, default=str))
+    if result.failed and not (result.num_images or result.num_videos):
+        console.print(f"[red]error:[/red] every input failed ({len(result.failed)}): {result.failed[0]}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -7,7 +7,7 @@ import onnxruntime as ort
 
 from streamd.backends.base import Ready
 from streamd.errors import BackendError
-from streamd.model.bundle import Bundle
+from streamd.model.bundle import Bundle, check_io_names
 
 
 class OnnxRuntimeBackend:
@@ -27,6 +27,7 @@ class OnnxRuntimeBackend:
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"{bundle.onnx_path}: ONNX Runtime cannot load the model: {exc}") from exc
+        check_io_names(bundle, [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         self.input_name = bundle.meta.onnx.input_name
         self.max_batch = max_batch
 

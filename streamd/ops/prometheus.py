@@ -43,6 +43,7 @@ from streamd.config import split_host_port
 from streamd.errors import OutputError
 from streamd.ops.metrics import LATENCY_BUCKETS_MS, Metrics, drop_reason
 from streamd.pipeline.queues import BoundedQueue
+from streamd.selftest import SelfTestResult
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,14 @@ class Recorder(Protocol):
 class RunCollector:
     """A prometheus_client collector that reads one run's Metrics, queues and recordings on every scrape."""
 
-    def __init__(self, metrics: Metrics, queues: Sequence[BoundedQueue], recorders: Sequence[Recorder]):
+    def __init__(
+        self, metrics: Metrics, queues: Sequence[BoundedQueue], recorders: Sequence[Recorder],
+        selftest: SelfTestResult | None = None,
+    ):  # fmt: skip
         self.metrics = metrics
         self.queues = tuple(queues)
         self.recorders = tuple(recorders)
+        self.selftest = selftest  # the self-test before READY=1 (streamd.selftest); None: a caller's own detector
 
     def collect(self) -> Iterator[Metric]:
         streams = self.metrics.counts()
@@ -118,6 +123,12 @@ class RunCollector:
         for recorder in self.recorders:
             recorded.add_metric([recorder.stream_id], sum(_size(path) for path in list(recorder.segments)))
         yield recorded
+        if (test := self.selftest) is not None:
+            passed = GaugeMetricFamily("streamd_selftest_passed", "1: the golden frames' detections on this backend "
+                                       "matched the reference within the precision's bar before READY=1 (a mismatch "
+                                       "refuses to start).", labels=["backend", "device", "precision", "golden"])  # fmt: skip
+            passed.add_metric([test.backend, test.device, test.precision, test.golden], 1)
+            yield passed
 
 
 def _size(path: Path) -> int:

@@ -22,10 +22,11 @@ from streamd.ops.metrics import Metrics, RunSummary
 from streamd.ops.prometheus import MetricsServer, RunCollector
 from streamd.ops.systemd import SystemdNotifier
 from streamd.pipeline.compose import Switches, compose
+from streamd.pipeline.endpoints import endpoints
 from streamd.pipeline.graph import Graph
-from streamd.pipeline.queues import BoundedQueue
 from streamd.pipeline.runner import Runner
 from streamd.pipeline.worker import Control
+from streamd.selftest import SelfTestResult, self_test
 from streamd.stages.record import RecordStage
 
 
@@ -48,6 +49,7 @@ def run_pipeline(
     output's setup); errors while running end up in the summary's `error`.
     """
     owns_backend = detector is None
+    selftest: SelfTestResult | None = None
     if detector is None:
         bundle = load_bundle(config.model)
         detector = Detector.for_bundle(bundle, make_backend(bundle, config.backend, max_batch=config.batch.max_batch))
@@ -56,14 +58,16 @@ def run_pipeline(
     publishing = switches.publish and config.publish is not None and config.publish.enabled
     context = zmq.Context() if publishing else None
     try:
+        if owns_backend:  # golden frames through this backend before READY=1; a mismatch is a BundleError
+            selftest = self_test(bundle, detector, config.backend)
         metrics = Metrics([stream.id for stream in config.streams])
-        graph = compose(config, detector, metrics, context, switches)
+        graph = compose(config, detector, metrics, endpoints(config, detector, metrics, context, switches))
         runner = Runner(
             graph, stop_event or threading.Event(), drain_timeout_s=config.drain_timeout_s,
             max_frames=max_frames, duration_s=duration_s, notifier=notifier,
         )  # fmt: skip
         if config.metrics is not None:
-            server = _metrics_server(config.metrics.bind, graph, runner.control)
+            server = _metrics_server(config.metrics.bind, graph, runner.control, selftest)
             server.start()  # before setup and READY=1: /healthz says "starting" until the supervisor watches
         return runner.run()
     finally:
@@ -79,11 +83,12 @@ def run_pipeline(
             detector.backend.close()
 
 
-def _metrics_server(bind: str, graph: Graph, control: Control) -> MetricsServer:
-    """/metrics over the run's Metrics, every queue of the graph and its recorders; /healthz from its supervisor."""
-    queues = [q for _, q in graph.sources] + [w.inbox for w in graph.workers() if isinstance(w.inbox, BoundedQueue)]
+def _metrics_server(bind: str, graph: Graph, control: Control, selftest: SelfTestResult | None) -> MetricsServer:
+    """/metrics over the run's Metrics, every queue of the graph, its recorders and the self-test; /healthz from
+    its supervisor."""
+    queues = graph.queues()
     recorders = [stage for stage in graph.stages() if isinstance(stage, RecordStage)]
-    return MetricsServer(bind, RunCollector(graph.metrics, queues, recorders), lambda: _silent(control))
+    return MetricsServer(bind, RunCollector(graph.metrics, queues, recorders, selftest), lambda: _silent(control))
 
 
 def _silent(control: Control) -> list[str] | None:

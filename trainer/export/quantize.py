@@ -62,6 +62,7 @@ from streamd.model import load_bundle
 from streamd.model.bundle import Bundle, write_bundle
 from trainer import __version__
 from trainer.config import load_experiment
+from trainer.export.bundle import add_golden_frames, check_out
 from trainer.export.calibration import calibration_set
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ def quantize_bundle(
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     name: str | None = None,
     target: str = "onnxruntime",
+    overwrite: bool = False,
 ) -> QuantizeResult:
     """Write `out`, the int8 bundle of the fp32 bundle `source`, calibrated on experiment_file's train split.
 
@@ -189,8 +191,11 @@ def quantize_bundle(
     Raises streamd.errors.BundleError when `source` is not a valid bundle,
     streamd.errors.ConfigError for an invalid experiment, and ValueError,
     naming the file, when the experiment's classes differ from the bundle's,
-    its train split has no image, the source is already quantized, or `out`
-    is the source.
+    its train split has no image, the source is already quantized, `out`
+    is the source, or `out` holds files and not overwrite (export's check_out).
+    The int8 bundle gets golden frames like an exported one: the first images
+    of the experiment's val split and ONNX Runtime's detections on them with
+    the int8 model, the reference a TensorRT int8 engine is compared with.
     """
     if target not in TARGETS:
         raise ValueError(f"quantize target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -198,11 +203,13 @@ def quantize_bundle(
     bundle = load_bundle(source)
     if Path(out).resolve() == bundle.path.resolve():
         raise ValueError(f"{out}: is the source bundle; write the int8 bundle to another folder")
+    check_out(out, overwrite)
     model = onnx.load(str(bundle.onnx_path))
     already = sorted({node.op_type for node in model.graph.node} & QUANTIZED_OPS)
     if already:
         raise ValueError(f"{bundle.onnx_path}: already quantized ({', '.join(already)} nodes); quantize the fp32 bundle")
-    calibration = calibration_set(load_experiment(experiment_file), bundle, calibration_images, experiment_file)
+    experiment = load_experiment(experiment_file)
+    calibration = calibration_set(experiment, bundle, calibration_images, experiment_file)
     float_nodes = decode_tail(model) + input_stem(model)
     if target == "tensorrt":
         float_nodes += first_convolutions(model) + depthwise_convolutions(model)
@@ -233,6 +240,7 @@ def quantize_bundle(
         "images": reader.images, "fingerprint": calibration.fingerprint(), "method": "minmax", "target": target,
     }  # fmt: skip
     written = write_bundle(out, onnx_bytes, _int8_meta(bundle, calibration_fields, onnx_bytes, name))
+    written = add_golden_frames(written.path, experiment) or written
     return QuantizeResult(
         bundle=str(written.path),
         sha256=written.sha256,

@@ -88,7 +88,7 @@ def test_int8_bundle_is_a_bundle_of_its_own(int8, bccd_experiment) -> None:
     )
     assert meta.weights is None and meta.metrics == {}  # the fp32 weights and metrics are not this model's
     provenance = meta.provenance
-    assert meta.format_version == 3 and provenance.dataset == fp32.provenance.dataset
+    assert meta.format_version == 4 and provenance.dataset == fp32.provenance.dataset  # 4: golden frames too
     assert provenance.source_bundle.model_dump() == {"name": "bccd-nano.bundle", "sha256": source.sha256}
     assert provenance.calibration.model_dump() == {
         "experiment": str(bccd_experiment), "dataset": "synthetic-voc", "split": "train", "images": 16,

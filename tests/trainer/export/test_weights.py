@@ -89,7 +89,7 @@ def _drop_weights(meta: dict) -> None:
         (lambda m: m.pop("yolox"), "weights and yolox come together"),
         (lambda m: m.pop("weights"), "weights and yolox come together"),
         (lambda m: m.update(format_version=1), "weights and yolox need format_version 2"),
-        (lambda m: m.update(format_version=4), "format_version"),
+        (lambda m: m.update(format_version=5), "format_version"),
         (lambda m: m["yolox"].update(num_classes=3), "yolox.num_classes is 3 but class_names names 2"),
         (lambda m: m["yolox"].update(act="gelu"), "yolox.act"),
         (lambda m: m["weights"].update(file="other.safetensors"), "other.safetensors: missing"),
