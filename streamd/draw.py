@@ -36,15 +36,23 @@ def _text_color(background_bgr: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.114 * blue + 0.587 * green + 0.299 * red > 140 else (255, 255, 255)
 
 
+def _tag_height(text: str, scale: float, thickness: int) -> int:
+    """The height in pixels of the filled box _tag writes `text` on."""
+    (_, text_h), baseline = cv2.getTextSize(text, FONT, scale, thickness)
+    return text_h + baseline + 2 * max(1, thickness)
+
+
 def _tag(
-    image: np.ndarray, text: str, x: int, y_bottom: int, color: tuple[int, int, int], scale: float, thickness: int
-) -> None:
-    """Write `text` on a filled box whose bottom-left corner is (x, y_bottom), in place."""
+    image: np.ndarray, text: str, x: int, y_bottom: int, color: tuple[int, int, int], scale: float, thickness: int,
+    min_top: int = 0,
+) -> None:  # fmt: skip
+    """Write `text` on a filled box whose bottom-left corner is (x, y_bottom), in place; a box that would start
+    above row `min_top` is moved down to start there."""
     (text_w, text_h), baseline = cv2.getTextSize(text, FONT, scale, thickness)
     pad = max(1, thickness)
     top = y_bottom - text_h - baseline - 2 * pad
-    if top < 0:  # no room above: move the tag down inside the frame
-        y_bottom, top = y_bottom - top, 0
+    if top < min_top:  # no room above: move the tag down, below the top band
+        y_bottom, top = y_bottom + min_top - top, min_top
     cv2.rectangle(image, (x, top), (x + text_w + 2 * pad, y_bottom), color, cv2.FILLED)
     cv2.putText(image, text, (x + pad, y_bottom - baseline - pad), FONT, scale, _text_color(color), thickness, cv2.LINE_AA)
 
@@ -64,6 +72,8 @@ def draw_detections(
     name is shown as its number. colors: BGR per class id (cycled), default
     PALETTE_BGR. timestamp_text: written top-left on a black box when given.
     status: (text, BGR colour) of a small marker written top-right ("AI active", "AI stale").
+    The band these two take at the top is kept clear: a box's tag that would reach into it is moved below it,
+    and they are written last, so that no box line crosses the stream id / frame / time.
     """
     if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
         raise ValueError(f"expected a uint8 HxWx3 BGR image, got {image_bgr.dtype} {image_bgr.shape}")
@@ -72,18 +82,19 @@ def draw_detections(
     # Line width and text size follow the frame size so that tags stay legible from 320p to 4K.
     thickness = max(1, round(min(canvas.shape[:2]) / 360))
     scale = max(0.35, min(canvas.shape[:2]) / 1000)
-    if timestamp_text:
-        # First, so that a detection's tag at the top edge is drawn over the timestamp, never under it.
-        _tag(canvas, timestamp_text, 0, 0, (0, 0, 0), scale, thickness)  # pushed down to sit at the top edge
-    if status:
-        text, color = status
-        (text_w, _), _ = cv2.getTextSize(text, FONT, scale, thickness)
-        _tag(canvas, text, canvas.shape[1] - text_w - 2 * max(1, thickness), 0, color, scale, thickness)
+    band = max((_tag_height(text, scale, thickness) for text in (timestamp_text, status and status[0]) if text),
+               default=0)  # fmt: skip
     for (x1, y1, x2, y2), score, class_id in zip(
         np.rint(detections.xyxy).astype(np.int32), detections.confidence, detections.class_id
     ):
         color = class_color(class_id, palette)
         cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), color, thickness)
         label = class_names[class_id] if 0 <= class_id < len(class_names) else str(int(class_id))
-        _tag(canvas, f"{label} {score:.2f}", int(x1), int(y1), color, scale, thickness)
+        _tag(canvas, f"{label} {score:.2f}", int(x1), int(y1), color, scale, thickness, min_top=band)
+    if timestamp_text:
+        _tag(canvas, timestamp_text, 0, 0, (0, 0, 0), scale, thickness)  # pushed down to sit at the top edge
+    if status:
+        text, color = status
+        (text_w, _), _ = cv2.getTextSize(text, FONT, scale, thickness)
+        _tag(canvas, text, canvas.shape[1] - text_w - 2 * max(1, thickness), 0, color, scale, thickness)
     return canvas

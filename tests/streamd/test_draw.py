@@ -79,3 +79,19 @@ def test_each_class_has_a_fixed_colour(colors, class_id: int, expected_bgr: tupl
 def test_rejects_what_is_not_a_bgr_frame(image: np.ndarray) -> None:
     with pytest.raises(ValueError, match="uint8 HxWx3"):
         draw_detections(image, Detections.empty(), NAMES)
+
+
+@pytest.mark.parametrize("box", [[0, 0, 60, 40], [5, 2, 200, 100], [100, 0, 300, 30]])
+def test_box_tags_never_cover_the_timestamp_or_the_status(box: list[float]) -> None:
+    """A box at the top edge: its tag goes below the band of the stream id / frame / time line and the AI marker,
+    which read exactly as on a frame without detections."""
+    image = np.full((240, 320, 3), 90, np.uint8)
+    text, status = "eus-1 #1234  pts 41.133 s  2026-11-22 18:00:00.123 UTC", ("AI active", (60, 160, 40))
+    detections = Detections(np.array([box], np.float32), np.array([0.9], np.float32), np.array([0]))
+    drawn = draw_detections(image, detections, NAMES, timestamp_text=text, status=status)
+    bare = draw_detections(image, Detections.empty(), NAMES, timestamp_text=text, status=status)
+    band = bare != image  # where the line and the marker are
+    rows = np.flatnonzero(band.any(axis=(1, 2)))
+    assert rows.size and np.array_equal(drawn[band], bare[band])
+    tag_color = np.array(class_color(0), np.uint8)
+    assert (drawn[rows[-1] + 1 :] == tag_color).all(axis=2).any()  # the tag is drawn, below the band
