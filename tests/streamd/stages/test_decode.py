@@ -15,7 +15,6 @@ from streamd.config import StreamConfig
 from streamd.errors import FatalError, SourceError
 from streamd.ops.metrics import Metrics
 from streamd.stages.decode import AVSource, TimeLine, open_source
-from streamd.stages.freeze import FreezeDetector
 from streamd.types import Frame
 from tests.streamd import media
 
@@ -289,28 +288,6 @@ def test_a_looping_file_restarts_without_a_jump() -> None:
     timeline.restart()
     placed += [timeline.place(pts, 0, 0, 0.1) for pts in (0.0, 0.1)]
     assert placed == [(0.0, 0), (0.1, 0), (pytest.approx(0.2), 0), (pytest.approx(0.3), 0)]
-
-
-def test_a_frozen_picture_is_flagged_after_its_time_and_clears_when_it_moves() -> None:
-    detector = FreezeDetector(after_s=0.5)  # at 10 fps: 5 unchanged frames
-    still = np.full((120, 160, 3), 80, np.uint8)
-    noisy = [still.copy() for _ in range(8)]
-    for n, image in enumerate(noisy):
-        image[n % 120, n % 160] = 255  # a pixel of encoder noise: still the same picture
-    flags = [detector.update(image, n / 10) for n, image in enumerate(noisy)]
-    assert flags == [False] * 5 + [True] * 3
-    moved = still.copy()
-    moved[40:80, 40:80] = 200
-    assert detector.update(moved, 0.8) is False
-
-
-@pytest.mark.parametrize("fps", [5, 30, 60])
-def test_a_frozen_picture_is_timed_by_the_streams_clock_whatever_its_rate(fps) -> None:
-    """frozen_after_s is seconds of the stream's time: 2 s is 10 frames at 5 fps, 120 at 60 fps."""
-    detector = FreezeDetector(after_s=2.0)
-    still = np.full((90, 160), 80, np.uint8)
-    flags = [detector.update(still, n / fps) for n in range(3 * fps)]
-    assert flags.index(True) == 2 * fps
 
 
 def test_a_frozen_live_feed_is_flagged_for_real(tmp_path: Path) -> None:
