@@ -35,7 +35,7 @@ from streamd.config_outputs import (  # noqa: F401 (part of this module's names:
     is_loopback_host,
     split_host_port,
 )
-from streamd.configbase import StrictModel, path_is, resolve_path, short_path
+from streamd.configbase import Folder, StrictModel, path_is, resolve_path, short_path
 from streamd.yamlconfig import load_yaml_model
 
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -204,7 +204,7 @@ class RecordConfig(StrictModel):
     """The annotated recording of a stream, in segments that stay playable after a crash."""
 
     enabled: bool = Field(True, description="Write the recording (false keeps the settings but records nothing).")
-    dir: Path = Field(description="Folder of the recordings (relative to this file); created at start.")
+    dir: Folder = Field(description="Folder of the recordings (relative to this file); created at start.")
     codec: str = Field("auto", min_length=1, max_length=32, description="Encoder name, or auto (GPU if present).")
     preset: str = Field(
         "superfast", min_length=1, max_length=32,
@@ -224,7 +224,7 @@ class DetectionLogConfig(StrictModel):
     """The JSON-lines detection log of a stream: the published messages, one file per recording segment."""
 
     enabled: bool = Field(True, description="Write the log (false keeps the settings but logs nothing).")
-    dir: Path = Field(description="Folder of the logs (relative to this file); created at start.")
+    dir: Folder = Field(description="Folder of the logs (relative to this file); created at start.")
 
     @field_validator("dir")
     @classmethod

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
 
 class StrictModel(BaseModel):
@@ -27,6 +28,18 @@ def short_path(path: Path) -> str:
 
 
 def resolve_path(value: Path, info: ValidationInfo) -> Path:
-    """A path relative to the config file's folder (the validation context's base_dir)."""
+    """A path relative to the config file's folder (the validation context's base_dir); a NUL byte is refused
+    (no file system takes one: every open of the path would fail)."""
+    if "\0" in str(value):
+        raise ValueError("a path cannot hold a NUL byte")
     base_dir = Path((info.context or {}).get("base_dir", "."))
     return Path(os.path.abspath(base_dir / value))
+
+
+def _not_empty(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty folder name would mean the config's own folder: give the folder")
+    return value
+
+
+Folder = Annotated[Path, BeforeValidator(_not_empty)]  # a folder setting: "" refused (Path("") is ".")

@@ -13,8 +13,8 @@ import logging
 import re
 
 # scheme:// then the userinfo: everything up to the last "@" before the path (a password may hold an unescaped
-# "@" or ":", which FFmpeg's URL parser accepts the same way).
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]*@")
+# "@" or ":", which FFmpeg's URL parser accepts the same way); "udp://@:5000" (no user, a multicast bind) stays.
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]+@")
 
 
 def redact(text: str) -> str:

@@ -12,7 +12,9 @@ Before validation a document is refused when it is not UTF-8, repeats a key
 or expands through aliases to more than MAX_EXPANDED_NODES nodes (a "billion
 laughs" bomb: 720 bytes that expand to 10^9 nodes). After validation, a YAML
 boolean that a field took as a number (pydantic's lax mode reads `true` as 1)
-is an error too, for every model, without a per-field strict flag.
+or a quoted string ("5") is an error too, for every model, without a
+per-field strict flag (a plain 1e-3, which YAML 1.1 reads as a string, stays
+a number). An integer longer than MAX_INT_CHARS is refused with its line.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ M = TypeVar("M", bound=BaseModel)
 # A config holds hundreds of nodes; 10,000 leaves room for any real one and refuses a bomb at its fifth level.
 MAX_EXPANDED_NODES = 10_000
 MAX_DEPTH = 64  # the composer recurses once per level: refuse long before Python's recursion limit
+MAX_INT_CHARS = 64  # an integer longer than this fits no setting (int() refuses 4300 digits with a ValueError)
 
 
 def read_utf8(path: Path) -> str:
@@ -93,6 +96,13 @@ class _BoundedLoader(yaml.SafeLoader):
         self._expanded_size[id(node)] = size
         return node
 
+    def construct_bounded_int(self, node):
+        """An integer scalar, refused (with its line) when it is longer than any setting could take."""
+        if len(node.value) > MAX_INT_CHARS:
+            problem = f"an integer of {len(node.value)} characters: no setting takes more than {MAX_INT_CHARS}"
+            raise _Refused(problem=problem, problem_mark=node.start_mark)
+        return self.construct_yaml_int(node)
+
     def construct_mapping(self, node, deep=False):
         """Refuse a key given twice; keys brought in by a merge (`<<: *base`) may be overridden, as YAML intends."""
         first_line: dict = {}
@@ -107,6 +117,9 @@ class _BoundedLoader(yaml.SafeLoader):
                 raise _Refused(problem=problem, problem_mark=key_node.start_mark)
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_bounded_int)
 
 
 def _node_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
@@ -205,14 +218,31 @@ def _member(value: object, key: object) -> object:
     return _MISSING
 
 
-def _booleans_read_as_numbers(data: object, value: object, loc: tuple = ()) -> list[tuple]:
-    """Locations where the YAML holds a boolean and the validated model a number (pydantic's lax int and float)."""
-    if isinstance(data, bool):
-        return [loc] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+def _quoted_scalars(node: yaml.Node, path: tuple = ()) -> set[tuple]:
+    """Key paths of the scalars written in quotes ("5", '5'): strings, whatever they look like."""
+    if isinstance(node, yaml.ScalarNode):
+        return {path} if node.style in ("'", '"') else set()
+    if isinstance(node, yaml.MappingNode):
+        return {found for key, value in node.value for found in _quoted_scalars(value, (*path, key.value))}
+    if isinstance(node, yaml.SequenceNode):
+        return {found for index, value in enumerate(node.value) for found in _quoted_scalars(value, (*path, index))}
+    return set()
+
+
+def _numbers_from_non_numbers(data: object, value: object, quoted: set[tuple], loc: tuple = ()) -> list[tuple]:
+    """(location, what the YAML holds) where the validated model holds a number read from a boolean or a quoted
+    string (pydantic's lax int and float read `true` as 1 and "5" as 5.0)."""
+    if isinstance(data, (bool, str)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and isinstance(data, bool):
+            return [(loc, "a boolean")]
+        return [(loc, "a quoted string")] if number and loc in quoted else []
     if isinstance(data, dict):
-        return [found for key, item in data.items() for found in _booleans_read_as_numbers(item, _member(value, key), (*loc, key))]
+        return [found for key, item in data.items()
+                for found in _numbers_from_non_numbers(item, _member(value, key), quoted, (*loc, key))]  # fmt: skip
     if isinstance(data, list) and isinstance(value, (list, tuple)) and len(data) == len(value):
-        return [found for i, item in enumerate(data) for found in _booleans_read_as_numbers(item, value[i], (*loc, i))]
+        return [found for i, item in enumerate(data)
+                for found in _numbers_from_non_numbers(item, value[i], quoted, (*loc, i))]  # fmt: skip
     return []
 
 
@@ -253,12 +283,12 @@ def load_yaml_model(path: str | Path, model: type[M], context: dict | None = Non
         loaded = model.model_validate(data, context={"base_dir": path.parent, **(context or {})})
     except ValidationError as exc:
         raise ConfigError(format_errors(path, model, exc, _node_lines(node))) from exc
-    booleans = _booleans_read_as_numbers(data, loaded)
-    if booleans:
+    not_numbers = _numbers_from_non_numbers(data, loaded, _quoted_scalars(node))
+    if not_numbers:
         lines = _node_lines(node)
         raise ConfigError("\n".join(
-            f"{path}:{_nearest_line(lines, loc)}: {'.'.join(map(str, loc))}: Input should be a number, not a boolean"
-            for loc in booleans
+            f"{path}:{_nearest_line(lines, loc)}: {'.'.join(map(str, loc))}: Input should be a number, not {what}"
+            for loc, what in not_numbers
         ))
     return loaded
 

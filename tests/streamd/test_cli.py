@@ -70,6 +70,42 @@ def test_validate_bad_config_exits_2_with_line_and_field_and_no_traceback(tmp_pa
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("setting", "line", "field", "expected"),
+    [
+        ("batch: {{max_wait_ms: \"5\"}}", 2, "batch.max_wait_ms", "Input should be a number, not a quoted string"),
+        ("batch: {{max_batch: " + "7" * 5000 + "}}", 2, "", "an integer of 5000 characters: no setting takes more"),
+        ("x: 1", 2, "x", "unknown field"),
+    ],
+)
+def test_settings_that_can_never_work_are_one_line_each(tmp_path: Path, tiny_bundle, setting, line, field, expected):
+    """Exit 2, one line naming file:line and the field, no traceback; nothing created beside the config."""
+    path = write(tmp_path, f"model: {tiny_bundle.path}\n{setting.format()}\nstreams: [{{id: a, source: 'udp://@:5000'}}]\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    (problem,) = result.stderr.splitlines()
+    assert problem.startswith(f"{path}:{line}: {field + ': ' if field else ''}{expected}"), problem
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamd.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [
+        ('""', "an empty folder name would mean the config's own folder"),
+        ('"rec\\0x"', "a path cannot hold a NUL byte (got 'rec\\x00x')"),
+    ],
+)
+def test_a_folder_that_names_nothing_is_refused(tmp_path: Path, tiny_bundle, clip, folder: str, expected: str):
+    for output in ("record", "detection_log"):
+        path = write(tmp_path, f"model: {tiny_bundle.path}\nstreams:\n  - id: a\n    source: {clip}\n"
+                               f"    {output}: {{dir: {folder}}}\n")  # fmt: skip
+        result = runner.invoke(app, ["validate", str(path)])
+        assert result.exit_code == 2, result.output
+        (problem,) = result.stderr.splitlines()
+        assert problem.startswith(f"{path}:5: streams.0.{output}.dir: Value error, {expected}"), problem
+
+
 def test_validate_reports_a_broken_bundle(tmp_path: Path):
     (tmp_path / "empty.bundle").mkdir()
     path = write(tmp_path, "model: empty.bundle\nstreams: [{id: a, source: 'udp://@:5000'}]\n")

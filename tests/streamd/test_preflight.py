@@ -11,6 +11,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import av
 import pytest
 import zmq
 from typer.testing import CliRunner
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from streamd.cli import app
 from streamd.keys import generate
 from streamd.model import write_bundle
+from streamd.stages.record import nvenc_opens
 from tests.streamd import media
 from tests.streamd.conftest import bundle_meta, tiny_onnx_bytes
 
@@ -199,3 +201,56 @@ def test_a_metrics_port_another_process_holds_is_refused(tmp_path: Path, tiny_bu
         path = tmp_path / "streamd.yaml"
         path.write_text(config_text(tiny_bundle.path, clip) + f'metrics: {{bind: "127.0.0.1:{port}"}}\n')
         assert_refused(path, 9, "metrics.bind", f"cannot listen on 127.0.0.1:{port}", code=1)
+
+
+def zero_size_video(path: Path) -> Path:
+    """A Matroska file whose video track says 0x0 (a 64x64 rawvideo one with its PixelWidth/PixelHeight zeroed)."""
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("rawvideo", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for packet in (*stream.encode(av.VideoFrame(64, 64, "yuv420p")), *stream.encode()):
+            output.mux(packet)
+    data = bytearray(path.read_bytes())
+    for element in (b"\xb0\x81\x40", b"\xba\x81\x40"):  # EBML: PixelWidth / PixelHeight, 1 byte, 64
+        data[data.index(element) + 2] = 0
+    path.write_bytes(bytes(data))
+    return path
+
+
+NVENC_OPENS = nvenc_opens()
+
+
+@pytest.mark.parametrize(
+    ("case", "line", "field", "words"),
+    [
+        ("mjpeg", 6, "streams.0.record", ("mjpeg cannot record mp4 segments here",)),
+        ("rawvideo", 6, "streams.0.record", ("rawvideo cannot record mp4 segments here", "does not support")),
+        pytest.param("h264_nvenc", 6, "streams.0.record", ("h264_nvenc",),
+                     marks=pytest.mark.skipif(NVENC_OPENS, reason="h264_nvenc opens here (a GPU)")),
+        ("symlink loop", 6, "streams.0.record.dir", ("cannot be reached: Too many levels of symbolic links",)),
+        ("300-character name", 7, "streams.0.detection_log.dir", ("a folder name of 300 bytes (at most 255)",)),
+        ("metrics port is the publish port", 9, "metrics.bind", ("is publish.bind's too",)),
+        ("0x0 video", 5, "streams.0.source", ("zero.mkv: its first frame does not decode (0x0 video)",)),
+    ],
+)
+def test_settings_that_can_never_work_are_refused(tmp_path: Path, tiny_bundle, clip, case, line, field, words):
+    """Each ran before, logging errors forever (or 0 frames) and exiting 0: now validate and run refuse it, exit 2."""
+    settings, more, source = {}, "", clip
+    port = media.free_port("tcp")
+    match case:
+        case "mjpeg" | "rawvideo" | "h264_nvenc":
+            settings["record"] = f"{{dir: rec, codec: {case}}}"
+        case "symlink loop":
+            (tmp_path / "loop").symlink_to(tmp_path / "loop")
+            settings["record"] = "{dir: loop/rec}"
+        case "300-character name":
+            settings["log"] = f"{{dir: {'d' * 300}}}"
+        case "metrics port is the publish port":
+            settings["bind"] = f"tcp://127.0.0.1:{port}"
+            more = f'metrics: {{bind: "127.0.0.1:{port}"}}\n'
+        case "0x0 video":
+            source = zero_size_video(tmp_path / "zero.mkv")
+    path = tmp_path / "streamd.yaml"
+    path.write_text(config_text(tiny_bundle.path, source, **settings) + more)
+    assert_refused(path, line, field, *words)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("loop", "zero.mkv")) == ["streamd.yaml"]

@@ -36,6 +36,7 @@ URL = f"rtsp://admin:{SECRET}@127.0.0.1:9/x"
         ("two: udp://a:b@h:1 and RTSP://c:d@h2/p", "two: udp://***@h:1 and RTSP://***@h2/p"),
         ("rtsp://cam.local/live mail me@example.org", "rtsp://cam.local/live mail me@example.org"),  # no userinfo
         ("/videos/a@b.mp4", "/videos/a@b.mp4"),
+        ("udp://@:5000", "udp://@:5000"),  # no user: FFmpeg's listen-on-any-address form
     ],
 )
 def test_redact(text: str, expected: str):

@@ -152,6 +152,33 @@ def test_booleans_and_numbers_where_they_belong(tmp_path: Path, text: str, expec
     assert [type(getattr(settings, key)) for key in expected] == [type(value) for value in expected.values()]
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('count: "5"\n', [":1: count"]),
+        ("ratio: '0.5'\n", [":1: ratio"]),
+        ('size: [1, "2"]\n', [":1: size.1"]),
+        ('weights:\n  a: 1\n  b: "2"\n', [":3: weights.b"]),
+    ],
+    ids=["int", "float", "tuple-item", "dict-value"],
+)
+def test_a_quoted_string_is_not_a_number(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = write(tmp_path, text)
+    assert refusal(path).splitlines() == [f"{path}{where}: Input should be a number, not a quoted string"
+                                          for where in expected]  # fmt: skip
+
+
+def test_a_plain_number_that_yaml_1_1_reads_as_a_string_stays_a_number(tmp_path: Path) -> None:
+    """PyYAML reads 1e-3 (no dot) as the string "1e-3"; YAML 1.2 and every user read a number."""
+    assert load_yaml_model(write(tmp_path, "ratio: 1e-3\nname: '5'\n"), Settings).ratio == 0.001
+
+
+@pytest.mark.parametrize("value", ["7" * 5000, "-" + "7" * 65, "0x" + "f" * 63])
+def test_an_integer_longer_than_any_setting_is_refused_with_its_line(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"name: x\ncount: {value}\n")
+    assert refusal(path) == f"{path}:2: an integer of {len(value)} characters: no setting takes more than 64"
+
+
 def test_validation_errors_still_name_file_line_and_field(tmp_path: Path) -> None:
     path = write(tmp_path, "name: x\ncountt: 3\n")
     assert refusal(path) == f"{path}:2: countt: unknown field; did you mean 'count'?"
