@@ -54,7 +54,7 @@ from streamd.errors import FatalError, SourceError
 from streamd.model.preprocess import letterbox_hw
 from streamd.ops.metrics import Metrics, dropped
 from streamd.pipeline.stage import Backoff
-from streamd.stages.decoder import PIXEL_FORMATS, decoder_in_use, frame_pixels, hwaccel_for
+from streamd.stages.decoder import PIXEL_FORMATS, NvdecOpen, decoder_in_use, frame_pixels, hwaccel_for
 from streamd.stages.freeze import FreezeDetector
 from streamd.stages.timeline import TimeLine  # noqa: F401 (also streamd.stages.decode.TimeLine)
 from streamd.types import Frame, PixelFormat, image_problem, picture_hw
@@ -136,8 +136,8 @@ class AVSource:
     hwaccel: auto | cuda | none (streams[].hwaccel); cuda_device: the GPU NVDEC decodes on.
     decoder_threads: the codec's thread count (None: FFmpeg's).
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
-    files and "SLICE" for live sources, where frame threading would add a
-    frame of latency per thread.
+    files and "SLICE" for live sources and files paced as they are (realtime),
+    where frame threading would add a frame of latency per thread.
     Counted in `metrics`: opens, loops, corrupt_packets, dropped("unfit_frame").
     """
 
@@ -190,7 +190,7 @@ class AVSource:
         # Frame threading holds back one frame per extra thread (up to 16 on a big machine): fine for a
         # file's throughput, not for a live feed that must be out within a frame's time. Live sources
         # thread within a frame (slices) instead.
-        self.thread_type = thread_type or ("SLICE" if self.live else "AUTO")
+        self.thread_type = thread_type or ("SLICE" if self.live or realtime else "AUTO")
         self.frames = 0  # frames read so far: the next frame's seq
         self.fps = DEFAULT_FPS
         self._container: av.container.InputContainer | None = None
@@ -201,7 +201,7 @@ class AVSource:
         self._lost_at: float | None = None  # monotonic: the last frame before the source was closed
         self._clock: tuple[float, float] | None = None  # realtime pacing: (monotonic, pts_s) of the anchor frame
         # The decoder to name once the first frame of an open is out: (codec context, tried NVDEC, why not).
-        self._decoder_pending: tuple[av.VideoCodecContext, bool, str | None] | None = None
+        self._decoder_pending: tuple[av.VideoCodecContext, NvdecOpen | None, str | None] | None = None
         self._decoder_said: str | None = None  # the last line logged about it
         self._unfit: dict[str, int] = {}  # why frames were skipped (size or layout) -> how many
 
@@ -220,7 +220,7 @@ class AVSource:
         container, hwaccel = None, None
         for candidate in candidates:  # NVDEC on the shared CUDA context, then on one of its own
             try:
-                container, hwaccel = self._open_container(candidate), candidate
+                container, hwaccel = self._open_container(candidate.hwaccel), candidate
                 break
             except _NoHardwareDecoder as exc:
                 why_not = f"NVDEC did not open: {exc}"
@@ -239,7 +239,7 @@ class AVSource:
         self.fps = float(rate) if rate and rate > 0 else DEFAULT_FPS
         self._container = container
         self._frames = self._decode(container, stream)
-        self._decoder_pending = (codec, hwaccel is not None, why_not)
+        self._decoder_pending = (codec, hwaccel, why_not)
         self._clock = None
         self.metrics.count(self.stream_id, "opens")
         log.info("stream %r: opened %s (%s %dx%d, %.3g fps)", self.stream_id, self.url,
@@ -281,10 +281,16 @@ class AVSource:
     def _decode(
         self, container: av.container.InputContainer, stream: av.VideoStream
     ) -> Iterator[tuple[av.VideoFrame, float]]:
-        """Decoded frames with the monotonic time their packet left the demuxer; restarts when looping."""
+        """Decoded frames with the monotonic time their own packet left the demuxer (by pts: a decoder with frame
+        threads or B-frames puts a frame out some packets later); restarts when looping."""
+        arrivals: dict[int, float] = {}  # pts -> when its packet left the demuxer, until its frame is out
         while True:
             for packet in container.demux(stream):
                 received = time.monotonic()
+                if packet.pts is not None:
+                    arrivals[packet.pts] = received
+                    if len(arrivals) > 256:  # packets that gave no frame: keep the newest
+                        del arrivals[next(iter(arrivals))]
                 if packet.is_corrupt:
                     self.metrics.count(self.stream_id, "corrupt_packets")
                     continue
@@ -295,10 +301,11 @@ class AVSource:
                     log.debug("stream %r: skipped a corrupt packet: %s", self.stream_id, exc)
                     continue
                 for frame in frames:
-                    yield frame, received
+                    yield frame, arrivals.pop(frame.pts, received)
             if not self.loop:
                 return
             container.seek(0)
+            arrivals.clear()
             stream.codec_context.flush_buffers()  # leave the draining state the flush packet put it in
             self.metrics.count(self.stream_id, "loops")
             self._timeline.restart()  # the file's clock starts again: not a jump

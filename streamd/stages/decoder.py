@@ -3,13 +3,15 @@
 streams[].hwaccel:
     cuda   NVDEC through PyAV's hwaccel; FFmpeg downloads each frame to host memory (nv12 for 8-bit 4:2:0).
            When it does not open (no device, no driver, an FFmpeg built without CUDA) the stream is decoded
-           on the CPU, and a WARNING names the stream and says why.
+           on the CPU, and a WARNING names the stream and says why. Probed once per GPU first
+           (`nvdec_problem`): FFmpeg needs the driver's libnvcuvid.so.1, and without it PyAV would fall back
+           to the CPU silently (its log callback hides FFmpeg's reason).
     auto   cuda when an NVIDIA GPU is present (the driver's device nodes, as streamd.backends.select checks),
            else the CPU without a word.
     none   the CPU.
 A stream NVDEC cannot decode (its codec, profile or size) goes on in FFmpeg's CPU decoder
 (allow_software_fallback); so which decoder a stream really got is read from the codec context once its
-first frame is out (`decoder_in_use`).
+first frame is out (`decoder_in_use`), with the CUDA context it decodes in.
 
 Pixels (`frame_pixels`): "bgr24" uint8 [H, W, 3], or scaled to the model's letterbox size in the same swscale
 pass; "yuv420p" the planes as decoded with the colour matrix and range the frame is tagged with
@@ -22,7 +24,14 @@ takes 3x as long.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import io
+from dataclasses import dataclass
+from functools import cache
+
 import av
+import av.logging
 import numpy as np
 from av.codec.hwaccel import HWAccel, hwdevices_available
 from av.video.reformatter import ColorRange
@@ -34,36 +43,114 @@ PIXEL_FORMATS: tuple[PixelFormat, ...] = ("bgr24", "yuv420p")
 _CUDA_PIXEL_FORMAT = "cuda"  # what the codec context's pix_fmt is while NVDEC decodes (frames stay on the device)
 
 
-def hwaccel_for(mode: str, cuda_device: int = 0) -> tuple[tuple[HWAccel, ...], str | None]:
-    """The HWAccels to try, in order, to open a stream with (none: the CPU) and, when hardware decoding is wanted
-    but will not be tried, why not. mode: streams[].hwaccel; cuda_device: the GPU the backend runs on.
+@dataclass(frozen=True, slots=True)
+class NvdecOpen:
+    """One way to open a stream on NVDEC: the HWAccel, and the CUDA context it decodes in (named in the log)."""
+
+    hwaccel: HWAccel
+    context: str
+
+
+PRIMARY_CONTEXT = "the primary CUDA context, shared with inference"
+OWN_CONTEXT = "a CUDA context of its own"
+NVCUVID = "libnvcuvid.so.1"
+_PROBE_HW = (128, 128)  # the probe clip's size: above NVDEC's H.264 minimum
+
+
+def hwaccel_for(mode: str, cuda_device: int = 0) -> tuple[tuple[NvdecOpen, ...], str | None]:
+    """The NVDEC opens to try, in order, to open a stream with (none: the CPU) and, when hardware decoding is
+    wanted but will not be tried, why not. mode: streams[].hwaccel; cuda_device: the GPU the backend runs on.
 
     First on the device's primary CUDA context, the one PyTorch uses: every stream's NVDEC then shares one
-    context with inference (contexts time-slice the GPU, and each holds its own memory). FFmpeg refuses the
-    primary context when it is already active with other flags than its own, so the second try creates a
-    context of the stream's own. Codecs without an NVDEC decoder are decoded on the CPU rather than refused.
+    context with inference (contexts time-slice the GPU, and each holds its own memory). FFmpeg takes the
+    primary context only in blocking-sync mode, which streamd.hardware.set_primary_context_blocking_sync sets
+    before the backend makes it active; otherwise the second try creates a context of the stream's own. Codecs
+    without an NVDEC decoder are decoded on the CPU rather than refused. NVDEC is not tried when
+    `nvdec_problem` finds it cannot work here.
     """
     if mode == "none" or (mode == "auto" and not nvidia_gpu_present()):
         return (), None
-    if "cuda" not in hwdevices_available():
-        return (), f"this FFmpeg (PyAV {av.__version__}) was built without cuda"
+    if (problem := nvdec_problem(cuda_device)) is not None:
+        return (), problem
     device = str(cuda_device)
     shared = HWAccel("cuda", device=device, allow_software_fallback=True, options={"primary_ctx": "1"})
-    return (shared, HWAccel("cuda", device=device, allow_software_fallback=True)), None
+    own = HWAccel("cuda", device=device, allow_software_fallback=True)
+    return (NvdecOpen(shared, PRIMARY_CONTEXT), NvdecOpen(own, OWN_CONTEXT)), None
 
 
-def decoder_in_use(codec_context: av.VideoCodecContext, tried: bool, why_not: str | None) -> tuple[str, str | None]:
-    """("h264 on NVDEC (cuda)" | "h264 on the CPU, 3 threads", why not NVDEC or None) once a frame is out.
+@cache
+def nvdec_problem(cuda_device: int = 0) -> str | None:
+    """Why NVDEC cannot decode on this GPU, or None; probed once per device and process.
 
-    tried: the container was opened with a HWAccel. The thread count is the codec's own once it is open
-    (FFmpeg's choice when none was set).
+    In order: an FFmpeg built with cuda, the driver's libnvcuvid.so.1 loadable (ctypes; a container started
+    without the driver's video capability lacks it), then one NVDEC open and decode of a small H.264 clip made
+    here, on a context of the probe's own, with FFmpeg's log captured (av.logging) so its reason is kept.
+    """
+    if "cuda" not in hwdevices_available():
+        return f"this FFmpeg (PyAV {av.__version__}) was built without cuda"
+    try:
+        ctypes.CDLL(NVCUVID)
+    except OSError as exc:
+        found = ctypes.util.find_library("nvcuvid")
+        return (f"the NVIDIA driver's {NVCUVID}, which FFmpeg's NVDEC needs, does not load ({exc}; "
+                f"{'found: ' + found if found else 'not on the library path'})")  # fmt: skip
+    clip = _probe_clip()
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.VERBOSE)
+    try:
+        with av.logging.Capture(local=False) as logs:
+            problem = _probe_decode(clip, cuda_device)
+    finally:
+        av.logging.set_level(level)
+    if problem is None:
+        return None
+    said = "; ".join(f"{name}: {message.strip()}" for level, name, message in logs if level <= av.logging.WARNING)
+    return f"{problem}" + (f" (FFmpeg: {said[:400]})" if said else " (FFmpeg said nothing)")
+
+
+def _probe_clip() -> bytes:
+    """Four frames of H.264 (libx264), 128x128, in an MP4 in memory."""
+    buffer = io.BytesIO()
+    height, width = _PROBE_HW
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(4):
+            image = np.full((height, width, 3), 40 * index, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _probe_decode(clip: bytes, cuda_device: int) -> str | None:
+    """Decode `clip` on NVDEC without a CPU fallback: None when its frames came from the device, else why not."""
+    hwaccel = HWAccel("cuda", device=str(cuda_device), allow_software_fallback=False)
+    try:
+        with av.open(io.BytesIO(clip), hwaccel=hwaccel) as container:
+            frames = list(container.decode(video=0))
+            codec = container.streams.video[0].codec_context
+            if not frames:
+                return "an NVDEC open of a 128x128 H.264 clip gave no frame"
+            if not codec.is_hwaccel:
+                return "an NVDEC open of a 128x128 H.264 clip decoded on the CPU"
+    except (av.error.FFmpegError, OSError) as exc:
+        return f"an NVDEC open of a 128x128 H.264 clip failed: {exc}"
+    return None
+
+
+def decoder_in_use(codec_context: av.VideoCodecContext, nvdec: NvdecOpen | None, why_not: str | None) -> tuple[str, str | None]:
+    """("h264 on NVDEC (cuda, <its context>)" | "h264 on the CPU, 3 threads", why not NVDEC or None) once a frame
+    is out, as the codec context says (`is_hwaccel`, its pixel format).
+
+    nvdec: how the container was opened (None: without a HWAccel). The thread count is the codec's own once it
+    is open (FFmpeg's choice when none was set).
     """
     name = codec_context.name
-    if tried:
+    if nvdec is not None:
         if not codec_context.is_hwaccel:
             why_not = f"NVDEC has no {name} decoder"
         elif codec_context.format is not None and codec_context.format.name == _CUDA_PIXEL_FORMAT:
-            return f"{name} on NVDEC (cuda)", None
+            return f"{name} on NVDEC (cuda, {nvdec.context})", None
         else:  # FFmpeg's get_format fell back to the CPU pixel format: the device refused this stream
             why_not = f"NVDEC did not take this {name} stream ({codec_context.width}x{codec_context.height})"
     threads = codec_context.thread_count

@@ -7,7 +7,11 @@ test at the end compares NVDEC's frames with the CPU decoder's.
 
 from __future__ import annotations
 
+import enum
 import logging
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import av
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 from av.codec.hwaccel import HWAccel, hwdevices_available
 
+from streamd import hardware
 from streamd.config import SourceKind, StreamConfig
 from streamd.ops.metrics import Metrics
 from streamd.stages import decode as decode_module
@@ -29,6 +34,7 @@ FRAMES = 12
 SIZE = (160, 120)  # width, height
 GPU = decoder.nvidia_gpu_present()
 DECODE_LOG = "streamd.stages.decode"
+REPO = Path(__file__).parents[3]
 
 
 def pyav_video(
@@ -94,8 +100,8 @@ def test_hwaccel_cuda_without_a_device_decodes_on_the_cpu_with_a_warning(clips, 
     ((level, line),) = decoder_lines(caplog)
     assert level == logging.WARNING
     assert line.startswith("stream 'cam-7': h264 on the CPU, ") and "(hwaccel cuda: " in line
-    reason = "NVDEC did not open: " if "cuda" in hwdevices_available() else "was built without cuda"
-    assert reason in line
+    reason = "libnvcuvid.so.1" if "cuda" in hwdevices_available() else "was built without cuda"
+    assert reason in line  # the probe's reason: this machine has no NVIDIA driver
     reference = decode(clips["h264"], hwaccel="none")
     assert len(frames) == len(reference) == FRAMES
     for frame, expected in zip(frames, reference):
@@ -118,14 +124,15 @@ def test_auto_tries_nvdec_when_a_gpu_is_there_and_says_why_not_at_info(clips, ca
     caplog.set_level(logging.INFO, logger=DECODE_LOG)
     assert len(decode(clips["h264"], hwaccel="auto")) == FRAMES
     ((level, line),) = decoder_lines(caplog)
-    assert level == logging.INFO and "h264 on the CPU" in line and "(hwaccel auto: NVDEC did not open: " in line
+    assert level == logging.INFO and "h264 on the CPU" in line and "(hwaccel auto: the NVIDIA driver's libnvcuvid.so.1" in line
 
 
 def test_nvdec_is_tried_on_the_shared_context_then_on_its_own_then_the_cpu(clips, caplog, monkeypatch):
     """hwaccel_for's candidates are opened in order (the primary CUDA context inference uses, then a context of the
     stream's own), each failure falling through, and the CPU last; the GPU is the backend's (cuda_device)."""
     asked, opened = [], []
-    monkeypatch.setattr(decode_module, "hwaccel_for", lambda mode, device: (asked.append((mode, device)) or ("shared", "own"), None))
+    candidates = (decoder.NvdecOpen("shared", decoder.PRIMARY_CONTEXT), decoder.NvdecOpen("own", decoder.OWN_CONTEXT))
+    monkeypatch.setattr(decode_module, "hwaccel_for", lambda mode, device: (asked.append((mode, device)) or candidates, None))
     real_open = decode_module.av.open
 
     def fake_open(url, **kwargs):
@@ -151,14 +158,201 @@ def test_nvdec_is_tried_on_the_shared_context_then_on_its_own_then_the_cpu(clips
 @pytest.mark.skipif("cuda" not in hwdevices_available(), reason="an FFmpeg without cuda")
 def test_hwaccel_for_names_the_backends_gpu_and_the_shared_context_first(monkeypatch):
     monkeypatch.setattr(decoder, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(decoder, "nvdec_problem", lambda device: None)  # as on a GPU machine whose probe passed
     candidates, why_not = decoder.hwaccel_for("auto", 1)
-    assert why_not is None and len(candidates) == 2 and all(isinstance(c, HWAccel) for c in candidates)
+    assert why_not is None and all(isinstance(c.hwaccel, HWAccel) for c in candidates)
+    assert [c.context for c in candidates] == [decoder.PRIMARY_CONTEXT, decoder.OWN_CONTEXT]
     made = []  # HWAccel keeps its settings to itself: record what it was built with
     monkeypatch.setattr(decoder, "HWAccel", lambda kind, **settings: made.append((kind, settings)) or kind)
     decoder.hwaccel_for("cuda", 1)
     assert made == [("cuda", {"device": "1", "allow_software_fallback": True, "options": {"primary_ctx": "1"}}),
                     ("cuda", {"device": "1", "allow_software_fallback": True})]  # fmt: skip
     assert decoder.hwaccel_for("none", 1) == ((), None)
+
+
+# --- the NVDEC probe -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_probe():
+    """nvdec_problem probes once per process: forget its answers before and after the test."""
+    decoder.nvdec_problem.cache_clear()
+    yield decoder.nvdec_problem
+    decoder.nvdec_problem.cache_clear()
+
+
+def test_the_probe_names_a_missing_libnvcuvid_and_nvdec_is_not_tried(fresh_probe, monkeypatch, caplog, clips):
+    """Without the driver's libnvcuvid.so.1 PyAV would fall back to the CPU silently: the probe says so first, and
+    hwaccel_for offers no NVDEC open (the stream decodes on the CPU with that reason in its WARNING)."""
+    monkeypatch.setattr(decoder, "hwdevices_available", lambda: ["cuda"])
+    loaded = []
+
+    def no_library(name):
+        loaded.append(name)
+        raise OSError(f"{name}: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(decoder.ctypes, "CDLL", no_library)
+    problem = fresh_probe(0)
+    assert loaded == ["libnvcuvid.so.1"] and problem.startswith("the NVIDIA driver's libnvcuvid.so.1, which FFmpeg")
+    assert "No such file" in problem
+    assert decoder.hwaccel_for("cuda", 0) == ((), problem)
+    caplog.set_level(logging.INFO, logger=DECODE_LOG)
+    assert len(decode(clips["h264"], "cam-9", hwaccel="cuda")) == FRAMES
+    ((level, line),) = decoder_lines(caplog)
+    assert level == logging.WARNING and line.endswith(f"(hwaccel cuda: {problem})")
+
+
+def test_the_probe_without_cuda_in_ffmpeg_says_so(fresh_probe, monkeypatch):
+    monkeypatch.setattr(decoder, "hwdevices_available", lambda: ["vaapi"])
+    assert fresh_probe(0) == f"this FFmpeg (PyAV {av.__version__}) was built without cuda"
+
+
+@pytest.mark.skipif(GPU or "cuda" not in hwdevices_available(), reason="needs a cuda FFmpeg without a usable GPU")
+def test_the_probe_opens_nvdec_once_and_keeps_ffmpegs_reason(fresh_probe, monkeypatch):
+    """Past the library check (made to pass here), one real NVDEC open of a clip the probe encodes: without a
+    driver it fails, and what FFmpeg logged (hidden by PyAV's default log callback) is in the reason."""
+    monkeypatch.setattr(decoder.ctypes, "CDLL", lambda name: None)
+    level = av.logging.get_level()
+    problem = fresh_probe(0)
+    assert problem.startswith("an NVDEC open of a 128x128 H.264 clip failed: ") and "(FFmpeg: " in problem
+    assert fresh_probe(0) is problem  # once per process and device
+    assert av.logging.get_level() == level  # the process's FFmpeg log level is restored
+
+
+@pytest.mark.parametrize(
+    "is_hwaccel, pix_fmt, nvdec, expected, why_not",
+    [
+        (True, "cuda", decoder.PRIMARY_CONTEXT, "h264 on NVDEC (cuda, the primary CUDA context, shared with inference)", None),
+        (True, "cuda", decoder.OWN_CONTEXT, "h264 on NVDEC (cuda, a CUDA context of its own)", None),
+        (True, "yuv420p", decoder.OWN_CONTEXT, "h264 on the CPU, 2 threads", "NVDEC did not take this h264 stream (64x48)"),
+        (False, "yuv420p", decoder.PRIMARY_CONTEXT, "h264 on the CPU, 2 threads", "NVDEC has no h264 decoder"),
+        (False, "yuv420p", None, "h264 on the CPU, 2 threads", None),
+    ],
+)  # fmt: skip
+def test_each_stream_is_labelled_by_what_decoded_it_and_in_which_context(is_hwaccel, pix_fmt, nvdec, expected, why_not):
+    """What the codec context says once a frame is out (is_hwaccel, its pixel format), not what was asked for."""
+    codec = types.SimpleNamespace(name="h264", is_hwaccel=is_hwaccel, format=types.SimpleNamespace(name=pix_fmt),
+                                  width=64, height=48, thread_count=2)  # fmt: skip
+    opened = None if nvdec is None else decoder.NvdecOpen("hwaccel", nvdec)
+    assert decoder.decoder_in_use(codec, opened, None) == (expected, why_not)
+
+
+# --- the primary CUDA context NVDEC shares (streamd.hardware) ----------------------------------------------
+
+
+class FakeDriver:
+    """cuda-bindings' driver module as set_primary_context_blocking_sync calls it: (CUresult, *values) tuples, the
+    primary context's flags and state, and every call recorded."""
+
+    class CUresult(enum.Enum):
+        CUDA_SUCCESS, CUDA_ERROR_NO_DEVICE = 0, 100
+
+    class CUctx_flags(enum.IntEnum):
+        CU_CTX_SCHED_BLOCKING_SYNC, CU_CTX_SCHED_MASK = 4, 7
+
+    def __init__(self, flags: int = 0, active: bool = False, devices: int = 2):
+        self.flags, self.active, self.devices, self.calls = flags, active, devices, []
+
+    def cuInit(self, flags):
+        self.calls.append(("cuInit", flags))
+        return (self.CUresult.CUDA_SUCCESS,)
+
+    def cuDeviceGet(self, ordinal):
+        self.calls.append(("cuDeviceGet", ordinal))
+        return (self.CUresult.CUDA_SUCCESS if ordinal < self.devices else self.CUresult.CUDA_ERROR_NO_DEVICE, ordinal)
+
+    def cuDevicePrimaryCtxGetState(self, device):
+        return self.CUresult.CUDA_SUCCESS, self.flags, int(self.active)
+
+    def cuDevicePrimaryCtxSetFlags(self, device, flags):
+        self.calls.append(("cuDevicePrimaryCtxSetFlags", device, flags))
+        self.flags = flags
+        return (self.CUresult.CUDA_SUCCESS,)
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    driver = FakeDriver()
+    monkeypatch.setitem(sys.modules, "cuda.bindings", types.SimpleNamespace(driver=driver))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.driver", driver)
+    return driver
+
+
+def test_the_primary_context_is_set_to_blocking_sync_before_it_is_active(fake_driver):
+    assert hardware.set_primary_context_blocking_sync(1) == (True, "CUDA device 1: primary context set to blocking sync, shared by inference and NVDEC")
+    assert fake_driver.calls == [("cuInit", 0), ("cuDeviceGet", 1), ("cuDevicePrimaryCtxSetFlags", 1, 4)]
+
+
+@pytest.mark.parametrize(
+    "flags, active, devices, expected",
+    [
+        (0, True, 2, (False, "CUDA device 1: primary context already active with flags 0x0 (something used the GPU first): NVDEC streams will get CUDA contexts of their own")),
+        (4, True, 2, (True, "CUDA device 1: primary context already active in blocking-sync mode")),
+        (0, False, 1, (False, "CUDA device 1: primary context flags not set (RuntimeError: cuDeviceGet failed: CUDA_ERROR_NO_DEVICE)")),
+    ],
+)  # fmt: skip
+def test_a_context_already_active_or_a_missing_device_is_said_and_left_alone(fake_driver, flags, active, devices, expected):
+    fake_driver.flags, fake_driver.active, fake_driver.devices = flags, active, devices
+    assert hardware.set_primary_context_blocking_sync(1) == expected
+    assert not [call for call in fake_driver.calls if call[0] == "cuDevicePrimaryCtxSetFlags"]
+
+
+def test_without_cuda_bindings_it_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # import fails
+    done, line = hardware.set_primary_context_blocking_sync(0)
+    assert not done and line.startswith("cuda-bindings is not importable (") and "contexts of their own" in line
+
+
+@pytest.mark.parametrize(
+    "streams, backend, gpu",
+    [
+        ([{"hwaccel": "cuda"}], {"type": "torch", "device": "cuda:1"}, 1),
+        ([{"hwaccel": "none"}, {"hwaccel": "cuda"}], {"type": "tensorrt", "device": 1}, 1),
+        ([{"hwaccel": "cuda"}], {"type": "onnxruntime"}, 0),
+        ([{"hwaccel": "none"}], {"type": "torch", "device": "cuda:1"}, None),
+        ([{"hwaccel": "auto"}], {"type": "torch", "device": "cuda:0"}, None),  # no NVIDIA GPU here: auto is the CPU
+    ],
+)  # fmt: skip
+def test_the_daemon_sets_the_backends_gpu_when_a_stream_may_decode_on_nvdec(monkeypatch, caplog, streams, backend, gpu):
+    monkeypatch.setattr(hardware, "nvidia_gpu_present", lambda: False)
+    asked = []
+    monkeypatch.setattr(hardware, "set_primary_context_blocking_sync", lambda device: asked.append(device) or (False, "not here"))
+    caplog.set_level(logging.INFO, logger="streamd.hardware")
+    config = types.SimpleNamespace(streams=[types.SimpleNamespace(**stream) for stream in streams],
+                                   backend=types.SimpleNamespace(**backend))  # fmt: skip
+    hardware.prepare_primary_context(config)
+    assert asked == ([] if gpu is None else [gpu])
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == ([] if gpu is None else [(logging.WARNING, "not here")])
+
+
+# --- paced files and latency -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, thread_type", [({}, "AUTO"), ({"realtime": True}, "SLICE")])
+def test_a_paced_file_decodes_with_slice_threads_as_live_sources_do(clips, fields, thread_type):
+    """Frame threading holds a frame per thread inside the decoder (about 0.5 s at 16 threads, invisible in
+    decode_ms): a file read at its frame rate stands for a live source and decodes as one."""
+    config = StreamConfig.model_validate({"id": "cam-1", "source": str(clips["h264"]), **fields})
+    assert open_source(config, Metrics(["cam-1"])).thread_type == thread_type
+
+
+def test_each_frame_is_timed_from_its_own_packet(tmp_path, monkeypatch):
+    """With B-frames and frame threads a frame comes out some packets after its own: its time is its own packet's
+    (by pts), so decode_ms and the latency count the time it sat in the decoder. A fake clock numbers the packets."""
+    images = [np.full((48, 64, 3), 9 * n, np.uint8) for n in range(20)]
+    clip = media.encode_images(tmp_path / "b.mp4", images, options={"preset": "veryfast", "bf": "3", "g": "10"})
+    with av.open(str(clip)) as container:
+        arrival = {packet.pts: index for index, packet in enumerate(container.demux(video=0), 1) if packet.pts is not None}
+    source = AVSource("cam-1", str(clip), kind=SourceKind.FILE, metrics=Metrics(["cam-1"]), decoder_threads=4)
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr(decode_module, "time", types.SimpleNamespace(monotonic=lambda: float(next(ticks))))
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_type, stream.codec_context.thread_count = "AUTO", 4
+        timed = [(frame.pts, received) for frame, received in source._decode(container, stream)]
+    assert len(timed) == 20 and len(arrival) == 20
+    assert [received for _, received in timed] == [float(arrival[pts]) for pts, _ in timed]
+    assert any(received < index for index, (_, received) in enumerate(timed, 1))  # some came out after later packets
 
 
 def test_the_decoder_is_named_again_after_a_reopen_only_when_it_changed(clips, caplog):
@@ -318,8 +512,13 @@ def test_the_freeze_detector_starts_again_when_the_picture_changes_kind():
 # --- NVDEC (run by benchmarks/gpu_check.py on a GPU machine) -------------------------------------------
 
 
+# Why NVDEC cannot run here (the probe's reason, FFmpeg's own words included), or None; the gpu-marked tests skip with it.
+NVDEC_PROBLEM = decoder.nvdec_problem(0) if GPU else "no NVIDIA GPU (no /dev/nvidia0)"
+needs_nvdec = pytest.mark.skipif(NVDEC_PROBLEM is not None, reason=f"NVDEC cannot decode here: {NVDEC_PROBLEM}")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not GPU or "cuda" not in hwdevices_available(), reason="no NVIDIA GPU, or an FFmpeg without cuda")
+@needs_nvdec
 @pytest.mark.parametrize("pixel_format", ["bgr24", "yuv420p"])
 def test_nvdec_frames_equal_the_cpu_decoders(tmp_path, caplog, pixel_format):
     """H.264 decoding is exact by the standard, and nv12 -> yuv420p is a copy: NVDEC's frames are the CPU's
@@ -327,9 +526,37 @@ def test_nvdec_frames_equal_the_cpu_decoders(tmp_path, caplog, pixel_format):
     clip = pyav_video(tmp_path / "720p.mp4", size=(1280, 720), frames=30)  # the GPU machine has no ffmpeg binary
     caplog.set_level(logging.INFO, logger=DECODE_LOG)
     on_gpu = decode(clip, "gpu-1", pixel_format=pixel_format, hwaccel="cuda")
-    assert ("stream 'gpu-1': h264 on NVDEC (cuda)") in [line for _, line in decoder_lines(caplog)]
+    lines = [line for _, line in decoder_lines(caplog)]  # the context: the primary one if nothing used it before
+    assert [line for line in lines if line.startswith("stream 'gpu-1': h264 on NVDEC (cuda, ")] == lines[:1], lines
     on_cpu = decode(clip, "cpu-1", pixel_format=pixel_format, hwaccel="none")
     assert len(on_gpu) == len(on_cpu) == 30
     for frame, reference in zip(on_gpu, on_cpu):
         assert frame.pixel_format == reference.pixel_format == pixel_format and frame.image_hw == (720, 1280)
         assert np.abs(frame.image.astype(int) - reference.image).max() <= 1
+
+
+# The daemon's order, in a fresh process: the primary context's flags, then the backend's first CUDA allocation,
+# then the streams open. Set, NVDEC shares the context; not set, FFmpeg refuses it and each stream makes its own.
+CONTEXT_ORDER = """
+import logging, sys
+import torch
+from streamd.hardware import set_primary_context_blocking_sync
+from tests.streamd.stages.test_decode_hw import decode, pyav_video
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s", stream=sys.stdout)
+if sys.argv[2] == "set":
+    print(set_primary_context_blocking_sync(0))
+torch.zeros(1, device="cuda:0")
+decode(pyav_video(Path(sys.argv[1]), size=(320, 240), frames=5), "ctx-1", hwaccel="cuda")
+"""
+
+
+@pytest.mark.gpu
+@needs_nvdec
+@pytest.mark.parametrize("flags, context", [("set", "the primary CUDA context"), ("unset", "a CUDA context of its own")])
+def test_nvdec_shares_the_primary_context_only_when_its_flags_were_set_before_the_backend(tmp_path, flags, context):
+    pytest.importorskip("torch")
+    result = subprocess.run([sys.executable, "-c", CONTEXT_ORDER, str(tmp_path / "c.mp4"), flags], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"stream 'ctx-1': h264 on NVDEC (cuda, {context}" in result.stdout, result.stdout[-3000:]
