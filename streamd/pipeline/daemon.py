@@ -16,6 +16,7 @@ import zmq
 
 from streamd.backends.select import make_backend
 from streamd.config import StreamdConfig
+from streamd.hardware import prepare_primary_context
 from streamd.model.bundle import load_bundle
 from streamd.model.detector import Detector
 from streamd.ops.metrics import Metrics, RunSummary
@@ -52,6 +53,7 @@ def run_pipeline(
     selftest: SelfTestResult | None = None
     if detector is None:
         bundle = load_bundle(config.model)
+        prepare_primary_context(config)  # before the backend's first CUDA allocation: NVDEC shares its context
         detector = Detector.for_bundle(bundle, make_backend(bundle, config.backend, max_batch=config.batch.max_batch))
     runner: Runner | None = None
     server: MetricsServer | None = None
