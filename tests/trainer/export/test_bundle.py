@@ -14,7 +14,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from streamd.backends.onnxruntime import OnnxRuntimeBackend
+from streamd.config import OnnxRuntimeConfig
 from streamd.model import load_bundle
+from streamd.model.detector import Detector
+from streamd.selftest import GOLDEN_IMAGES, golden_frames, reference_detections, self_test
 from synthetic import write_experiment
 from trainer.checkpoint import read_checkpoint, save_checkpoint
 from trainer.cli import app
@@ -106,3 +110,42 @@ def test_export_warns_when_no_score_reaches_conf_threshold(trained, tmp_path, ca
             assert f"below the bundle's conf_threshold {exp.export.conf_threshold:.2f}: streamd would detect nothing" in caplog.text
     else:
         assert "conf_threshold" not in caplog.text
+
+
+def test_export_writes_golden_frames_that_its_own_self_test_passes(trained, tmp_path):
+    exp, _ = trained
+    bundle = load_bundle(export_bundle(exp.run_dir, tmp_path / "golden.bundle").bundle)
+    assert bundle.meta.format_version == 4 and len(bundle.meta.golden.images) == GOLDEN_IMAGES
+    assert bundle.meta.golden.source == f"{exp.dataset.name}/val: the first {GOLDEN_IMAGES} images"
+    golden = golden_frames(bundle)
+    again = reference_detections(bundle, golden.images, golden.conf_threshold, golden.iou_threshold)
+    assert [d.xyxy.tolist() for d in again] == [d.xyxy.tolist() for d in golden.detections]  # stored = recomputed
+    config = OnnxRuntimeConfig(type="onnxruntime", threads=1)
+    assert self_test(bundle, Detector.for_bundle(bundle, OnnxRuntimeBackend(bundle, max_batch=4)), config).frames == 4
+
+
+@pytest.mark.parametrize("existing", ["bundle", "other files", "a file"])
+def test_export_refuses_to_replace_what_is_there_without_overwrite(trained, tmp_path, existing):
+    exp, _ = trained
+    out = tmp_path / "x.bundle"
+    if existing == "a file":
+        out.write_text("not a folder")
+    else:
+        out.mkdir()
+        (out / ("bundle.json" if existing == "bundle" else "notes.txt")).write_text("{}")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    with pytest.raises(ValueError, match=rf"{out}: .*(already holds|not a folder)"):
+        export_bundle(exp.run_dir, out)
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before  # nothing written
+    if existing != "a file":
+        assert load_bundle(export_bundle(exp.run_dir, out, overwrite=True).bundle).meta.golden is not None
+
+
+def test_trainer_export_cli_refuses_an_existing_bundle_in_one_line(trained, tmp_path):
+    exp, _ = trained
+    out = tmp_path / "cli.bundle"
+    first = CliRunner().invoke(app, ["export", str(exp.run_dir), "-o", str(out)])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(app, ["export", str(exp.run_dir), "-o", str(out)])
+    assert again.exit_code == 1 and "already holds a bundle; pass --overwrite" in again.output
+    assert "Traceback" not in again.output
