@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
@@ -39,8 +38,10 @@ from tqdm import tqdm
 
 from streamd.model import sha256_file
 from streamd.model.detections import Detections
+from streamd.model.preprocess import letterbox_hw
 from trainer.checkpoint import read_checkpoint
 from trainer.config import Experiment
+from trainer.datasets.images import read_image
 from trainer.datasets.records import DatasetSplit
 from trainer.detect import Detector, bundle_detector, torch_detector
 from trainer.device import pick_device
@@ -94,6 +95,7 @@ class EvalReport:
     coco_ap_large: float
     per_class: tuple[ClassRow, ...]
     seconds: float
+    num_skipped: int = 0  # images the split names that could not be read: the report covers the rest
 
     def to_json(self) -> dict:
         """The report as JSON-ready values; NaN (no ground truth) becomes null."""
@@ -198,10 +200,12 @@ def detect_split(
         for start in range(0, len(split), batch_size):
             images = []
             for record in split.records[start:start + batch_size]:
-                image = cv2.imread(str(record.path), cv2.IMREAD_COLOR)
-                if image is None:
-                    raise OSError(f"{record.path}: cannot be read as an image (split {split.split!r} of {split.dataset})")
-                images.append(image)
+                try:
+                    images.append(read_image(record.path, (record.width, record.height)))
+                    letterbox_hw((record.height, record.width), detector.input_hw)
+                except (OSError, ValueError) as exc:
+                    message = str(exc).removeprefix(f"{record.path}: ")
+                    raise OSError(f"{record.path}: {message} (split {split.split!r} of {split.dataset})") from exc
             predictions.extend(detector.detect(images, conf_threshold, iou_threshold))
             bar.update(len(images))
     return predictions
@@ -262,6 +266,7 @@ def evaluate(
         **{key: coco[key] for key in COCO_STATS},
         per_class=rows,
         seconds=round(time.time() - started, 2),
+        num_skipped=split.num_skipped,
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -320,7 +325,8 @@ def print_report(report: EvalReport, console: Console | None = None) -> None:
         ("COCO AP75", _fmt(report.coco_ap75)),
         ("COCO AP small / medium / large",
          f"{_fmt(report.coco_ap_small)} / {_fmt(report.coco_ap_medium)} / {_fmt(report.coco_ap_large)}"),
-        ("images (background)", f"{report.num_images} ({report.num_background})"),
+        ("images (background)", f"{report.num_images} ({report.num_background})"
+                                 + (f", {report.num_skipped} skipped: a subset" if report.num_skipped else "")),
         ("thresholds conf / NMS IoU", f"{report.conf_threshold} / {report.iou_threshold}"),
         ("model sha256", report.model_sha256[:16] or "-"),
     ):

@@ -15,8 +15,10 @@
 - a folder is searched recursively for both (skipping `out_dir` itself when
   it lies inside), and its tree is kept under `out_dir/<folder name>/`.
 
-A file that cannot be read is named in a warning, counted, and skipped; a
-video that fails part-way keeps the frames before the failure (its
+Images are read with their EXIF orientation applied (trainer.datasets.images),
+as the datasets are. A file that cannot be read, or an image that the model's
+letterbox cannot take (5000x1 into 416x416 would be 0 pixels tall), is named in
+a warning, counted, and skipped; a video that fails part-way keeps the frames before the failure (its
 recording is closed properly) and is reported.
 """
 
@@ -34,12 +36,14 @@ from tqdm import tqdm
 
 from streamd.config import BatchConfig, StreamConfig, StreamdConfig, ThresholdsConfig
 from streamd.model.detector import Detector
+from streamd.model.preprocess import letterbox_hw
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.compose import Switches
 from streamd.pipeline.daemon import run_pipeline
 from streamd.stages.annotate import AnnotateStage
 from streamd.stages.infer import ResultsStage, SubmitStage
 from streamd.types import Batch, Frame
+from trainer.datasets.images import read_image
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +169,11 @@ def _predict_images(
         for start in range(0, len(images), batch_size):
             chunk, frames = images[start : start + batch_size], []
             for job in chunk:
-                image = cv2.imread(str(job.source), cv2.IMREAD_COLOR)
-                if image is None:
-                    failed.append(f"{job.source}: cannot be read as an image")
+                try:
+                    image = read_image(job.source)
+                    letterbox_hw(image.shape[:2], detector.input_hw)
+                except (OSError, ValueError) as exc:
+                    failed.append(f"{job.source}: {str(exc).removeprefix(f'{job.source}: ')}")
                     log.warning("%s; skipped", failed[-1])
                 else:
                     frames.append(Frame(str(job.output), 0, 0.0, image, decoded_at=time.time()))

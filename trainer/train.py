@@ -17,7 +17,8 @@ that restarts the schedule). The run folder's files are listed in trainer.runs.
 
 Under torchrun (DDP, WORLD_SIZE > 1) every rank trains its DistributedSampler
 share with batch_size // world_size images per step, and logs its schedule
-(iterations and learning rate per epoch, logger trainer.train.ranks); only
+(iterations, learning rate and a fingerprint of its weights per epoch, logger
+trainer.train.ranks); only
 rank 0 logs the rest, validates, shows a progress bar and writes the run
 folder. Its validation is broadcast so that every rank keeps the same
 progress, and the ranks meet at a barrier after each epoch's checkpoint is
@@ -343,10 +344,17 @@ def train_one_epoch(training: Training, epoch: int) -> EpochStats:
         bar.set_postfix({k.replace("_loss", ""): f"{sums[k] / (i + 1):.3f}" for k in yx.LOSS_KEYS} | {"lr": f"{lr:.2e}"})
     first = epoch * iters_per_epoch + 1
     rank_log.info(
-        "rank %d/%d epoch %d: iterations %d-%d, lr %.8e", training.process.rank, training.process.world_size,
-        epoch + 1, first, first + iters_per_epoch - 1, lr,
+        "rank %d/%d epoch %d: iterations %d-%d, lr %.8e, weights %s", training.process.rank,
+        training.process.world_size, epoch + 1, first, first + iters_per_epoch - 1, lr, weights_fingerprint(model),
     )
     return EpochStats(lr, {key: sums[key] / max(iters_per_epoch, 1) for key in yx.LOSS_KEYS})
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """The sum of the absolute values of the trained parameters, in float64: equal on every DDP rank while the
+    ranks stay in step (DDP broadcasts the weights once, then only averages gradients)."""
+    with torch.no_grad():
+        return f"{sum(p.detach().double().abs().sum().item() for p in yx.unwrap(model).parameters()):.12e}"
 
 
 def save_epoch(training: Training, progress: Progress, val: dict[str, float], run_dir: Path) -> None:

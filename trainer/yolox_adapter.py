@@ -21,6 +21,7 @@ from yolox.data.datasets import Dataset as YoloxDataset
 from yolox.utils import LRScheduler, ModelEMA
 
 from trainer.config import Experiment
+from trainer.datasets.images import read_image
 from trainer.datasets.records import DatasetSplit
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,10 @@ class RecordsDataset(YoloxDataset):
         if index in self._cache:
             return self._cache[index]
         record = self.split.records[index]
-        image = cv2.imread(str(record.path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise OSError(f"{record.path}: cannot be read as an image")
+        image = read_image(record.path, (record.width, record.height))
         scale = self._scale(index)
-        image = cv2.resize(
-            image, (int(record.width * scale), int(record.height * scale)), interpolation=cv2.INTER_LINEAR
-        )
+        resized_wh = (max(1, int(record.width * scale)), max(1, int(record.height * scale)))  # a 5000x1 image keeps a row
+        image = cv2.resize(image, resized_wh, interpolation=cv2.INTER_LINEAR)
         if self.use_cache:
             self._cache[index] = image
         return image

@@ -71,7 +71,9 @@ def blob_run(ghost_score: float | None = None):
                 for x, y, w, h, _area in stats[1:count]:
                     rows.append((x + w / 2, y + h / 2, w, h, 0.9, c))
             if ghost_score is not None:
-                rows.append((100, 110, 20, 20, ghost_score, 0))  # in the padding below the image: never a hit
+                # in the top-right corner, where no image has a box: never a hit (inside the image, since
+                # postprocess drops a box that clipping to the image leaves empty)
+                rows.append((115, 10, 10, 10, ghost_score, 0))
             for i, (cx, cy, w, h, objectness, c) in enumerate(rows):
                 output[n, i, :5] = (cx, cy, w, h, objectness)
                 output[n, i, 5 + c] = 1.0
