@@ -93,6 +93,22 @@ def test_bad_annotation_file_is_an_error_naming_it(tmp_path, make, flaw, message
     assert f"{bad_file}: " in line and message in line and "training refused" in line
 
 
+@pytest.mark.parametrize("make_bad", [lambda path: path.mkdir(), lambda path: path.symlink_to(os.devnull)],
+                         ids=["folder", "device"])
+@pytest.mark.parametrize("make", [make_voc, make_coco])
+def test_a_split_file_that_is_a_folder_or_device_is_an_error_naming_it(tmp_path, make, make_bad):
+    ds = make(tmp_path / "data", n_images=6, background=0)
+    ds.split_file("val").unlink()
+    make_bad(ds.split_file("val"))
+    config = write_experiment(tmp_path / "exp.yaml", ds.root, ds.format, ds.classes)
+    check = _invoke("check-dataset", config)
+    assert check.exit_code == 1 and "val split not read" in check.output and "not a regular file" in check.output
+    train = _invoke("train", config)
+    assert train.exit_code == 1
+    [line] = [line for line in train.output.splitlines() if line.startswith("error:")]
+    assert f"{ds.split_file('val')}: " in line and "is not a regular file (a folder or a device)" in line
+
+
 def test_a_misspelt_class_is_an_error_with_its_count_and_a_guess(tmp_path):
     """The raccoon case: `classes: [racoon]` against `raccoon` boxes used to train on nothing."""
     ds = make_voc(tmp_path / "data", n_images=6, background=0, classes=("raccoon",))

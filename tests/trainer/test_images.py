@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from synthetic import bccd_subset, write_experiment
+from synthetic import bccd_subset, make_voc, write_experiment
 from trainer.config import load_experiment
 from trainer.datasets import load_split
 from trainer.datasets.check import check_dataset
@@ -119,3 +119,13 @@ def test_rotated_copies_evaluate_like_the_originals(rotated_bccd):
     assert reports["original"].voc_map50 > 0.5  # the model detects: the comparison means something
     for key in ("voc_map50", "voc_map50_95", "coco_ap50"):
         assert getattr(reports["rotated"], key) == pytest.approx(getattr(reports["original"], key), abs=0.03), key
+
+
+def test_check_dataset_reads_a_dataset_with_a_tiny_image(tmp_path):
+    """An image under 8 px (draft at 1/8 scale used to ask PIL for a 0-pixel size) is an image like any other."""
+    ds = make_voc(tmp_path / "data", n_images=4, background=0)
+    tiny = ds.root / "JPEGImages" / "img_000.jpg"
+    Image.new("RGB", (5, 3), (200, 10, 10)).save(tiny)
+    report = check_dataset(load_experiment(write_experiment(tmp_path / "exp.yaml", ds.root, "voc", ds.classes)))
+    assert not any(p.file == tiny and p.severity == "error" for p in report.problems)
+    assert any((w, h) == (5, 3) for s in report.splits for w, h, _ in s.image_sizes)

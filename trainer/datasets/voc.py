@@ -86,10 +86,12 @@ def load_voc(
     warning, since that image is read as background too. A listed id that
     leaves the dataset root (absolute, or with '..') is an error and skipped.
     Raises FileNotFoundError or ValueError, naming the file, for a missing or
-    non-UTF-8 split list.
+    non-UTF-8 split list, or one that is a folder or a device.
     """
     root = Path(root)
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if list_file.exists() and not list_file.is_file():
+        raise ValueError(f"{list_file}: the split list is not a regular file (a folder or a device)")
     if not list_file.is_file():
         raise FileNotFoundError(f"{list_file}: split list not found (dataset root {root})")
     ids = [line.split()[0] for line in read_utf8(list_file).splitlines() if line.strip()]
