@@ -9,12 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
-# Pinned to what the test suite here runs with (pip freeze of the project's venv), pure-Python ones included.
+# Pinned to what the test suite here runs with (pip freeze of the project's venv), pure-Python ones included; an
+# unpinned name takes the venv's version.
 PACKAGES=(
   av==18.1.0 pyzmq==27.3.0 pydantic==2.14.4 pydantic-core annotated-types typing-inspection
   jsonschema==4.26.0 jsonschema-specifications referencing rpds-py
   pixeltable-yolox==0.4.3 loguru thop pycocotools defusedxml
+  typing-extensions pytest-timeout
 )
+# typing-extensions: pydantic 2.14 needs >= 4.16, newer than the image's; pytest-timeout: gpu_check's per-test timeout.
 resolved=()
 for spec in "${PACKAGES[@]}"; do
   name=${spec%%==*}
