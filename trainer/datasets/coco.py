@@ -119,7 +119,7 @@ def load_coco(
     annotated_ids: set[int | str] = set()  # any annotation at all, kept or dropped: such an image is not background
     dropped_by_category: Counter[int] = Counter()
     images_by_category: defaultdict[int, set] = defaultdict(set)
-    first_of_id: dict = {}  # annotation id -> the first annotation with it
+    first_of_id: dict = {}  # annotation id -> the image id of the first annotation with it
     first_of_box: dict[tuple, object] = {}  # (image id, category id, bbox) -> the id of its first annotation
     file_name_of = {  # for messages about an annotation
         image["id"]: image.get("file_name") for image in document["images"] if isinstance(image, dict) and _is_id(image.get("id"))
@@ -190,10 +190,10 @@ def load_coco(
             continue
         try:
             info = image_info(image_path)
-            width, height = info.width, info.height
         except OSError as exc:
             problems.append(Problem(image_path, f"{exc}; skipped", "error"))
             continue
+        width, height = info.width, info.height
         json_wh = (image.get("width"), image.get("height"))
         if json_wh != (None, None) and json_wh != (width, height):
             message = f"{where}: width x height {json_wh[0]}x{json_wh[1]} differs from the file's {width}x{height}"
