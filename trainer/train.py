@@ -18,11 +18,10 @@ that restarts the schedule). The run folder's files are listed in trainer.runs.
 Under torchrun (DDP, WORLD_SIZE > 1) every rank trains its DistributedSampler
 share with batch_size // world_size images per step, and logs its schedule
 (iterations, learning rate and a fingerprint of its weights per epoch, logger
-trainer.train.ranks); only
-rank 0 logs the rest, validates, shows a progress bar and writes the run
-folder. Its validation is broadcast so that every rank keeps the same
-progress, and the ranks meet at a barrier after each epoch's checkpoint is
-written. A resume restores rank 0's saved RNG state on every rank.
+trainer.train.ranks); only rank 0 logs the rest, validates, shows a progress
+bar and writes the run folder. Its validation is broadcast so that every rank
+keeps the same progress, and the ranks meet at a barrier after each epoch's
+checkpoint is written. A resume restores rank 0's saved RNG state on every rank.
 """
 
 from __future__ import annotations
