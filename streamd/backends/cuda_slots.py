@@ -13,12 +13,13 @@ grown to the largest batch of frames seen. A batch on slot s runs as
                      (postprocess_on_device) so that only the kept boxes come to the host
 
 so the upload and letterbox of batch k+1 overlap the model on batch k. A slot is reused only after its previous
-batch was collected (take waits for it). Every entry point (submit, wait, close) runs under the backend's device
+batch was collected, finish() included (take waits for it, in whichever thread collects it). Every entry point (submit, wait, close) runs under the backend's device
 in the calling thread: CUDA's current device is per thread, and the daemon builds the backend in one thread,
 submits from its inference thread and waits from its results thread. One thread submits at a time.
 
 The CUDA calls go through a small runtime, CudaRuntime (torch.cuda on one device); the tests run the same slot
-code under a recording runtime on the CPU that checks this order (tests/streamd/backends/fake_gpu.py).
+code under a recording runtime on the CPU that checks this order (tests/streamd/backends/fake_gpu.py), and under
+a simulated one whose streams run later in threads of their own, with a happens-before checker (sim_cuda.py).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def source_scales(letterbox_scales: Sequence[float], prescales: Sequence[float])
 
 
 class SlotPending:
-    """One batch in a slot. wait() blocks on the slot's done event, then finishes the batch (thread-safe)."""
+    """One batch in a slot. wait() blocks on the slot's done event, then finishes the batch (thread-safe: the results
+    thread waits while the submit thread, reusing the slot, collects it in take())."""
 
     __slots__ = ("_slots", "_slot", "_what", "_finish", "_result", "_error", "_lock")
 
@@ -148,21 +150,29 @@ class SlotPending:
 
     def wait(self):
         """The batch's result (a host copy that outlives the slot's reuse); CUDA errors of the batch raise here."""
+        self.collect()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def collect(self) -> None:
+        """Block on the slot's done event and finish the batch, once; only then is the slot free for the next batch
+        (its pinned input, staging input and output are this batch's until finish() has read them). A failure is
+        kept for wait(): the next submit on the slot (take) collects without raising it."""
         with self._lock:
-            if self._finish is not None:
-                slots, finish = self._slots, self._finish
-                self._finish = None  # finished, or failed: either way the slot is free and a second wait() is not a rerun
+            if self._finish is None:
+                return
+            slots, finish = self._slots, self._finish
+            self._finish = None  # finished, or failed: a second wait() is not a rerun
+            try:
+                with slots.entry(self._what):
+                    slots.runtime.wait(slots.done[self._slot])
+                    self._result = finish()
+            except BackendError as exc:
+                self._error = exc
+            finally:
                 if slots.in_flight[self._slot] is self:
                     slots.in_flight[self._slot] = None
-                try:
-                    with slots.entry(self._what):
-                        slots.runtime.wait(slots.done[self._slot])
-                        self._result = finish()
-                except BackendError as exc:
-                    self._error = exc
-            if self._error is not None:
-                raise self._error
-            return self._result
 
 
 class CudaSlots:
@@ -204,7 +214,7 @@ class CudaSlots:
         self._next_slot = (slot + 1) % SLOTS
         previous = self.in_flight[slot]
         if previous is not None:
-            previous.wait()
+            previous.collect()  # its error, if any, is its own wait()'s
         return slot
 
     def submit_batch(self, batch: np.ndarray, run: Run) -> SlotPending:

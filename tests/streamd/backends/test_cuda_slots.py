@@ -17,6 +17,7 @@ from streamd.types import BGR24, PixelLayout
 
 from tests.streamd.backends import fake_gpu
 from tests.streamd.backends.fake_gpu import CALLS, GUARDS, RecordingRuntime, current_stream, note
+from tests.streamd.backends.sim_cuda import SimRuntime
 
 CHW, ROWS = (3, 4, 4), (2, 7)  # a 4x4 model input; 2 anchors, 2 classes
 
@@ -195,3 +196,92 @@ def test_cuda_runtime_events_block(monkeypatch):
 def test_cuda_runtime_without_a_gpu_is_a_backend_error():
     with pytest.raises(BackendError, match="backend test: device cuda:0, but no CUDA GPU is available"):
         CudaRuntime(torch.device("cuda:0"), "backend test")
+
+
+def test_the_next_submit_on_a_failed_batchs_slot_runs_and_the_error_stays_the_batchs(slots, monkeypatch):
+    """take() collects the failed batch without raising its error: that is its own wait()'s."""
+    monkeypatch.setattr(cuda_slots, "postprocess_on_device", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    failing = slots.submit_frames([np.full((4, 4, 3), 9, np.uint8)], [BGR24], [1.0], [(4, 4)], 0.3, 0.45, (4, 4),
+                                  Preprocess(), one_box_per_frame)  # fmt: skip
+    slots.submit_batch(batch(1, 1.0), one_box_per_frame)  # slot 1
+    assert slots.submit_batch(batch(1, 4.0), one_box_per_frame).wait()[0, 0, 6] == 4.0  # slot 0: collects the failed one
+    with pytest.raises(BackendError, match="CUDA out of memory"):
+        failing.wait()
+
+
+# --- on the simulated GPU (sim_cuda.py): streams that run later, in their own threads ----------------------------
+
+
+def sim_model(images: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    return boxes(images)
+
+
+class GatedRuntime(SimRuntime):
+    """wait() in the thread named "results" holds until the test opens the gate (or 3 s pass): the daemon's results
+    thread, waiting on a batch while the submit thread goes on."""
+
+    def __init__(self, device, label: str):
+        super().__init__(device, label)
+        self.gate = threading.Event()
+
+    def wait(self, event) -> None:
+        if threading.current_thread().name == "results":
+            self.gate.wait(timeout=3)
+        super().wait(event)
+
+
+def test_a_batch_being_collected_keeps_its_slot_until_finished():
+    """The race of issue 15: batch 1 is collected in the results thread while the submit thread submits batch 3 on
+    batch 1's slot. Batch 3 must wait for batch 1's finish(): batch 1's result is batch 1's."""
+    runtime = GatedRuntime("cuda:0", "test")
+    slots = CudaSlots(runtime, "backend test", 3, CHW, torch.float32, ROWS, torch.float32)
+    first, _ = slots.submit_batch(batch(1, 1.0), sim_model), slots.submit_batch(batch(1, 2.0), sim_model)
+    collected = {}
+    results = threading.Thread(target=lambda: collected.update(first=first.wait()), name="results")
+    results.start()
+    while not runtime.gate.is_set() and results.is_alive() and slots.in_flight[0] is first and first._finish is not None:
+        if first._lock.locked():  # the results thread is inside wait()
+            break
+        threading.Event().wait(0.001)
+    slots.submit_batch(batch(1, 3.0), sim_model)  # slot 0 again
+    runtime.synchronize(slots.compute_stream)  # batch 3 is all done on the GPU before batch 1's result is read
+    runtime.gate.set()
+    results.join(timeout=60)
+    assert collected["first"][0, 0, 6] == 1.0
+    assert runtime.races == [] and [f for stream in runtime.streams.values() for f in stream.failures] == []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batches_in_flight_from_a_submit_and_a_results_thread_on_the_simulated_gpu(seed):
+    """Twelve batches, submitted by one thread and collected by another as the daemon does:
+    each result is its own batch's, and no two accesses to a buffer were unordered."""
+    runtime = SimRuntime("cuda:0", "test", seed=seed)
+    slots = CudaSlots(runtime, "backend test", 3, CHW, torch.float32, ROWS, torch.float32)
+    handed: list = []
+    ready = threading.Semaphore(0)
+    collected = []
+
+    def collect() -> None:
+        for _ in range(12):
+            ready.acquire()
+            kind, value, pending = handed.pop(0)
+            result = pending.wait()
+            collected.append((value, result[0, 0, 6]))
+
+    results = threading.Thread(target=collect, name="results")
+    results.start()
+    for index in range(12):
+        value = float(index + 1)
+        handed.append(("batch", value, slots.submit_batch(batch(index % 3 + 1, value), sim_model)))
+        ready.release()
+    results.join(timeout=120)
+    assert [value for value, _ in collected] == [float(i + 1) for i in range(12)]
+    assert [float(found) for _, found in collected] == pytest.approx([value for value, _ in collected])
+    assert runtime.races == [] and [f for stream in runtime.streams.values() for f in stream.failures] == []
+
+
+def test_the_simulated_gpu_refuses_a_pageable_buffer_in_a_non_blocking_copy():
+    runtime = SimRuntime("cuda:0", "test")
+    slots = CudaSlots(runtime, "backend test", 3, CHW, torch.float32, ROWS, torch.float32)
+    with runtime.guard(), pytest.raises(AssertionError, match="pageable source"):
+        runtime.copy(slots.staged[0], torch.zeros(slots.staged[0].shape), slots.upload_stream, "h2d", 0)
