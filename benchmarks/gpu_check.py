@@ -484,8 +484,8 @@ def result_clock():
 
     clock, lock, original = ResultClock(), threading.Lock(), Metrics.result
 
-    def result(self, stream_id, detections, latency) -> None:
-        original(self, stream_id, detections, latency)
+    def result(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
         now = time.monotonic()
         with lock:
             clock.first = now if clock.first is None else clock.first

@@ -270,9 +270,9 @@ class AVSource:
 
     def _say_decoder(self) -> None:
         """Log which decoder the stream got (WARNING when hwaccel cuda was asked for and not had), if it changed."""
-        codec, tried, why_not = self._decoder_pending
+        codec, nvdec, why_not = self._decoder_pending
         self._decoder_pending = None
-        what, why_not = decoder_in_use(codec, tried, why_not)
+        what, why_not = decoder_in_use(codec, nvdec, why_not)
         line = f"stream {self.stream_id!r}: {what}" + (f" (hwaccel {self.hwaccel}: {why_not})" if why_not else "")
         if line != self._decoder_said:
             log.log(logging.WARNING if why_not and self.hwaccel == "cuda" else logging.INFO, line)
