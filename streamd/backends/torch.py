@@ -26,8 +26,8 @@ that device in the calling thread. With `cuda_graphs`, one graph per
 batch-size bucket (1, 2, 4, ... max_batch) is captured at start, warm-up
 included; a batch is padded to its bucket, and its output is copied out of
 the graph's static output (shared by both slots) into the slot's own on the
-compute stream. fp32 on CUDA lets cuDNN use TF32 convolutions (PyTorch's
-default). On the CPU (`device: cpu`), both run the model in fp32 inside the
+compute stream. fp32 on CUDA is IEEE fp32: TF32 (PyTorch's default for
+cuDNN convolutions) is turned off, process-wide, when the backend is built. On the CPU (`device: cpu`), both run the model in fp32 inside the
 call and return a base.Ready.
 
 `torch`, `torchvision` and `yolox` are imported only by the GPU backends,
@@ -139,6 +139,9 @@ class TorchBackend:
         try:
             with runtime.guard():
                 torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+                if self.precision == "fp32":  # IEEE fp32, as the TensorRT path builds it: PyTorch's default is TF32 convolutions
+                    torch.backends.cudnn.allow_tf32 = False
+                    torch.backends.cuda.matmul.allow_tf32 = False
                 self.net = net.to(device=runtime.device, dtype=self.dtype)
                 self.net.decode.float()  # grids and strides stay float32: the decode runs in float32
                 self.slots = cuda_slots.CudaSlots(runtime, "backend torch", max_batch, (3, *self.input_hw), torch.float32,

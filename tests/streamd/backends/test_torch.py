@@ -396,3 +396,17 @@ def test_cuda_batches_in_flight_stay_correct_and_run_from_another_thread(shipped
             match_detections(expected, actual, min_iou=DEVICE_LETTERBOX_MIN_IOU)
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("fp16", True)])
+def test_fp32_on_cuda_is_ieee_fp32_not_tf32(recorded_cuda_backend, monkeypatch, precision, tf32):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default; restored after the test
+    matmul = torch.backends.cuda.matmul  # a module proxy monkeypatch cannot set: restored by hand
+    before, matmul.allow_tf32 = matmul.allow_tf32, True
+    monkeypatch.setattr(torch_module, "DTYPES", {**torch_module.DTYPES, "fp16": torch.float32})  # fp16 convs are slow on the CPU
+    config = TorchConfig(type="torch", device="cuda:0", precision=precision, cuda_graphs=False)
+    try:
+        TorchBackend(load_bundle(SHIPPED), config, max_batch=1).close()
+        assert (torch.backends.cudnn.allow_tf32, matmul.allow_tf32) == (tf32, tf32)
+    finally:
+        matmul.allow_tf32 = before
