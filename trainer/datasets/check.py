@@ -132,8 +132,8 @@ def coverage_problems(split: str, source: Path, data: DatasetSplit) -> list[Prob
     ]
 
 
-def rotated_problem(split: str, data: DatasetSplit) -> list[Problem]:
-    """One warning naming the first of the split's images stored rotated (EXIF orientation), with their count."""
+def rotated_problems(split: str, data: DatasetSplit) -> list[Problem]:
+    """A warning naming the first of the split's images stored rotated (EXIF orientation), with their count; none when none is."""
     rotated = [r for r in data.records if r.orientation != 1]
     if not rotated:
         return []
@@ -185,7 +185,7 @@ def check_dataset(exp: Experiment, splits: tuple[str, ...] = SPLITS) -> DatasetR
         problems.extend(data.problems)
         stats.append(_split_stats(split, source, data))
         problems.extend(coverage_problems(split, source, data))
-        problems.extend(rotated_problem(split, data))
+        problems.extend(rotated_problems(split, data))
     problems.extend(_repeated_images(loaded))
     # two splits may read the same file (val: trainval, test: trainval): report each problem once
     unique = sorted(dict.fromkeys(problems), key=lambda p: p.severity != "error")
