@@ -17,7 +17,7 @@ import numpy as np
 from streamd.model.detections import Detections
 from streamd.model.postprocess import box_iou
 
-FLIP_MIN_IOU = 0.5  # two boxes of one object that NMS could have traded for each other
+FLIP_MIN_IOU = 0.4  # under the NMS threshold (0.45): a box overlapping a kept one this much may be suppressed on one side only
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +29,16 @@ class Bar:
     max_score_diff: float
 
 
-# Provisional: the fp32/fp16 figures the parity tests held so far; bf16 and int8 to be set from a measurement on
-# the BCCD test split against ONNX Runtime fp32.
+# One-off measurement against ONNX Runtime fp32 (models/bccd-nano.bundle, BCCD test split: 72 images, 1,135 boxes
+# at conf 0.3, NMS 0.45; Intel Xeon CPU; the sweep script was not kept): torch fp32 on the CPU 0 mismatches and 0
+# flips even at (0.99, 0.01); the model cast to fp16 on the CPU 0 mismatches, 4 flips at (0.98, 0.02); cast to bf16
+# 36 mismatches at (0.98, 0.02), 1 at (0.90, 0.05), 0 (17 flips) at (0.90, 0.15); models/bccd-nano-int8.bundle on
+# ONNX Runtime still 2 mismatches (boxes of different cells, IoU < 0.2) at (0.70, 0.30): int8 is no bar of parity.
 BARS: dict[str, Bar] = {
     "fp32": Bar(min_iou=0.98, max_score_diff=0.02),
     "fp16": Bar(min_iou=0.98, max_score_diff=0.02),
-    "bf16": Bar(min_iou=0.90, max_score_diff=0.05),
-    "int8": Bar(min_iou=0.80, max_score_diff=0.10),
+    "bf16": Bar(min_iou=0.90, max_score_diff=0.15),
+    "int8": Bar(min_iou=0.70, max_score_diff=0.30),
 }
 
 
