@@ -28,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from streamd.config import StreamdConfig, load_config
 from streamd.errors import ConfigError, StreamdError
 from streamd.keys import KeyFileError, generate, read_key_pair, read_public_key
-from streamd.messages import HEARTBEAT_SCHEMA_ID, SCHEMA_FILES
+from streamd.messages import SCHEMA_FILES, TRACK_SCHEMA_ID
 from streamd.messages import schema as message_schema
 from streamd.model.bundle import load_bundle
 from streamd.ops.logging import setup_logging
@@ -242,7 +242,7 @@ def listen(
             topic = parts[0].decode(errors="replace")
             if topic == HEARTBEAT_TOPIC:  # the daemon's state once a second: shown with --heartbeats, never counted
                 beat, why = _parse_message(parts)
-                if beat is not None and beat.get("schema") == HEARTBEAT_SCHEMA_ID and heartbeats:
+                if beat is not None and beat["schema"].startswith("streamd.heartbeat/") and heartbeats:
                     typer.echo(parts[1].decode() if raw_json else _heartbeat_line(beat), err=not raw_json)
                 continue
             if wanted and topic not in wanted:  # SUBSCRIBE matches prefixes: "room1" also gets "room10"
@@ -251,6 +251,9 @@ def listen(
             if message is None:  # one bad message is counted and skipped; it never ends the subscriber
                 malformed += 1
                 typer.echo(f"{topic}: skipped a malformed message: {why}", err=True)
+                continue
+            if message["schema"] == TRACK_SCHEMA_ID:  # a track confirmed or ended: shown, not a frame to count
+                typer.echo(parts[1].decode() if raw_json else _track_line(message))
                 continue
             seq = message["seq"]
             previous = last_seq.get(topic)
@@ -328,15 +331,31 @@ def _heartbeat_line(beat: dict) -> str:
 
 
 def _message_line(message: dict) -> str:
-    """eus-1 #12 pts 0.480 s  2 det: lesion 0.91, landmark 0.72  total 12.3 ms"""
-    detections = ", ".join(f"{d['label']} {d['score']:.2f}" for d in message["detections"])
+    """eus-1 #12 pts 0.480 s  2 det: lesion#4 0.91, landmark#7? 0.72  total 12.3 ms (a track id, ? while tentative);
+    a version 2 message (frozen and gap_s on the frame) and a version 3 one (stream_state) alike."""
+    detections = ", ".join(
+        f"{d['label']}{'' if d.get('track_id') is None else '#' + str(d['track_id'])}"
+        f"{'' if d.get('confirmed', True) else '?'} {d['score']:.2f}"
+        for d in message["detections"]
+    )  # fmt: skip
+    state = message.get("stream_state") or {"frozen": message.get("frozen"), "outages": 0}
     return (
         f"{message['stream']} #{message['seq']} pts {message['pts']:.3f} s  "
         f"{len(message['detections'])} det{': ' + detections if detections else ''}  "
         f"total {message['latency_ms']['total']:.1f} ms"
-        + (" FROZEN" if message.get("frozen") else "")
+        + (" FROZEN" if state.get("frozen") else "")
+        + (f" {state['state'].upper()}" if state.get("state") in ("stale", "reconnecting") else "")
         + (f" after a {message['gap_s']:.1f} s outage" if message.get("gap_s") else "")
+        + (f" ({state['outages']} outage(s) so far, the last {state['last_gap_s']:.1f} s)" if state.get("outages") else "")
     )
+
+
+def _track_line(message: dict) -> str:
+    """eus-1 track 4 lesion confirmed at pts 1.200 s / ended: 3.4 s, 85 frames, best 0.93"""
+    head = f"{message['stream']} track {message['track_id']} {message['label']} {message['event']}"
+    if message["event"] == "confirmed":
+        return f"{head} at pts {message['last_pts']:.3f} s"
+    return f"{head}: {message['duration_s']:.1f} s, {message['frames']} frames, best {message['best_score']:.2f}"
 
 
 @keys_app.command("generate")

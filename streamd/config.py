@@ -27,6 +27,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from streamd.tracking import TrackSettings
 from streamd.config_outputs import (  # noqa: F401 (part of this module's names: streamd.config.PublishConfig ...)
     CurveConfig,
     MetricsConfig,
@@ -181,10 +182,16 @@ class ReconnectConfig(StrictModel):
         return self
 
 
+_TRACK = TrackSettings()  # the tracker's defaults, chosen by benchmarks/tracking.py
+
+
 class QueueConfig(StrictModel):
     """The bounded queue between a source and the inference worker (and before its outputs)."""
 
-    size: int = Field(8, ge=1, le=1024, description="Frames held at most.")
+    size: int | None = Field(
+        None, ge=1, le=1024, description="Frames held at most; null: 2 for the input of a paced stream (what waits "
+        "for inference stays fresh), 8 otherwise.",
+    )
     policy: Literal["auto", "drop_oldest", "block"] = Field(
         "auto",
         description="When full: drop_oldest (live: never stall the camera), block (files: lose no frame); "
@@ -232,6 +239,40 @@ class DetectionLogConfig(StrictModel):
         return resolve_path(value, info)
 
 
+class TrackConfig(StrictModel):
+    """The stream's tracker (streamd.tracking): a track id per detection, confirmed after N of its last M frames."""
+
+    enabled: bool = Field(True, description="Track objects (false: no track ids; every box is sent as confirmed).")
+    method: Literal["bytetrack", "sort"] = Field(
+        _TRACK.method, description="bytetrack (two passes: low-score boxes keep tracks alive) or sort."
+    )
+    new_track_threshold: float = Field(
+        _TRACK.new_track_threshold, ge=0, le=1, description="A box starts a track only with at least this confidence."
+    )
+    high_conf_threshold: float = Field(
+        _TRACK.high_conf_threshold, ge=0, le=1,
+        description="ByteTrack's first pass takes boxes at or above this confidence, the second the others.",
+    )
+    match_iou_threshold: float = Field(
+        _TRACK.match_iou_threshold, ge=0, le=1, description="Least IoU between a track's predicted box and a box."
+    )
+    confirm_n: int = Field(_TRACK.confirm_n, ge=1, le=1000, description="A track is confirmed after N of ...")
+    confirm_m: int = Field(_TRACK.confirm_m, ge=1, le=1000, description="... its last M frames.")
+    max_lost_s: float = Field(_TRACK.max_lost_s, gt=0, le=3600, description="A track ends after this long unseen, s.")
+
+    @model_validator(mode="after")
+    def _n_of_m(self) -> TrackConfig:
+        if self.confirm_n > self.confirm_m:
+            raise ValueError(f"confirm_n ({self.confirm_n}) must be <= confirm_m ({self.confirm_m})")
+        if self.method == "bytetrack" and self.high_conf_threshold > self.new_track_threshold:
+            raise ValueError(f"high_conf_threshold ({self.high_conf_threshold}) must be <= new_track_threshold "
+                             f"({self.new_track_threshold})")
+        return self
+
+    def settings(self) -> TrackSettings:
+        return TrackSettings(**self.model_dump(exclude={"enabled"}))
+
+
 class StreamConfig(StrictModel):
     """One video stream: where it comes from and where its results go."""
 
@@ -263,6 +304,7 @@ class StreamConfig(StrictModel):
     decoder_threads: int | None = Field(
         None, ge=1, le=64, description="CPU decoder threads of the stream; null: FFmpeg's choice (about one per core)."
     )
+    track: TrackConfig = Field(default_factory=TrackConfig, description="Object tracking and confirmed findings.")
     record: RecordConfig | None = Field(None, description="Annotated recording; omitted: none.")
     detection_log: DetectionLogConfig | None = Field(None, description="Detection log (JSON lines); omitted: none.")
 

@@ -2,17 +2,26 @@
 
 Every item names the stream it belongs to (`stream_id`), so the runner can
 route, count and end streams without knowing the item's type; an item of no
-single stream (a Batch) has stream_id None and carries its `frames`.
+single stream (a Batch) has stream_id None. Every item also says which
+`frames` it carries (counted when it is dropped; their credits released),
+its credit `key` ((stream id, seq) for one frame's item, else None), and
+whether it is a `control` item: an end of stream, a heartbeat or a track
+event, which no queue ever drops and which never waits for room (a queue
+holds at most a few: one per stream's end, one heartbeat a second, one per
+track's start and end).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
 from streamd.model.detections import Detections
+
+if TYPE_CHECKING:
+    from streamd.tracking import TrackEvent
 
 PixelFormat = Literal["bgr24", "yuv420p"]
 """How a frame's pixels are laid out: "bgr24" uint8 [H, W, 3]; "yuv420p" uint8 [H * 3 / 2, W] (PyAV's
@@ -92,11 +101,22 @@ class Frame:
     scale: float = 1.0
     layout: PixelLayout = BGR24
 
+    control: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         image = self.image
         if problem := image_problem(image, self.pixel_format, image.dtype == np.uint8):
             raise ValueError(f"stream {self.stream_id!r} frame {self.seq}: {problem}")
         image.setflags(write=False)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(stream id, seq): names this frame's credits in the queues after inference."""
+        return self.stream_id, self.seq
+
+    @property
+    def frames(self) -> tuple[Frame, ...]:
+        return (self,)
 
     @property
     def pixel_format(self) -> PixelFormat:
@@ -129,6 +149,9 @@ class Batch:
     frames: tuple[Frame, ...]
     gathered_at: float
 
+    control: ClassVar[bool] = False
+    key: ClassVar[None] = None
+
     def __post_init__(self) -> None:
         if not self.frames:
             raise ValueError("a Batch needs at least one frame")
@@ -146,6 +169,25 @@ class ModelRef:
     name: str
     sha256: str
     class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """What is true of a stream over time, as its source saw it (streamd.ops.metrics keeps it; a frame's flags are
+    folded in before any queue could drop the frame). Counters are cumulative since the daemon started.
+
+    state: starting | running | frozen | stale | reconnecting | ended | failed (the heartbeat's meaning).
+    outage_s: seconds without frames over the outages that ended, each from the last frame before it to the
+    first after it; last_gap_s: the last one's. last_jump_s: the last clock jump removed from pts.
+    """
+
+    state: str
+    frozen: bool = False
+    outages: int = 0
+    outage_s: float = 0.0
+    last_gap_s: float = 0.0
+    clock_jumps: int = 0
+    last_jump_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,22 +217,33 @@ class Latency:
 
 @dataclass(frozen=True, slots=True)
 class FrameResult:
-    """A frame with its detections in source pixels, leaving inference.
+    """A frame with its detections in source pixels, leaving inference; the stream's own stages add to it.
 
-    message: the frame's detection message, encoded once (streamd.messages);
-    the same bytes are published and written to the detection log.
+    detections: in source pixels; after the stream's tracker, with its track_id and confirmed columns.
+    message: the frame's detection message, encoded once by the stream's message stage (streamd.stages.message)
+    after its tracker; the same bytes are published and written to the detection log. b"" until then.
     """
 
     frame: Frame
     detections: Detections
     model: ModelRef
     latency: Latency
-    message: bytes
+    message: bytes = b""
     batch_size: int = 1
+
+    control: ClassVar[bool] = False
 
     @property
     def stream_id(self) -> str:
         return self.frame.stream_id
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.frame.key
+
+    @property
+    def frames(self) -> tuple[Frame, ...]:
+        return (self.frame,)
 
     @property
     def topic(self) -> str:
@@ -211,9 +264,33 @@ class Heartbeat:
     message: bytes
     topic: str = HEARTBEAT_TOPIC
 
+    control: ClassVar[bool] = True
+    key: ClassVar[None] = None
+
     @property
     def stream_id(self) -> None:
         return None
+
+    @property
+    def frames(self) -> tuple[()]:
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrackReport:
+    """A track of a stream was confirmed, or ended (event: a streamd.tracking.TrackEvent), on its way to the
+    publisher and the detection log (streamd.track/1). message: encoded once by the stream's message stage."""
+
+    stream_id: str
+    event: TrackEvent
+    message: bytes = b""
+
+    control: ClassVar[bool] = True
+    key: ClassVar[None] = None
+
+    @property
+    def topic(self) -> str:
+        return self.stream_id
 
     @property
     def frames(self) -> tuple[()]:
@@ -231,6 +308,8 @@ class AnnotatedFrame:
     result: FrameResult
     image: np.ndarray
 
+    control: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         if self.image.shape != self.result.frame.image.shape or self.image.dtype != np.uint8:
             raise ValueError(
@@ -243,6 +322,14 @@ class AnnotatedFrame:
     def stream_id(self) -> str:
         return self.result.frame.stream_id
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.result.key
+
+    @property
+    def frames(self) -> tuple[Frame, ...]:
+        return self.result.frames
+
 
 @dataclass(frozen=True, slots=True)
 class EndOfStream:
@@ -253,3 +340,10 @@ class EndOfStream:
 
     stream_id: str
     error: str | None = None
+
+    control: ClassVar[bool] = True
+    key: ClassVar[None] = None
+
+    @property
+    def frames(self) -> tuple[()]:
+        return ()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -15,22 +15,32 @@ class Detections:
         (the source frame after `map_to_source`, the letterboxed input before).
     confidence: float32 [N], objectness x class score, in [0, 1].
     class_id: int64 [N], index into the bundle's class names.
+    Optional columns, None until a stream's tracker fills them (streamd.stages.track):
+    track_id: int64 [N], the row's track in its stream (-1: no track).
+    confirmed: bool [N], whether that track is confirmed (N of its last M frames).
     """
 
     xyxy: np.ndarray
     confidence: np.ndarray
     class_id: np.ndarray
+    track_id: np.ndarray | None = None
+    confirmed: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        xyxy = np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4)
-        confidence = np.asarray(self.confidence, dtype=np.float32).reshape(-1)
-        class_id = np.asarray(self.class_id, dtype=np.int64).reshape(-1)
-        if not (len(xyxy) == len(confidence) == len(class_id)):
+        columns = {
+            "xyxy": np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4),
+            "confidence": np.asarray(self.confidence, dtype=np.float32).reshape(-1),
+            "class_id": np.asarray(self.class_id, dtype=np.int64).reshape(-1),
+        }
+        if self.track_id is not None:
+            columns["track_id"] = np.asarray(self.track_id, dtype=np.int64).reshape(-1)
+        if self.confirmed is not None:
+            columns["confirmed"] = np.asarray(self.confirmed, dtype=bool).reshape(-1)
+        if len({len(array) for array in columns.values()}) > 1:
             raise ValueError(
-                f"Detections columns differ in length: xyxy {len(xyxy)}, "
-                f"confidence {len(confidence)}, class_id {len(class_id)}"
+                "Detections columns differ in length: " + ", ".join(f"{k} {len(v)}" for k, v in columns.items())
             )
-        for name, array in (("xyxy", xyxy), ("confidence", confidence), ("class_id", class_id)):
+        for name, array in columns.items():
             array.setflags(write=False)
             object.__setattr__(self, name, array)
 
@@ -42,17 +52,13 @@ class Detections:
         return len(self.confidence)
 
     def __getitem__(self, index: np.ndarray | slice) -> Detections:
-        """Rows selected by a boolean mask, an index array or a slice."""
-        return Detections(self.xyxy[index], self.confidence[index], self.class_id[index])
+        """Rows selected by a boolean mask, an index array or a slice (every column present)."""
+        return Detections(
+            self.xyxy[index], self.confidence[index], self.class_id[index],
+            None if self.track_id is None else self.track_id[index],
+            None if self.confirmed is None else self.confirmed[index],
+        )  # fmt: skip
 
-    def to_records(self, class_names: tuple[str, ...]) -> list[dict]:
-        """The detections as the JSON objects of the message schema (box rounded to 0.1 px)."""
-        return [
-            {
-                "label": class_names[int(c)] if 0 <= int(c) < len(class_names) else str(int(c)),
-                "class_id": int(c),
-                "score": round(float(s), 4),
-                "box": [round(float(v), 1) for v in box],
-            }
-            for box, s, c in zip(self.xyxy, self.confidence, self.class_id)
-        ]
+    def with_tracks(self, track_id: np.ndarray, confirmed: np.ndarray) -> Detections:
+        """The same rows with their track columns."""
+        return replace(self, track_id=track_id, confirmed=confirmed)

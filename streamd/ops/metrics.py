@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from streamd.types import Latency
+from streamd.types import Frame, Latency, StreamState
 
 LATENCY_NAMES = ("decode", "queue", "infer", "total")  # Latency's fields without their _ms
 # Every counter of a stream. Drops are counted per reason under dropped(reason).
@@ -35,7 +35,11 @@ COUNTERS = (
     "opens",  # successful opens of the source (more than 1: it reconnected)
     "loops",  # restarts of a looping file
     "corrupt_packets",  # packets the demuxer flagged or the decoder rejected (skipped)
+    "clock_jumps",  # jumps of the source's clock removed from pts
+    "invalid_boxes",  # model output rows dropped as non-finite or degenerate (zero or negative area)
+    "track_events",  # track confirmed / ended events made by the stream's tracker
 )
+STALE_AFTER_S = 1.0  # a paced stream that delivered nothing for longer (and for its max_age_ms) is stale
 _DROPPED = "dropped:"
 
 
@@ -69,7 +73,16 @@ class _StreamCounters:
     last_error: str | None = None
     end_error: str | None = None
     source_state: str = "starting"  # starting | running | reconnecting | ended | failed (run_source says)
-    last_frozen: bool = False  # whether the last result's frame was frozen
+    running_since: float | None = None  # monotonic: the source's last move to running
+    # What is true of the stream over time (Metrics.observe: from each frame before any queue could drop it).
+    frozen: bool = False
+    outage_s: float = 0.0
+    last_gap_s: float = 0.0
+    last_jump_s: float = 0.0
+    # Freshness: a paced stream's budget (None: never stale) and whether its results are delivered by a publisher.
+    max_age_ms: float | None = None
+    published: bool = False
+    last_delivered_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +188,15 @@ class Metrics:
         for stream_id in streams:
             self.count(stream_id, dropped(reason))
 
-    def result(self, stream_id: str, detections: int, latency: Latency, frozen: bool = False) -> None:
+    def result(self, stream_id: str, detections: int, latency: Latency) -> None:
         """One frame through inference: counted as processed, its detections counted, its latency sampled."""
         with self._lock:
             counters = self._streams[stream_id]
             counters.counts["processed"] += 1
             counters.counts["detections"] += detections
             counters.last_result_at = time.monotonic()
-            counters.last_frozen = frozen
+            if not counters.published:
+                counters.last_delivered_at = counters.last_result_at
             for name in LATENCY_NAMES:
                 value_ms = getattr(latency, f"{name}_ms")
                 counters.latency_ms[name].append(value_ms)
@@ -199,14 +213,48 @@ class Metrics:
     def source_state(self, stream_id: str, state: str) -> None:
         """Where a stream's source is: starting, running, reconnecting, ended or failed (for the heartbeat)."""
         with self._lock:
-            self._streams[stream_id].source_state = state
+            counters = self._streams[stream_id]
+            if state == "running" and counters.source_state != "running":
+                counters.running_since = time.monotonic()
+            counters.source_state = state
 
-    def states(self) -> dict[str, tuple[str, bool, float | None]]:
-        """Per stream: (source state, last result frozen, seconds since the last result or None)."""
+    def freshness(self, stream_id: str, max_age_ms: float | None, published: bool) -> None:
+        """A stream's stale budget (None: never stale) and whether a publisher delivers its results (else a result
+        counts as delivered). Set once by compose."""
+        with self._lock:
+            counters = self._streams[stream_id]
+            counters.max_age_ms, counters.published = max_age_ms, published
+
+    def observe(self, frame: Frame) -> None:
+        """Fold a decoded frame's flags into its stream's state, in the source's thread before any queue: an outage
+        that ended (frame.gap_s), a clock jump (frame.pts_jump_s), frozen or not."""
+        with self._lock:
+            counters = self._streams[frame.stream_id]
+            counters.frozen = frame.frozen
+            if frame.gap_s > 0:
+                counters.outage_s += frame.gap_s
+                counters.last_gap_s = frame.gap_s
+            if frame.pts_jump_s:
+                counters.counts["clock_jumps"] += 1
+                counters.last_jump_s = frame.pts_jump_s
+
+    def delivered(self, stream_id: str) -> None:
+        """A message of the stream went out (the publisher handed it to ZeroMQ)."""
+        with self._lock:
+            self._streams[stream_id].last_delivered_at = time.monotonic()
+
+    def stream_state(self, stream_id: str) -> StreamState:
+        """The stream's state now: what its messages and the heartbeat carry."""
+        now = time.monotonic()
+        with self._lock:
+            return _state(self._streams[stream_id], now)
+
+    def states(self) -> dict[str, tuple[StreamState, float | None, float | None]]:
+        """Per stream: (its state, seconds since its last result, seconds since its last delivery; None: none yet)."""
         now = time.monotonic()
         with self._lock:
             return {
-                sid: (c.source_state, c.last_frozen, None if c.last_result_at is None else now - c.last_result_at)
+                sid: (_state(c, now), _since(c.last_result_at, now), _since(c.last_delivered_at, now))
                 for sid, c in self._streams.items()
             }
 
@@ -279,6 +327,27 @@ class Metrics:
             last_error=c.last_error,
             end_error=c.end_error,
         )
+
+
+def _since(at: float | None, now: float) -> float | None:
+    return None if at is None else now - at
+
+
+def _state(c: _StreamCounters, now: float) -> StreamState:
+    """The one rule for a stream's state: its source's, else stale (a paced stream that delivered nothing for
+    max(STALE_AFTER_S, max_age_ms) while its source runs: every result too old, or none), else frozen, else running."""
+    state = c.source_state
+    if state == "running":
+        if c.max_age_ms is not None:
+            since = now - (c.last_delivered_at if c.last_delivered_at is not None else c.running_since or now)
+            if since > max(STALE_AFTER_S, c.max_age_ms / 1e3):
+                state = "stale"
+        if state == "running" and c.frozen:
+            state = "frozen"
+    return StreamState(
+        state=state, frozen=c.frozen, outages=c.counts["outages"], outage_s=c.outage_s, last_gap_s=c.last_gap_s,
+        clock_jumps=c.counts["clock_jumps"], last_jump_s=c.last_jump_s,
+    )  # fmt: skip
 
 
 def _fps(c: _StreamCounters) -> float:

@@ -1,111 +1,123 @@
-"""The daemon's pipeline as code: `compose` reads like the diagram, every stage, queue and policy in it."""
+"""The daemon's pipeline as code: `compose` reads like the diagram, every stage, queue and policy in it.
+
+`compose` wires what it is given: the sources and the outputs (`Endpoints`),
+which `endpoints` builds from the config (PyAV sources, recorders, detection
+logs, the ZeroMQ publisher) and the tests build from fakes, so the tests run
+this very graph.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-import zmq
-
-from streamd.config import BackendConfig, StreamConfig, StreamdConfig, TensorRTConfig, TorchConfig
+from streamd.config import StreamConfig, StreamdConfig
 from streamd.model.detector import Detector
 from streamd.ops.heartbeat import HeartbeatSource
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.graph import Graph, Queue
 from streamd.pipeline.queues import Batcher, Policy
-from streamd.stages.annotate import AnnotateStage
-from streamd.stages.decode import open_source
-from streamd.stages.detection_log import DetectionLogStage
+from streamd.pipeline.stage import Source, Stage
 from streamd.stages.freshness import FreshnessStage
 from streamd.stages.infer import ResultsStage, SubmitStage
-from streamd.stages.publish import PublishStage
-from streamd.stages.record import RecordStage
+from streamd.stages.message import MessageStage
+from streamd.stages.track import TrackStage
 
+LIVE_INPUT_FRAMES = 2  # a paced stream's input queue by default: what waits for inference stays this fresh
+QUEUE_FRAMES = 8  # every other queue's default size
 
 @dataclass(frozen=True, slots=True)
 class Switches:
-    """Which outputs to build (a benchmark measures inference alone by turning them off)."""
+    """Which outputs `endpoints` builds (a benchmark measures inference alone by turning them off)."""
 
     record: bool = True
     detection_log: bool = True
     publish: bool = True
 
 
-def compose(
-    config: StreamdConfig,
-    detector: Detector,
-    metrics: Metrics,
-    zmq_context: zmq.Context | None,
-    switches: Switches = Switches(),
-) -> Graph:
-    """
-    source:ID ──input:ID──► batch ──► submit ──in_flight──► results ──output:ID──► annotate ──► record
-    (1 thread per stream)   (max_batch | max_wait_ms,        (decode, NMS,    │   (1 thread     └──► detection_log
-     queue per stream:       fair, credits: a frame is        message)       │    per stream)
-     drop_oldest if paced,   taken only when its stream's                    └──publish──► freshness ──► publish
-     block for files)        block queues have room)                         ▲     (drop stale)   (ZeroMQ PUB)
-                                                                   heartbeat ┘ (the supervisor, once a second)
+Chain = tuple[Stage, ...]
+"""Stages of one output of a stream: the first reads the stream's output queue, each next one is called on what the
+one before it yields, in the same thread (annotate -> record)."""
 
-    Every arrow with a name is a bounded queue and has its own worker thread; the
-    others are calls in the same thread. A stage after `stream=` is that
-    stream's: its failure stops that output of that stream only.
+
+@dataclass(frozen=True)
+class Endpoints:
+    """What the graph reads and writes: a source per stream id, each stream's output chains, the shared publisher."""
+
+    sources: Mapping[str, Source]
+    outputs: Mapping[str, tuple[Chain, ...]] = field(default_factory=dict)
+    publisher: Stage | None = None
+
+
+def compose(config: StreamdConfig, detector: Detector, metrics: Metrics, endpoints: Endpoints) -> Graph:
+    """
+    source:ID ─input:ID─► batch ─► submit ─in_flight─► results ─► track:ID ─► message:ID ─output:ID─► annotate ─► record
+    (1 thread a stream)   (max_batch | max_wait_ms,    (decode,   (its tracks, (encode once,  │ (1 thread      └► detection_log
+     drop_oldest if paced, fair; credits: a frame      NMS)       confirmed,   the stream's   │  a stream)
+     block for files)      is taken only when its                 events)      state)         │
+                           stream's block queues                                              └─publish─► freshness ─► publish
+                           have room)                                 heartbeat (ticker, 1 s) ─┘ (N -> 1)   (drop stale) (ZeroMQ)
+
+    Every arrow with a name is a bounded queue with its own worker thread; the
+    others are calls in the same thread. Stages after `stream=` are that
+    stream's: a failure stops that stage of that stream only (retried).
     """
     graph = Graph(metrics)
     batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms)
     submit = SubmitStage(detector, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
     results = ResultsStage(detector, metrics)
-    on_device = detector.on_device  # a FrameBackend: colour conversion and resize on its device
-    gpu = cuda_device(config.backend)  # NVDEC decodes where inference runs
     graph.add_flow(batch, submit)
     graph.add_flow(submit, results, Queue("in_flight", size=1, policy="block", per_frame=False))
+    messages = {}
     for stream in config.streams:
         policy = queue_policy(stream)
-        recorded = switches.record and stream.record is not None and stream.record.enabled
-        # A stream that is not recorded is never BGR at full size: decoded straight to the model's size,
-        # or, for a backend that converts and resizes on its device, handed over as the decoder's planes.
-        if recorded:
-            source = open_source(stream, metrics, input_hw=detector.input_hw, cuda_device=gpu)
-        elif on_device:
-            source = open_source(stream, metrics, input_hw=detector.input_hw, pixel_format="yuv420p", cuda_device=gpu)
-        else:
-            source = open_source(stream, metrics, model_hw=detector.input_hw, cuda_device=gpu)
-        graph.add_flow(source, batch, Queue("input", stream.queue.size, policy))
-        outputs = Queue("output", stream.queue.size, policy)
-        if recorded:
-            annotate = AnnotateStage(detector.class_names, max_age_ms=max_age_ms(stream))
-            graph.add_flow(results, annotate, outputs, stream=stream.id)
-            graph.add_flow(annotate, RecordStage(stream.id, stream.record, stream.segment_s))
-        if switches.detection_log and stream.detection_log is not None and stream.detection_log.enabled:
-            log = DetectionLogStage(stream.id, stream.detection_log.dir, stream.segment_s)
-            graph.add_flow(results, log, outputs, stream=stream.id)
-    publish = config.publish
-    if switches.publish and publish is not None and publish.enabled:
-        if zmq_context is None:
-            raise ValueError("publishing needs the process's zmq.Context")
+        graph.add_flow(endpoints.sources[stream.id], batch, Queue("input", input_queue_size(stream), policy))
+        last: Stage = results
+        if stream.track.enabled:
+            track = TrackStage(stream.id, stream.track.settings(), metrics)
+            graph.add_flow(last, track, stream=stream.id)
+            last = track
+        message = MessageStage(stream.id, results.model, metrics)
+        graph.add_flow(last, message, stream=stream.id)
+        outputs = Queue("output", queue_size(stream), policy)
+        for chain in endpoints.outputs.get(stream.id, ()):
+            graph.add_flow(message, chain[0], outputs, stream=stream.id)
+            for up, down in zip(chain, chain[1:]):
+                graph.add_flow(up, down)
+        messages[stream.id] = message
+    publisher = endpoints.publisher
+    if publisher is not None:  # every stream's messages and the heartbeat into one queue (N -> 1)
         live = any(queue_policy(stream) == "drop_oldest" for stream in config.streams)
-        size = sum(stream.queue.size for stream in config.streams)
-        budgets = {stream.id: max_age_ms(stream) for stream in config.streams if max_age_ms(stream) is not None}
-        fresh = FreshnessStage(budgets, metrics)
+        size = sum(queue_size(stream) for stream in config.streams)
         published = Queue("publish", size, "drop_oldest" if live else "block")
-        graph.add_flow(results, fresh, published)
-        graph.add_flow(fresh, PublishStage(zmq_context, publish, metrics))
-        graph.add_heartbeat(HeartbeatSource(metrics, results.model, budgets), published)  # once a second
+        fresh = FreshnessStage({s.id: max_age_ms(s) for s in config.streams if max_age_ms(s) is not None}, metrics)
+        for message in messages.values():
+            graph.add_flow(message, fresh, published)
+        graph.add_flow(HeartbeatSource(metrics, results.model), fresh, published)
+        graph.add_flow(fresh, publisher)
+    for stream in config.streams:
+        metrics.freshness(stream.id, max_age_ms(stream), published=publisher is not None)
     graph.check()
     return graph
-
-
-def cuda_device(backend: BackendConfig) -> int:
-    """The index of the GPU a backend config runs on (0 when it names none: auto, onnxruntime, torch on the CPU)."""
-    match backend:
-        case TorchConfig(device=device) if device.startswith("cuda:"):
-            return int(device.removeprefix("cuda:"))
-        case TensorRTConfig(device=device):
-            return device
-    return 0
 
 
 def max_age_ms(stream: StreamConfig) -> float | None:
     """A paced stream's stale budget; a file read as fast as it decodes has none (its frames wait by design)."""
     return stream.max_age_ms if stream.paced else None
+
+
+def input_queue_size(stream: StreamConfig) -> int:
+    """streams[].queue.size, or by default LIVE_INPUT_FRAMES for a paced stream (so what waits for inference is a
+    frame or two old: under overload fresh frames are inferred and published, old ones dropped and counted) and
+    QUEUE_FRAMES for a file."""
+    if stream.queue.size is not None:
+        return stream.queue.size
+    return LIVE_INPUT_FRAMES if stream.paced else QUEUE_FRAMES
+
+
+def queue_size(stream: StreamConfig) -> int:
+    """The size of a stream's other queues (its outputs): streams[].queue.size or QUEUE_FRAMES."""
+    return QUEUE_FRAMES if stream.queue.size is None else stream.queue.size
 
 
 def queue_policy(stream: StreamConfig) -> Policy:
@@ -114,4 +126,3 @@ def queue_policy(stream: StreamConfig) -> Policy:
     if stream.queue.policy != "auto":
         return stream.queue.policy
     return "drop_oldest" if stream.paced else "block"
-

@@ -4,21 +4,27 @@
 objects by reference:
 
 - with a `Queue`, the downstream gets its own worker thread that reads that
-  queue; several flows through the same `Queue` object share the queue and
-  its worker (one stream's annotate -> record and detection log);
+  queue. Several flows may go into the same `Queue` object, from one stage
+  or from many (every stream's message stage into the one publisher queue:
+  fan-in), and out of it to several stages (one stream's annotate and
+  detection log), all in that queue's worker;
 - without one, the downstream runs in the upstream's worker, on each of its
-  outputs (annotate -> record);
-- `stream=ID` on a flow out of a shared stage takes only that stream's
-  items, and makes the downstream a stage *of that stream*: when it fails,
-  that output of that stream stops and is retried, and nothing else is
-  touched. A shared stage (inference, the publisher) that fails stops the
-  daemon.
+  outputs (annotate -> record).
 
-A source flows into the `Batcher`, the inference worker's inbox, through
-its own input queue. Wiring errors (a stage wired twice, a source without a
-queue, a stage no source feeds, an object that is not a Stage) raise here,
-before anything runs. `streamd.pipeline.compose.compose` builds the daemon's
-graph; `streamd.pipeline.runner.Runner` runs one.
+A stage's scope is explicit. `stream=ID` makes the downstream a stage *of
+that stream*: on a flow out of a shared stage it takes only that stream's
+items; when it fails, that stage of that stream stops and is retried, and
+nothing else is touched. A stage called directly by a stage of a stream is
+of that stream too. Any other downstream of a queue is shared (inference,
+the publisher): one that fails stops the daemon.
+
+A source flows into the `Batcher`, the inference worker's inbox, through its
+own input queue. A `Ticker` (the heartbeat) flows into a queue from a thread
+of its own, once per its period. Wiring errors (a stage wired twice, a
+source or ticker without a queue, a stage no source feeds, a stage given
+two scopes, an object that is not a Stage) raise here, before anything
+runs. `streamd.pipeline.compose.compose` builds the daemon's graph;
+`streamd.pipeline.runner.Runner` runs one.
 """
 
 from __future__ import annotations
@@ -27,10 +33,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamd.ops.heartbeat import HeartbeatSource
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.queues import Batcher, BoundedQueue, Policy
-from streamd.pipeline.stage import Source, Stage
+from streamd.pipeline.stage import Source, Stage, Ticker
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +56,7 @@ class Queue:
 
 @dataclass(eq=False)
 class Node:
-    """A source, the batcher or a stage, placed in the graph.
+    """A source, a ticker, the batcher or a stage, placed in the graph.
 
     stream: the one stream this node serves (None: shared by all streams).
     streams: the streams whose items reach it (set by Graph.check).
@@ -74,17 +79,31 @@ class Node:
             yield from child.subtree()
 
 
+@dataclass(eq=False)
+class _QueueSpot:
+    """A Queue of the diagram as built: its bounded queue, the stream it serves (None: shared), who reads it."""
+
+    spec: Queue
+    bounded: BoundedQueue
+    scope: str | None
+    feeders: list[Node] = field(default_factory=list)
+    roots: list[Node] = field(default_factory=list)
+
+
 @dataclass(frozen=True, eq=False)
 class Worker:
     """One thread of the runner: it reads `inbox` and hands every item to `roots` (and so to their subtrees).
 
     streams: the streams whose end-of-stream it waits for before it ends.
+    settles: the credited queues its stages put into: after each item, the credits its frames still hold
+        there are given back (their results did not come: an error, a failed stage).
     """
 
     name: str
     inbox: Any  # BoundedQueue | Batcher (streamd.pipeline.stage.Inbox)
     roots: tuple[Node, ...]
     streams: frozenset[str]
+    settles: tuple[BoundedQueue, ...] = ()
 
     def nodes(self) -> list[Node]:
         """Every node this worker runs, in flow order."""
@@ -97,65 +116,81 @@ class Graph:
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
         self._nodes: dict[int, Node] = {}
-        self._queues: dict[int, tuple[Queue, BoundedQueue, Node, str | None]] = {}
-        self._queue_roots: dict[int, list[Node]] = {}
+        self._spots: dict[int, _QueueSpot] = {}  # id(Queue) -> its spot
         self.sources: list[tuple[Node, BoundedQueue]] = []
+        self.tickers: list[tuple[Node, BoundedQueue]] = []
         self.batcher: Node | None = None
-        self.heartbeat: tuple[HeartbeatSource, BoundedQueue] | None = None
+        self._credited: set[int] = set()  # id(BoundedQueue) of the credited queues
         self._checked = False
 
     # --- building -----------------------------------------------------------------------------------
 
     def add_flow(self, upstream: Any, downstream: Any, queue: Queue | None = None, *, stream: str | None = None) -> None:
-        """Send every output of `upstream` (of stream `stream` only, if given) to `downstream`, through `queue` if given."""
+        """Send every output of `upstream` (of stream `stream` only, if given) to `downstream`, through `queue` if given.
+
+        `stream=` also makes `downstream` a stage of that stream (see the module's doc).
+        """
         if self._checked:
             raise ValueError("the graph was already checked: add every flow before running it")
         up = self._node(upstream)
         if up.stream is not None and stream is not None and stream != up.stream:
             raise ValueError(f"{up.name} serves stream {up.stream!r}: it cannot feed stream {stream!r}")
-        scope = stream if stream is not None else up.stream
-        if isinstance(upstream, Source) and queue is None:
-            raise ValueError(f"{up.name} needs a Queue to {downstream!r}: a source runs in a thread of its own")
+        if isinstance(upstream, Source | Ticker) and queue is None:
+            raise ValueError(f"{up.name} needs a Queue to {downstream!r}: it runs in a thread of its own")
         if isinstance(upstream, Batcher) and queue is not None:
             raise ValueError("the batcher is its worker's inbox: its flow to the inference stage takes no Queue")
         if isinstance(downstream, Batcher):
-            if queue is None or not isinstance(upstream, Source) or id(queue) in self._queues:
-                raise ValueError("only sources flow into the batcher, each through a Queue of its own")
-            down = self._node(downstream)
-            bounded = BoundedQueue(
-                f"{queue.role}:{up.stream}", queue.size, queue.policy, self._counter(queue.role), downstream.condition
-            )
-            downstream.add_input(up.stream, bounded)
-            self.sources.append((up, bounded))
-            up.queued.append((None, bounded))
-            self._queues[id(queue)] = (queue, bounded, up, scope)
-            down.has_input = True
+            self._into_batcher(up, downstream, queue)
             return
         if not isinstance(downstream, Stage):
             raise TypeError(f"{downstream!r} is not a Stage: it needs name, setup(), process(item) and close()")
+        # A stage called in its upstream's worker serves what its upstream serves; behind a queue, it is shared
+        # unless the flow names its stream.
+        scope = stream if stream is not None else (up.stream if queue is None else None)
         down = self._node(downstream, scope)
-        if down.has_input:
-            raise ValueError(f"stage {down.name!r} is wired twice; every flow needs its own stage object")
-        down.has_input = True
+        if down.stream != scope:
+            raise ValueError(
+                f"stage {down.name!r} is {_scope_text(down.stream)} but a flow from {up.name} makes it {_scope_text(scope)}"
+            )
         if queue is None:
+            if down.has_input:
+                raise ValueError(f"stage {down.name!r} is wired twice; every flow needs its own stage object")
+            down.has_input = True
             up.direct.append((stream, down))
             return
-        if id(queue) in self._queues:
-            _, bounded, owner, owner_scope = self._queues[id(queue)]
-            if owner is not up or owner_scope != scope:
-                raise ValueError(f"queue {bounded.name!r} is shared by flows from different stages or streams")
-        else:
+        spot = self._spot(queue, scope)
+        if up not in spot.feeders:
+            spot.feeders.append(up)
+            up.queued.append((stream, spot.bounded))
+        if down not in spot.roots:
+            if down.has_input:
+                raise ValueError(f"stage {down.name!r} is wired twice; every flow needs its own stage object")
+            down.has_input = True
+            spot.roots.append(down)
+
+    def _into_batcher(self, up: Node, batcher: Batcher, queue: Queue | None) -> None:
+        if queue is None or not isinstance(up.obj, Source) or id(queue) in self._spots:
+            raise ValueError("only sources flow into the batcher, each through a Queue of its own")
+        down = self._node(batcher)
+        bounded = BoundedQueue(
+            f"{queue.role}:{up.stream}", queue.size, queue.policy, self._counter(queue.role), batcher.condition
+        )
+        batcher.add_input(up.stream, bounded)
+        self.sources.append((up, bounded))
+        up.queued.append((None, bounded))
+        self._spots[id(queue)] = _QueueSpot(queue, bounded, up.stream, [up], [down])
+        down.has_input = True
+
+    def _spot(self, queue: Queue, scope: str | None) -> _QueueSpot:
+        spot = self._spots.get(id(queue))
+        if spot is None:
             name = queue.role if scope is None else f"{queue.role}:{scope}"
             bounded = BoundedQueue(name, queue.size, queue.policy, self._counter(queue.role))
-            self._queues[id(queue)] = (queue, bounded, up, scope)
-            up.queued.append((stream, bounded))
-        self._queue_roots.setdefault(id(queue), []).append(down)
-
-    def add_heartbeat(self, source: HeartbeatSource, queue: Queue) -> None:
-        """The supervisor puts source.beat() into `queue` once a second (a Queue already in a flow: the publisher's)."""
-        if id(queue) not in self._queues:
-            raise ValueError(f"the heartbeat goes into a queue of the graph; {queue.role!r} is in no flow")
-        self.heartbeat = (source, self._queues[id(queue)][1])
+            spot = self._spots[id(queue)] = _QueueSpot(queue, bounded, scope)
+        elif spot.scope != scope:
+            raise ValueError(f"queue {spot.bounded.name!r} serves {_scope_text(spot.scope)}: a flow cannot make it "
+                             f"{_scope_text(scope)}")
+        return spot
 
     def _node(self, obj: Any, stream: str | None = None) -> Node:
         node = self._nodes.get(id(obj))
@@ -164,6 +199,9 @@ class Graph:
                 node = Node(obj, obj.stream_id, f"source:{obj.stream_id}")
                 if any(n.stream == obj.stream_id for n in self._nodes.values() if isinstance(n.obj, Source)):
                     raise ValueError(f"stream ids must be unique: {obj.stream_id!r} is used twice")
+            elif isinstance(obj, Ticker):
+                node = Node(obj, None, f"ticker:{obj.name}")
+                self.tickers.append((node, None))  # its queue is set by check()
             elif isinstance(obj, Batcher):
                 if self.batcher is not None:
                     raise ValueError("a graph has one batcher")
@@ -185,6 +223,7 @@ class Graph:
         if not self.sources:
             raise ValueError("a pipeline needs at least one stream")
         nodes = list(self._nodes.values())
+        roots = {id(spot.bounded): spot.roots for spot in self._spots.values()}
         for node, _ in self.sources:
             node.streams = {node.stream}
         changed = True
@@ -192,46 +231,46 @@ class Graph:
             changed = False
             for node in nodes:
                 targets = [(flt, child) for flt, child in node.direct]
-                targets += [(flt, root) for flt, q in node.queued for root in self._roots_of(q)]
+                targets += [(flt, root) for flt, q in node.queued for root in roots[id(q)]]
                 for flt, child in targets:
                     reach = node.streams if flt is None else node.streams & {flt}
                     if not reach <= child.streams:
                         child.streams |= reach
                         changed = True
-        unfed = [n.name for n in nodes if not n.streams]
+        unfed = [n.name for n in nodes if not n.streams and not isinstance(n.obj, Ticker)]
         if unfed:
             raise ValueError(f"no source feeds {', '.join(unfed)}")
+        self.tickers = [(node, node.queued[0][1]) for node, _ in self.tickers if node.queued]
+        if len(self.tickers) != sum(isinstance(n.obj, Ticker) for n in nodes):
+            raise ValueError("a ticker flows into exactly one queue")
         if self.batcher is not None:
             self._credit_queues()
         self._checked = True
 
-    def _roots_of(self, bounded: BoundedQueue) -> list[Node]:
-        if self.batcher is not None and any(bounded is q for _, q in self.sources):
-            return [self.batcher]
-        for key, (_, q, _, _) in self._queues.items():
-            if q is bounded:
-                return self._queue_roots.get(key, [])
-        return []
-
     def _credit_queues(self) -> None:
         """Every per-frame `block` queue after the batcher is credited for each stream that reaches it."""
         batcher = self.batcher.obj
-        after = set()
+        after = {id(self.batcher)}
         pending = [self.batcher]
+        spots = {id(spot.bounded): spot for spot in self._spots.values()}
         while pending:
             node = pending.pop()
-            for _, child in node.direct:
-                after.add(id(child))
-                pending.append(child)
-            for _, q in node.queued:
-                for root in self._roots_of(q):
-                    if id(root) not in after:
-                        after.add(id(root))
-                        pending.append(root)
-        for spec, bounded, owner, scope in self._queues.values():
-            if id(owner) in after and spec.per_frame and spec.policy == "block":
-                for stream_id in sorted(owner.streams if scope is None else owner.streams & {scope}):
-                    batcher.add_credited(stream_id, bounded)
+            children = [child for _, child in node.direct]
+            children += [root for _, q in node.queued for root in spots[id(q)].roots]
+            for child in children:
+                if id(child) not in after:
+                    after.add(id(child))
+                    pending.append(child)
+        for spot in self._spots.values():
+            fed = [node for node in spot.feeders if id(node) in after]
+            if not fed or not spot.spec.per_frame or spot.spec.policy != "block":
+                continue
+            streams = set().union(*(node.streams for node in fed))
+            if spot.scope is not None:
+                streams &= {spot.scope}
+            for stream_id in sorted(streams):
+                batcher.add_credited(stream_id, spot.bounded)
+            self._credited.add(id(spot.bounded))
 
     # --- what the runner reads ------------------------------------------------------------------------
 
@@ -242,15 +281,27 @@ class Graph:
         workers = []
         if self.batcher is not None:
             roots = tuple(child for _, child in self.batcher.direct)
-            workers.append(Worker("batch", self.batcher.obj, roots, frozenset(self.batcher.streams)))
-        for key, (_, bounded, owner, _) in self._queues.items():
-            if isinstance(owner.obj, Source):
+            workers.append(self._worker("batch", self.batcher.obj, roots))
+        for spot in self._spots.values():
+            if any(isinstance(node.obj, Source) for node in spot.feeders):
                 continue
-            roots = tuple(self._queue_roots[key])
-            streams = frozenset().union(*(root.streams for root in roots))
-            workers.append(Worker(bounded.name, bounded, roots, streams))
+            workers.append(self._worker(spot.bounded.name, spot.bounded, tuple(spot.roots)))
         return workers
+
+    def _worker(self, name: str, inbox: Any, roots: tuple[Node, ...]) -> Worker:
+        streams = frozenset().union(*(root.streams for root in roots))
+        nodes = [node for root in roots for node in root.subtree()]
+        settles = {id(q): q for node in nodes for _, q in node.queued if id(q) in self._credited}
+        return Worker(name, inbox, roots, streams, tuple(settles.values()))
+
+    def queues(self) -> list[BoundedQueue]:
+        """Every bounded queue of the graph (the sources' input queues first)."""
+        return [spot.bounded for spot in self._spots.values()]
 
     def stages(self) -> list[Any]:
         """Every stage in pipeline order (setup order; closing goes by worker)."""
         return [worker_node.obj for worker in self.workers() for worker_node in worker.nodes()]
+
+
+def _scope_text(scope: str | None) -> str:
+    return "shared" if scope is None else f"stream {scope!r}'s"

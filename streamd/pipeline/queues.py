@@ -8,15 +8,21 @@ Every queue is bounded. When one is full, its policy decides:
 - `block` (files): the put waits, up to its timeout, so that no frame of a
   file is lost; the caller retries until the stop protocol says otherwise.
 
-The end-of-stream marker is never dropped. Every get and put takes a
-timeout: nothing in the pipeline waits forever.
+Control items (an end of stream, a heartbeat, a track event: `item.control`)
+are never dropped and never wait: they are few, and a worker that waits for
+room to put one could wait for itself. Every get and put takes a timeout:
+nothing in the pipeline waits forever.
 
 Credit-based backpressure: a `block` queue after inference (a stream's
 outputs, or the publisher when every stream is a file) is *credited*: the
-`Batcher` takes a frame of a stream only after reserving a place for its
-result in each such queue of that stream, so the inference workers never
-wait on one stream's slow outputs. A slow stream slows itself (its input
-queue fills, its file source waits) and no other.
+`Batcher` takes a frame only after reserving a place for its result in each
+such queue of its stream. A reservation is named by the frame's key
+(stream id, seq): only that frame's result takes it, and the worker that
+would have put it gives it back when the result does not come (an error, a
+failed stage), so nothing leaks and nothing else (a heartbeat) takes a
+frame's place. The inference workers never wait on one stream's slow
+outputs; a slow stream slows itself (its input queue fills, its file source
+waits) and no other.
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from streamd.types import Batch, EndOfStream
+from streamd.types import Batch, EndOfStream, Frame
 
 Policy = Literal["drop_oldest", "block"]
 POLICIES: tuple[Policy, ...] = ("drop_oldest", "block")
@@ -44,8 +50,8 @@ class BoundedQueue:
     on_drop(item) is called, after the lock is released, for every item the
     drop_oldest policy discards; `dropped` counts them. Queues that share a
     `threading.Condition` (the Batcher's inputs) wake one reader together.
-    Reservations (`try_reserve`) hold places for items on their way: a put
-    then takes a reserved place and never waits.
+    Reservations (`try_reserve(key)`) hold places for the items of those keys
+    on their way: such a put takes its reserved place and never waits.
     """
 
     def __init__(
@@ -65,7 +71,7 @@ class BoundedQueue:
         self.policy = policy
         self.dropped = 0
         self._items: deque[Any] = deque()
-        self._reserved = 0
+        self._reserved: set[tuple[str, int]] = set()
         self._on_drop = on_drop
         self._on_room: list[Callable[[], None]] = []
         self._cond = condition or threading.Condition()
@@ -78,34 +84,52 @@ class BoundedQueue:
         """Call `callback` (without this queue's lock) after every get: a place may have come free."""
         self._on_room.append(callback)
 
-    def try_reserve(self) -> bool:
-        """Reserve a place for an item on its way; False when every place is taken or reserved."""
+    @property
+    def reserved(self) -> int:
+        """Places held for items on their way."""
         with self._cond:
-            if len(self._items) + self._reserved >= self.maxsize:
+            return len(self._reserved)
+
+    def try_reserve(self, key: tuple[str, int]) -> bool:
+        """Reserve a place for the item of `key` (stream id, seq); False when every place is taken or reserved."""
+        with self._cond:
+            if key in self._reserved:
+                return True
+            if len(self._items) + len(self._reserved) >= self.maxsize:
                 return False
-            self._reserved += 1
+            self._reserved.add(key)
             return True
 
-    def release(self) -> None:
-        """Give back a reservation whose item will not come."""
+    def release(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Give back the reservations of these keys whose items will not come (a key not reserved: nothing)."""
         with self._cond:
-            self._reserved = max(0, self._reserved - 1)
-            self._cond.notify_all()
+            before = len(self._reserved)
+            self._reserved.difference_update(keys)
+            freed = len(self._reserved) != before
+            if freed:
+                self._cond.notify_all()
+        if freed:
+            for callback in self._on_room:
+                callback()
 
     def put(self, item: Any, timeout_s: float) -> None:
-        """Add `item`; raise Full if a `block` queue stayed full for timeout_s seconds."""
+        """Add `item`; raise Full if a `block` queue stayed full for timeout_s seconds.
+
+        The item of a reserved key takes its place; a control item always gets in (see the module's doc).
+        """
         dropped = None
         with self._cond:
-            if self._reserved and not isinstance(item, EndOfStream):
-                self._reserved -= 1  # its place was reserved: it fits
-            elif len(self._items) + self._reserved >= self.maxsize:
+            key = item.key
+            if key is not None and key in self._reserved:
+                self._reserved.discard(key)  # its place was reserved: it fits
+            elif item.control:
+                pass
+            elif len(self._items) + len(self._reserved) >= self.maxsize:
                 if self.policy == "drop_oldest":
                     dropped = self._drop_oldest_locked()
-                elif not isinstance(item, EndOfStream):
-                    # An end-of-stream gets through even into a full blocking queue:
-                    # it is the last item of its producer, so this overshoots by one at most.
+                else:
                     deadline = time.monotonic() + timeout_s
-                    while len(self._items) + self._reserved >= self.maxsize:
+                    while len(self._items) + len(self._reserved) >= self.maxsize:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             raise Full(f"queue {self.name!r} full for {timeout_s} s")
@@ -117,7 +141,7 @@ class BoundedQueue:
 
     def _drop_oldest_locked(self) -> Any:
         for index, queued in enumerate(self._items):
-            if not isinstance(queued, EndOfStream):
+            if not queued.control:
                 del self._items[index]
                 self.dropped += 1
                 return queued
@@ -185,6 +209,12 @@ class Batcher:
         self._credited.setdefault(stream_id, []).append(q)
         q.on_room(self._wake)
 
+    def release(self, frames: Iterable[Frame]) -> None:
+        """Give back every credit these frames hold (their results will not come: dropped or failed on the way)."""
+        for frame in frames:
+            for q in self._credited.get(frame.stream_id, ()):
+                q.release((frame.key,))
+
     def disable_credits(self) -> None:
         """After a fatal error downstream: take every frame (it is discarded and counted) so no source waits."""
         with self.condition:
@@ -234,7 +264,7 @@ class Batcher:
                     continue
                 if isinstance(head, EndOfStream):
                     self._ends.append(q.pop_locked())
-                elif self._reserve(stream_id):
+                elif self._reserve(stream_id, head.key):
                     frames.append(q.pop_locked())
                 else:
                     continue
@@ -247,15 +277,15 @@ class Batcher:
                 self._start = self._start % len(self._inputs) if self._inputs else 0
         return took_any
 
-    def _reserve(self, stream_id: str) -> bool:
-        """Reserve a place in every credited queue of the stream, all or none."""
+    def _reserve(self, stream_id: str, key: tuple[str, int]) -> bool:
+        """Reserve a place for the frame `key` in every credited queue of the stream, all or none."""
         if not self._credits_on:
             return True
         reserved = []
         for q in self._credited[stream_id]:
-            if not q.try_reserve():
+            if not q.try_reserve(key):
                 for done in reserved:
-                    done.release()
+                    done.release((key,))
                 return False
             reserved.append(q)
         return True

@@ -1,7 +1,8 @@
 """The runner: runs a checked Graph to its end and returns the RunSummary.
 
 Threads: one per source (`worker.run_source`), one per inbox (the batcher,
-each queue: `worker.run_worker`). The shutdown protocol, the only one:
+each queue: `worker.run_worker`), one per ticker (`worker.run_ticker`: the
+heartbeat). The shutdown protocol, the only one:
 
 - one stop event (a signal, the CLI's limits, a benchmark, or a fatal
   error). Sources stop reading when it is set; everything downstream drains
@@ -29,7 +30,7 @@ from streamd.ops.systemd import SystemdNotifier
 from streamd.ops.logging import stream_extra
 from streamd.pipeline.graph import Graph, Worker
 from streamd.pipeline.supervisor import Supervisor
-from streamd.pipeline.worker import Control, describe, run_source, run_worker
+from streamd.pipeline.worker import Control, describe, run_source, run_ticker, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Runner:
         workers = graph.workers()
         if graph.batcher is not None:
             control.on_fail(graph.batcher.obj.disable_credits)
+            control.release_credits = graph.batcher.obj.release
         failed_at_setup = self._setup_all(workers)
         sources = [
             (node.stream, threading.Thread(target=run_source, args=(node, q, control, self.max_frames),
@@ -82,16 +84,25 @@ class Runner:
         ]  # fmt: skip
         consumers = [threading.Thread(target=run_worker, args=(w, control, failed_at_setup), name=w.name, daemon=True)
                      for w in workers]  # fmt: skip
+        tickers = [threading.Thread(target=run_ticker, args=(node, q, control), name=node.name, daemon=True)
+                   for node, q in graph.tickers]  # fmt: skip
         threads = [thread for _, thread, _ in sources] + consumers
         started = time.monotonic()
         for thread in reversed(threads):  # consumers first, so the first frame finds them waiting
             control.beat(thread.name)
             thread.start()
+        for thread in tickers:
+            thread.start()
         self.notifier.ready(f"running {len(sources)} stream(s)")
         log.info("running %d stream(s)", len(sources))
         supervisor = Supervisor(control, self.notifier, sources, threads, drain_timeout_s=self.drain_timeout_s,
-                                duration_s=self.duration_s, heartbeat=graph.heartbeat)
-        supervisor.watch(started)
+                                duration_s=self.duration_s)
+        try:
+            supervisor.watch(started)
+        finally:
+            control.finished.set()
+            for thread in tickers:
+                thread.join(timeout=1.0)
         self.left_behind = supervisor.left_behind()
         if self.left_behind:
             control.fail(f"workers did not stop within drain_timeout_s={self.drain_timeout_s}: {', '.join(self.left_behind)}")

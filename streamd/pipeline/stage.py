@@ -1,7 +1,7 @@
 """The shapes of work the runner drives. Threads, queues and timeouts belong to the runner, not to these.
 
-A Source produces frames for one stream; a Stage turns an item into zero or
-more items; an Inbox is what a worker reads (one BoundedQueue, or the
+A Source produces frames for one stream; a Ticker makes an item once per
+period (the heartbeat); a Stage turns an item into zero or more items; an Inbox is what a worker reads (one BoundedQueue, or the
 Batcher over every stream's input queue). `streamd.pipeline.graph` checks
 these protocols when a pipeline is composed, so a wiring error raises there.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from streamd.types import Frame
+from streamd.types import EndOfStream, Frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,19 @@ class Source(Protocol):
 
 
 @runtime_checkable
+class Ticker(Protocol):
+    """Makes one control item every `every_s` seconds, in a thread of its own, while the pipeline runs (the heartbeat).
+
+    tick(stopping) is told whether the pipeline is draining after a stop.
+    """
+
+    name: str
+    every_s: float
+
+    def tick(self, stopping: bool) -> Any: ...
+
+
+@runtime_checkable
 class Stage(Protocol):
     """setup() once before READY=1, process(item) per item (yielding outputs), close() once at the end.
 
@@ -63,6 +76,14 @@ class Stage(Protocol):
     def process(self, item: Any) -> Iterable[Any]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Ending(Protocol):
+    """A stage with something to say when a stream ends (a tracker ends its open tracks): the runner calls
+    end(end_of_stream) and routes what it yields before forwarding the end-of-stream."""
+
+    def end(self, end: EndOfStream) -> Iterable[Any]: ...
 
 
 @runtime_checkable

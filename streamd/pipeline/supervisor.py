@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 
 from streamd.ops.logging import stream_extra
 from streamd.ops.systemd import SystemdNotifier
-from streamd.ops.heartbeat import HEARTBEAT_EVERY_S, HeartbeatSource
-from streamd.pipeline.queues import BoundedQueue, Full
+from streamd.pipeline.queues import BoundedQueue
 from streamd.pipeline.worker import TICK_S, Control
 from streamd.types import EndOfStream
 
@@ -42,7 +42,6 @@ class Supervisor:
         *,
         drain_timeout_s: float,
         duration_s: float | None,
-        heartbeat: tuple[HeartbeatSource, BoundedQueue] | None = None,
     ):
         self.control = control
         self.notifier = notifier
@@ -50,8 +49,7 @@ class Supervisor:
         self.threads = threads
         self.drain_timeout_s = drain_timeout_s
         self.duration_s = duration_s
-        self._drops_logged: dict[str, int] = {}
-        self.heartbeat = heartbeat  # (its source, the queue it goes into): one per HEARTBEAT_EVERY_S
+        self._drops_logged: dict[str, Counter] = {}
         self.watched_at = time.monotonic()  # the last turn of watch()'s loop
         control.supervisor = self  # the hook /healthz asks (streamd.ops.prometheus, wired by run_pipeline)
 
@@ -61,7 +59,6 @@ class Supervisor:
         last_ping = last_status = time.monotonic()
         stop_seen_at: float | None = None
         forced = False
-        last_heartbeat = 0.0
         while any(t.is_alive() for t in self.threads):
             next(t for t in self.threads if t.is_alive()).join(timeout=0.2)
             now = self.watched_at = time.monotonic()
@@ -79,9 +76,6 @@ class Supervisor:
                 if now - stop_seen_at > self.drain_timeout_s:
                     control.give_up_at = now
                     break
-            if self.heartbeat is not None and now - last_heartbeat >= HEARTBEAT_EVERY_S:
-                last_heartbeat = now
-                self._send_heartbeat(stopping=stop_seen_at is not None)
             if interval_s is not None and now - last_ping >= interval_s:
                 stalled = self.stalled(now)
                 if stalled:
@@ -106,22 +100,15 @@ class Supervisor:
         """What keeps the watchdog unfed now (for /healthz): stalled workers, and this loop when it stopped turning."""
         return self.stalled(now) + (["supervisor"] if now - self.watched_at > STALL_S else [])
 
-    def _send_heartbeat(self, stopping: bool) -> None:
-        """Into the publisher's queue without waiting: a heartbeat that does not fit now is skipped."""
-        source, queue = self.heartbeat
-        try:
-            queue.put(source.beat(stopping), timeout_s=0)
-        except Full:
-            log.debug("heartbeat skipped: the publish queue is full")
-
     def _report(self) -> None:
         summary = self.control.metrics.summary("running")
         for s in summary.streams:
-            new = s.dropped - self._drops_logged.get(s.stream_id, 0)
+            now = Counter(dict(s.dropped_by_queue))
+            new = now - self._drops_logged.get(s.stream_id, Counter())  # the last interval's, per reason
             if new:
-                log.warning("dropped %d frame(s) in the last %.0f s (%s)", new, STATUS_EVERY_S,
-                            ", ".join(f"{q} {n}" for q, n in s.dropped_by_queue), extra=stream_extra(s.stream_id))
-            self._drops_logged[s.stream_id] = s.dropped
+                log.warning("dropped %d frame(s) in the last %.0f s (%s)", sum(new.values()), STATUS_EVERY_S,
+                            ", ".join(f"{q} {n}" for q, n in sorted(new.items())), extra=stream_extra(s.stream_id))
+            self._drops_logged[s.stream_id] = now
         self.notifier.status(self.control.metrics.status_line())
 
     def _end_stuck_sources(self) -> None:

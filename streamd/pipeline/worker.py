@@ -5,12 +5,17 @@
   out in `finally`, whatever happened.
 - `run_worker`: a consumer, the same loop for every other thread. Get from
   the worker's inbox (a queue, or the batcher), hand the item to its stages,
-  route their outputs along the graph's flows; forward each end-of-stream;
-  end when every stream that reaches it has ended; close its stages.
+  route their outputs along the graph's flows; give back the credits its
+  frames still hold in the queues this worker feeds; forward each
+  end-of-stream; end when every stream that reaches it has ended; close its
+  stages.
+- `run_ticker`: a periodic control item (the heartbeat) into its queue until
+  the run is over.
 
 Errors are classified at the stage boundary (`_Runner.deliver`):
 
-- RecoverableError: logged, counted in `errors`, the item skipped.
+- RecoverableError: logged, counted in `errors`, the item skipped (its
+  frames' credits given back).
 - Anything else from a stage of one stream (a recorder on a full disk):
   that stage stops for that stream (closed, its items dropped and counted
   as "NAME failed"), and is set up again after `retry_s` to try again.
@@ -36,8 +41,8 @@ from streamd.ops.logging import stream_extra
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.graph import Node, Worker
 from streamd.pipeline.queues import BoundedQueue, Empty, Full
-from streamd.pipeline.stage import Source
-from streamd.types import EndOfStream
+from streamd.pipeline.stage import Ending, Source
+from streamd.types import EndOfStream, Frame
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ class Control:
         self.give_up_at: float | None = None  # monotonic; set when the drain budget after a stop runs out
         self._lock = threading.Lock()
         self._on_fail: list[Callable[[], None]] = []
+        # Gives back the credits of frames whose results will not come (the graph's batcher sets it).
+        self.release_credits: Callable[[tuple[Frame, ...]], None] = lambda frames: None
+        self.finished = threading.Event()  # the workers are done: tickers stop
         # The supervisor watching the run (set when it starts, after READY=1): /healthz asks it what is silent.
         self.supervisor: Any | None = None
 
@@ -89,6 +97,11 @@ class Control:
     def beat(self, worker: str) -> None:
         self.beats[worker] = time.monotonic()
 
+    def drop(self, item: Any, reason: str) -> None:
+        """An item that goes no further: counted under dropped(reason), its frames' credits given back."""
+        self.metrics.count_dropped(item, reason)
+        self.release_credits(item.frames)
+
     def gave_up(self) -> bool:
         return self.give_up_at is not None and time.monotonic() > self.give_up_at
 
@@ -101,7 +114,7 @@ class Control:
             except Full:
                 self.beat(worker)
                 if self.gave_up():
-                    self.metrics.count_dropped(item, "shutdown")
+                    self.drop(item, "shutdown")
                     return False
 
 
@@ -174,6 +187,7 @@ def run_source(node: Node, out: BoundedQueue, control: Control, max_frames: int 
                 log.info("end of stream after %d frames", count, extra=extra)
                 break
             control.metrics.count(sid, "frames_in")
+            control.metrics.observe(frame)  # the stream's state (outage, clock jump, frozen) before any queue
             if not control.put(out, frame, worker):
                 break
             count += 1
@@ -227,13 +241,14 @@ class _Runner:
             for stream_id in sorted({item.stream_id} if item.stream_id is not None else {f.stream_id for f in item.frames}):
                 self.control.metrics.error(stream_id, str(exc))
             log.warning("%s: %s (item skipped)", node.name, exc, extra=stream_extra(item.stream_id))
+            self.control.release_credits(item.frames)
             return
         except Exception as exc:
             if node.stream is None:
                 raise  # a shared stage: fatal (run_worker records it)
             previous = self.probation.pop(id(node), None)
             self._fail(node, describe(node.name, exc), previous.wait_s * 2 if previous is not None else None)
-            self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
+            self.control.drop(item, f"{node.obj.name} failed")
             return
         if (recovered := self.probation.pop(id(node), None)) is not None:
             log.info("%s works again after: %s", node.name, recovered.error, extra=stream_extra(node.stream))
@@ -253,7 +268,7 @@ class _Runner:
             else:
                 self.probation[id(node)] = self.failures.pop(id(node))  # "works again" once an item got through
                 return True
-        self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
+        self.control.drop(item, f"{node.obj.name} failed")
         return False
 
     def _fail(self, node: Node, text: str, wait_s: float | None = None) -> None:
@@ -275,7 +290,14 @@ class _Runner:
                 self.deliver(child, item)
 
     def end(self, node: Node, end: EndOfStream) -> None:
-        """Forward an end-of-stream along every flow of `node` that carries its stream."""
+        """Forward an end-of-stream along every flow of `node` that carries its stream, after what the node has to
+        say at the end (an Ending stage: a tracker's last events)."""
+        if isinstance(node.obj, Ending) and id(node) not in self.failures:
+            try:
+                for output in list(node.obj.end(end)):
+                    self.emit(node, output)
+            except Exception as exc:
+                log.warning("%s", describe(f"{node.name} end", exc), extra=stream_extra(end.stream_id))
         for flt, q in node.queued:
             if flt is None or flt == end.stream_id:
                 self.control.put(q, end, self.worker.name)
@@ -312,7 +334,7 @@ def run_worker(worker: Worker, control: Control, failed_at_setup: dict[int, str]
                         runner.end(root, item)
                 continue
             if runner.fatal:
-                control.metrics.count_dropped(item, "failed")
+                control.drop(item, "failed")
                 continue
             try:
                 for root in worker.roots:
@@ -320,10 +342,30 @@ def run_worker(worker: Worker, control: Control, failed_at_setup: dict[int, str]
             except Exception as exc:
                 runner.fatal = True
                 control.fail(describe(worker.name, exc))
+            if worker.settles and item.frames:  # a result that did not come holds its place no longer
+                keys = [frame.key for frame in item.frames]
+                for q in worker.settles:
+                    q.release(keys)
     finally:
         for node in worker.nodes():
             if id(node) not in runner.failures:  # a failed stage was closed when it failed
                 _close(node, control, fatal=node.stream is None)
+
+
+def run_ticker(node: Node, out: BoundedQueue, control: Control) -> None:
+    """Put node.obj.tick() into `out` every every_s until the workers are done; a tick that finds the queue
+    full is skipped (its consumer is behind: a newer one follows), so a stuck consumer does not pile them up."""
+    ticker = node.obj
+    while not control.finished.wait(ticker.every_s):
+        if len(out) >= out.maxsize:
+            log.debug("%s skipped: %s is full", node.name, out.name)
+            continue
+        try:
+            item = ticker.tick(control.stop_event.is_set())
+        except Exception as exc:  # the heartbeat is a report: its failure is logged, the pipeline goes on
+            log.warning("%s", describe(node.name, exc))
+            continue
+        out.put(item, timeout_s=0)
 
 
 def _close(node: Node, control: Control, *, fatal: bool) -> None:

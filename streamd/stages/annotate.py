@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from streamd.draw import draw_detections
 from streamd.model.detections import Detections
-from streamd.types import AnnotatedFrame, FrameResult
+from streamd.types import AnnotatedFrame, FrameResult, TrackReport
 
 
 def timestamp_text(result: FrameResult) -> str:
@@ -55,7 +55,9 @@ class AnnotateStage:
     def setup(self) -> None:
         pass
 
-    def process(self, item: FrameResult) -> Iterator[AnnotatedFrame]:
+    def process(self, item: FrameResult | TrackReport) -> Iterator[AnnotatedFrame]:
+        if isinstance(item, TrackReport):  # nothing to draw: a track event is for the log and the subscribers
+            return
         status, detections = None, item.detections
         if self.max_age_ms is not None:
             stale = item.latency.total_ms > self.max_age_ms

@@ -46,15 +46,18 @@ class FreezeDetector:
         self.same = 0  # frames since the reference that match it
         self._since = 0.0  # pts of the reference, the first frame of the current still picture, seconds
         self._reference: np.ndarray | None = None  # uint8 [H / GRID_STEP_PX, W / GRID_STEP_PX]
+        self._ndim = 0  # 3: the reference came from BGR (its green), 2: from a luma plane
 
     def update(self, image: np.ndarray, pts_s: float) -> bool:
         """image: uint8 BGR [H, W, 3] or a luma plane [H, W], at pts_s seconds; True once frozen."""
         step = max(1, round(image.shape[1] / GRID_WIDTH))
         grid = np.ascontiguousarray(image[::step, ::step, 1] if image.ndim == 3 else image[::step, ::step])
-        if self._reference is not None and self._reference.shape == grid.shape and not self._changed(grid):
+        # green of BGR and luma are not the same numbers: a change of kind (or of size) starts afresh
+        same_kind = self._reference is not None and self._reference.shape == grid.shape and self._ndim == image.ndim
+        if same_kind and not self._changed(grid):
             self.same += 1
         else:
-            self.same, self._since, self._reference = 0, pts_s, grid
+            self.same, self._since, self._reference, self._ndim = 0, pts_s, grid, image.ndim
         return self.same >= 2 and pts_s - self._since >= self.after_s - 1e-9
 
     def _changed(self, grid: np.ndarray) -> bool:

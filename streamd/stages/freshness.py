@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 
 from streamd.ops.metrics import Metrics, dropped
-from streamd.types import FrameResult
+from streamd.types import FrameResult, Heartbeat, TrackReport
 
 
 class FreshnessStage:
@@ -30,13 +30,15 @@ class FreshnessStage:
     def setup(self) -> None:
         pass
 
-    def process(self, result: FrameResult) -> Iterator[FrameResult]:
-        budget = self.max_age_ms.get(result.stream_id)
-        if budget is not None:
-            if result.frame.age_ms(time.time()) > budget:
-                self.metrics.count(result.stream_id, dropped("stale"))
+    def process(self, item: FrameResult | TrackReport | Heartbeat) -> Iterator[FrameResult | TrackReport | Heartbeat]:
+        """A frame's result older than its budget goes no further; control items (track events, the heartbeat)
+        are never stale."""
+        if isinstance(item, FrameResult):
+            budget = self.max_age_ms.get(item.stream_id)
+            if budget is not None and item.frame.age_ms(time.time()) > budget:
+                self.metrics.count(item.stream_id, dropped("stale"))
                 return
-        yield result
+        yield item
 
     def close(self) -> None:
         pass

@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
-from streamd.messages import encode_message
 from streamd.model.detector import Detector, Submitted
 from streamd.ops.metrics import Metrics
 from streamd.types import Batch, Frame, FrameResult, Latency, ModelRef
@@ -32,6 +32,9 @@ class InFlight:
     batch: Batch
     submitted: Submitted
     began: float
+
+    control: ClassVar[bool] = False
+    key: ClassVar[None] = None
 
     @property
     def stream_id(self) -> None:
@@ -79,7 +82,8 @@ class SubmitStage:
 
 
 class ResultsStage:
-    """InFlight -> one FrameResult per frame (same order): boxes in source pixels, latency, the encoded message.
+    """InFlight -> one FrameResult per frame (same order): boxes in source pixels, latency (the message is encoded
+    later, by each stream's message stage after its tracker).
 
     Every result is counted in `metrics` (processed, detections, latency samples).
     """
@@ -106,15 +110,9 @@ class ResultsStage:
                 infer_ms=infer_ms,
                 total_ms=frame.age_ms(now),
             )
-            self.metrics.result(frame.stream_id, len(detections), latency, frozen=frame.frozen)
-            yield FrameResult(
-                frame=frame,
-                detections=detections,
-                model=self.model,
-                latency=latency,
-                message=encode_message(frame, detections, self.model, latency),
-                batch_size=len(batch.frames),
-            )
+            self.metrics.result(frame.stream_id, len(detections), latency)
+            yield FrameResult(frame=frame, detections=detections, model=self.model, latency=latency,
+                              batch_size=len(batch.frames))
 
     def close(self) -> None:
         pass

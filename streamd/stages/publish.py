@@ -27,7 +27,7 @@ from streamd.config_outputs import MAX_SUBSCRIPTION_BYTES
 from streamd.errors import OutputError
 from streamd.keys import read_authorized_keys, read_key_pair
 from streamd.ops.metrics import Metrics
-from streamd.types import FrameResult, Heartbeat
+from streamd.types import FrameResult, Heartbeat, TrackReport
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def curve_server(context: zmq.Context, socket: zmq.Socket, curve: CurveConfig) -
 
 
 class PublishStage:
-    """FrameResult -> one ZeroMQ message [stream id, result.message] (the bytes encoded once at inference).
+    """FrameResult, TrackReport, Heartbeat -> one ZeroMQ message [topic, item.message] (the bytes encoded once).
 
     A sink: process() yields nothing. Counts `published` and `publish_dropped` in metrics.
 
@@ -120,21 +120,23 @@ class PublishStage:
         security = f"CURVE, clients from {self.curve.authorized_clients_dir}" if self.curve else "plaintext"
         log.info("publishing on %s (%s; SNDHWM %d, LINGER %d ms)", self.bind, security, self.sndhwm, self.linger_ms)
 
-    def process(self, item: FrameResult | Heartbeat) -> tuple[()]:
-        """Send [topic, message]: a result's on its stream id, a heartbeat's on _heartbeat (counted for no stream)."""
+    def process(self, item: FrameResult | TrackReport | Heartbeat) -> tuple[()]:
+        """Send [topic, message]: a result's and a track event's on their stream id, a heartbeat's on _heartbeat
+        (counted for no stream)."""
         if self.socket is None:
             raise OutputError("publish: process() before setup()")
         stream_id = item.stream_id
         try:
             self.socket.send_multipart([item.topic.encode(), item.message], flags=zmq.NOBLOCK)
         except zmq.Again:
-            if stream_id is not None:
+            if isinstance(item, FrameResult):
                 self.metrics.count(stream_id, "publish_dropped")
         except zmq.ZMQError as exc:
             raise OutputError(f"publish: send on {self.bind} failed: {exc}") from exc
         else:
-            if stream_id is not None:
+            if isinstance(item, FrameResult):
                 self.metrics.count(stream_id, "published")
+                self.metrics.delivered(stream_id)
         return ()
 
     def close(self) -> None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import supervision as sv
-from trackers import ByteTrackTracker, SORTTracker
 
 from streamd.model.detections import Detections
+
+if TYPE_CHECKING:  # `trackers` and supervision take over a second to import: only a stream that tracks pays it
+    from trackers import ByteTrackTracker, SORTTracker
 
 TRACKERS_FPS = 30.0  # `trackers` counts its lost buffer in frames at this rate; we give it seconds x this
 
@@ -149,6 +150,8 @@ class Tracker:
             raise ValueError(f"pts_s went back from {self._last_pts_s} to {pts_s}: a tracker needs stream order")
         self._last_pts_s = pts_s
         rows = len(detections)
+        import supervision as sv  # noqa: PLC0415 (see the TYPE_CHECKING import above)
+
         found = sv.Detections(xyxy=detections.xyxy, confidence=detections.confidence, class_id=detections.class_id,
                               data={"row": np.arange(rows)})
         tracked = self._engine.update(found, timestamp=pts_s)
@@ -197,6 +200,8 @@ class Tracker:
 
 def _make_engine(settings: TrackSettings) -> ByteTrackTracker | SORTTracker:
     """The `trackers` tracker for settings; ids from its first match (minimum_consecutive_frames=1), lost in s."""
+    from trackers import ByteTrackTracker, SORTTracker  # noqa: PLC0415 (see the TYPE_CHECKING import above)
+
     lost_track_buffer = round(settings.max_lost_s * TRACKERS_FPS)
     match settings.method:
         case "bytetrack":

@@ -9,6 +9,7 @@ from yolox.data.data_augment import preproc as yolox_preproc
 from yolox.utils.boxes import postprocess as yolox_postprocess
 
 from streamd.errors import BundleError
+from streamd.messages import detection_records
 from streamd.model import Detections, letterbox, load_bundle, nms, postprocess, write_bundle
 from streamd.model.bundle import Preprocess
 
@@ -91,7 +92,13 @@ def test_detections_validate_and_mask():
     assert not det.xyxy.flags.writeable
     with pytest.raises(ValueError, match="differ in length"):
         Detections([[0, 0, 1, 1]], [0.5, 0.9], [0])
-    assert det.to_records(("a", "b"))[1] == {"label": "b", "class_id": 1, "score": 0.9, "box": [1.0, 1.0, 2.0, 2.0]}
+    assert detection_records(det, ("a", "b"))[1] == {
+        "label": "b", "class_id": 1, "score": 0.9, "box": [1.0, 1.0, 2.0, 2.0], "track_id": None, "confirmed": True}
+    tracked = det.with_tracks(np.array([4, -1]), np.array([True, False]))
+    assert [(r["track_id"], r["confirmed"]) for r in detection_records(tracked, ("a", "b"))] == [(4, True), (None, False)]
+    assert tracked[tracked.confidence > 0.6].track_id.tolist() == [-1]  # a mask keeps every column
+    with pytest.raises(ValueError, match="differ in length"):
+        det.with_tracks(np.array([1]), np.array([True, True]))
 
 
 def _meta():

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
@@ -30,7 +31,7 @@ from streamd.ops.prometheus import MetricsServer, RunCollector
 from streamd.pipeline import supervisor as supervisor_module
 from streamd.pipeline.daemon import run_pipeline
 from streamd.pipeline.queues import BoundedQueue
-from streamd.types import Latency
+from streamd.types import Frame, Latency
 from tests.streamd import media
 from tests.streamd.pipeline.fakes import FakeBackend
 
@@ -176,7 +177,8 @@ def test_a_scrape_during_a_run_reads_the_pipelines_metrics(tmp_path: Path, tiny_
         assert values[("streamd_latency_seconds_bucket", tuple(sorted(inf)))] == count
         assert values[("streamd_latency_seconds_sum", labels)] > 0
     queues = {dict(labels)["queue"]: n for (name, labels), n in values.items() if name == "streamd_queue_capacity"}
-    assert queues == {"input:a": 8, "in_flight": 1, "output:a": 8, "publish": 8}  # every queue of the graph
+    # every queue of the graph; a paced stream's input holds 2 frames (what waits for inference stays fresh)
+    assert queues == {"input:a": 2, "in_flight": 1, "output:a": 8, "publish": 8}
     (segment,) = (tmp_path / "rec").glob("a_*.mp4")
     assert 0 < values[("streamd_recording_bytes", a)] <= segment.stat().st_size
     assert values[("process_resident_memory_bytes", ())] > 0
@@ -189,8 +191,8 @@ def test_drops_by_reason_queue_depths_and_cumulative_histograms():
     for total_ms in (0.5, 3.0, 3.0, 40.0, 20_000.0):
         metrics.result("a", detections=1, latency=Latency(1.0, 1.0, 1.0, total_ms))
     q = BoundedQueue("output:a", 4, "drop_oldest")
-    for item in range(2):
-        q.put(item, timeout_s=0.1)
+    for seq in range(2):
+        q.put(Frame("a", seq, seq / 25, np.zeros((4, 4, 3), np.uint8), decoded_at=0.0), timeout_s=0.1)
     recording = Path(__file__)  # any file: its size is what is exported
     recorder = type("Recorder", (), {"stream_id": "a", "segments": [recording, recording.with_name("gone.mp4")]})()
     server = MetricsServer("127.0.0.1:0", RunCollector(metrics, [q], [recorder]), lambda: [])

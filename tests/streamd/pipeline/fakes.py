@@ -1,11 +1,13 @@
-"""Small fakes of a source, a backend and a stage, and a helper that composes a graph of them like `compose` does."""
+"""Small fakes of a source, a backend and a stage, and `build`: the daemon's own graph (`compose`) around them."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -13,10 +15,11 @@ from streamd.backends.base import Ready
 from streamd.errors import BackendError, OutputError, SourceError
 from streamd.model.detector import Detector, yolox_anchors
 from streamd.ops.metrics import Metrics
-from streamd.pipeline.graph import Graph, Queue
-from streamd.pipeline.queues import Batcher
+from streamd.config import StreamdConfig
+from streamd.pipeline.compose import Endpoints, compose
+from streamd.pipeline.graph import Graph
 from streamd.pipeline.stage import Backoff
-from streamd.stages.infer import ResultsStage, SubmitStage
+from streamd.stages.infer import SubmitStage
 from streamd.types import Frame, FrameResult
 
 
@@ -145,35 +148,45 @@ class Built:
     backend: FakeBackend
     outputs: dict[str, list[CollectStage]]
     publisher: CollectStage | None
+    config: StreamdConfig
+
+
+def fake_config(bundle, sources: list[FakeSource], *, policy: str = "auto", queue_size: int = 4, max_batch: int = 4,
+                max_wait_ms: float = 1.0, track: dict | None = None) -> StreamdConfig:  # fmt: skip
+    """The config `compose` reads for these fake sources: a live one is a UDP stream, a file one an (empty) file."""
+    placeholder = Path(tempfile.gettempdir()) / "streamd-fake-source.mp4"
+    placeholder.touch()
+    streams = [
+        {"id": source.stream_id, "source": "udp://127.0.0.1:9" if source.live else str(placeholder),
+         "queue": {"size": queue_size, "policy": policy}, "track": track or {"enabled": False}}
+        for source in sources
+    ]  # fmt: skip
+    return StreamdConfig.model_validate({
+        "model": str(bundle.path), "batch": {"max_batch": max_batch, "max_wait_ms": max_wait_ms}, "streams": streams,
+    })  # fmt: skip
 
 
 def build(
     bundle, sources: list[FakeSource], *, backend: FakeBackend | None = None,
-    outputs: Callable[[str], list[CollectStage]] = lambda sid: [CollectStage(f"out-{sid}")],
+    outputs: Callable[[str], list[CollectStage | tuple[CollectStage, ...]]] = lambda sid: [CollectStage(f"out-{sid}")],
     policy: str = "auto", queue_size: int = 4, publisher: CollectStage | None = None, max_batch: int = 4,
-    max_wait_ms: float = 1.0, extra: Callable[[Graph], None] | None = None,
+    max_wait_ms: float = 1.0, track: dict | None = None,
 ) -> Built:  # fmt: skip
-    """The daemon's shape (streamd.pipeline.compose) with fakes: sources -> batch -> submit -> results -> outputs."""
+    """The daemon's own graph (streamd.pipeline.compose) with fakes at its ends: each stream's outputs are chains
+    (a stage, or a tuple of stages called one after the other), the publisher a stage; tracking off unless `track`."""
+    config = fake_config(bundle, sources, policy=policy, queue_size=queue_size, max_batch=max_batch,
+                         max_wait_ms=max_wait_ms, track=track)  # fmt: skip
     metrics = Metrics([s.stream_id for s in sources])
     backend = backend or FakeBackend(max_batch)
     detector = Detector.for_bundle(bundle, backend)
-    graph = Graph(metrics)
-    batch = Batcher(max_batch, max_wait_ms)
-    submit, results = SubmitStage(detector, warmup_runs=1), ResultsStage(detector, metrics)
-    graph.add_flow(batch, submit)
-    graph.add_flow(submit, results, Queue("in_flight", 1, "block", per_frame=False))
-    by_stream = {}
+    by_stream, chains = {}, {}
     for source in sources:
-        chosen = policy if policy != "auto" else ("drop_oldest" if source.live else "block")
-        graph.add_flow(source, batch, Queue("input", queue_size, chosen))
-        queue = Queue("output", queue_size, chosen)
-        by_stream[source.stream_id] = outputs(source.stream_id)
-        for stage in by_stream[source.stream_id]:
-            graph.add_flow(results, stage, queue, stream=source.stream_id)
-    if publisher is not None:
-        live = any(s.live for s in sources)
-        graph.add_flow(results, publisher, Queue("publish", queue_size * len(sources), "drop_oldest" if live else "block"))
-    if extra is not None:
-        extra(graph)
-    graph.check()
-    return Built(graph, metrics, backend, by_stream, publisher)
+        made = outputs(source.stream_id)
+        chains[source.stream_id] = tuple(chain if isinstance(chain, tuple) else (chain,) for chain in made)
+        by_stream[source.stream_id] = [chain[0] for chain in chains[source.stream_id]]
+    endpoints = Endpoints({s.stream_id: s for s in sources}, chains, publisher)
+    graph = compose(config, detector, metrics, endpoints)
+    for node in graph.stages():
+        if isinstance(node, SubmitStage):
+            node.warmup_runs = 1
+    return Built(graph, metrics, backend, by_stream, publisher, config)

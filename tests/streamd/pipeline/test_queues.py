@@ -10,7 +10,7 @@ import pytest
 import numpy as np
 
 from streamd.pipeline.queues import Batcher, BoundedQueue, Empty, Full
-from streamd.types import EndOfStream, Frame
+from streamd.types import EndOfStream, Frame, Heartbeat
 
 
 @pytest.mark.parametrize(
@@ -24,25 +24,26 @@ from streamd.types import EndOfStream, Frame
 def test_policy_table(policy, puts, expected_items, expected_dropped):
     dropped = []
     q = BoundedQueue("q", 3, policy, on_drop=dropped.append)
-    for item in puts:
-        q.put(item, timeout_s=0.01)
-    assert [q.get(timeout_s=0.01) for _ in range(len(q))] == expected_items
-    assert dropped == expected_dropped
+    for seq in puts:
+        q.put(frame("s", seq), timeout_s=0.01)
+    assert [q.get(timeout_s=0.01).seq for _ in range(len(q))] == expected_items
+    assert [item.seq for item in dropped] == expected_dropped
     assert q.dropped == len(expected_dropped)
 
 
 def test_block_policy_times_out_then_unblocks_when_read():
     q = BoundedQueue("q", 1, "block")
-    q.put("a", timeout_s=0.01)
+    a, b = frame("s", 0), frame("s", 1)
+    q.put(a, timeout_s=0.01)
     started = time.monotonic()
     with pytest.raises(Full):
-        q.put("b", timeout_s=0.05)
+        q.put(b, timeout_s=0.05)
     assert time.monotonic() - started >= 0.05
     reader = threading.Thread(target=lambda: q.get(timeout_s=1))
     reader.start()
-    q.put("b", timeout_s=2)  # returns once the reader made room
+    q.put(b, timeout_s=2)  # returns once the reader made room
     reader.join()
-    assert q.get(timeout_s=0.01) == "b" and q.dropped == 0
+    assert q.get(timeout_s=0.01) is b and q.dropped == 0
 
 
 def test_get_times_out_with_empty():
@@ -56,21 +57,21 @@ def test_get_times_out_with_empty():
 @pytest.mark.parametrize("policy", ["drop_oldest", "block"])
 def test_end_of_stream_is_never_dropped_nor_blocked(policy):
     q = BoundedQueue("q", 2, policy)
-    q.put(1, timeout_s=0.01)
-    q.put(2, timeout_s=0.01)
+    one, two = frame("s", 1), frame("s", 2)
+    q.put(one, timeout_s=0.01)
+    q.put(two, timeout_s=0.01)
     end = EndOfStream("s")
     q.put(end, timeout_s=0.01)  # a full queue still takes the end (no wait, no Full)
-    expected = [2, end] if policy == "drop_oldest" else [1, 2, end]
-    assert [q.get(0.01) for _ in range(len(q))] == expected
+    assert [q.get(0.01) for _ in range(len(q))] == [one, two, end]  # a control item never makes room: none dropped
 
 
 def test_drop_oldest_skips_an_end_of_stream_when_dropping():
     q = BoundedQueue("q", 2, "drop_oldest")
     end = EndOfStream("s")
     q.put(end, timeout_s=0.01)
-    q.put(1, timeout_s=0.01)
-    q.put(2, timeout_s=0.01)  # full: drops 1, the oldest frame, not the older end
-    assert [q.get(0.01) for _ in range(len(q))] == [end, 2]
+    q.put(frame("s", 1), timeout_s=0.01)
+    q.put(frame("s", 2), timeout_s=0.01)  # full: drops 1, the oldest frame, not the older end
+    assert [item if item is end else item.seq for item in (q.get(0.01) for _ in range(len(q)))] == [end, 2]
     assert q.dropped == 1
 
 
@@ -160,8 +161,8 @@ def test_credits_take_a_frame_only_when_its_streams_block_queue_has_room():
     assert seqs(batcher.get(0.1)) == ["s1/2", "s1/3"]  # s0 has no credit left: only s1 goes on
     with pytest.raises(Empty):
         batcher.get(0.05)
-    out_a.put("result 0", 0.01)  # takes a reservation: never waits
-    out_a.put("result 1", 0.01)
+    out_a.put(frame("s0", 0), 0.01)  # its result takes its reservation: never waits
+    out_a.put(frame("s0", 1), 0.01)
     assert len(out_a) == 2
     got = []
     taker = threading.Thread(target=lambda: got.append(batcher.get(2.0)))
@@ -171,13 +172,26 @@ def test_credits_take_a_frame_only_when_its_streams_block_queue_has_room():
     assert seqs(got[0]) == ["s0/2"]
 
 
-def test_a_reservation_fits_even_when_the_put_comes_later_and_release_gives_it_back():
+def test_a_reservation_is_its_frames_and_release_gives_it_back():
     q = BoundedQueue("q", 1, "block")
-    assert q.try_reserve() and not q.try_reserve()
-    q.release()
-    assert q.try_reserve()
-    q.put("mine", 0.01)
-    assert q.get(0.01) == "mine"
+    assert q.try_reserve(("s", 0)) and not q.try_reserve(("s", 1))
+    q.release([("s", 1)])  # not reserved: nothing happens
+    assert q.reserved == 1
+    q.release([("s", 0)])
+    assert q.try_reserve(("s", 1))
+    with pytest.raises(Full):  # another item cannot take frame 1's place
+        q.put(frame("s", 5), 0.01)
+    q.put(mine := frame("s", 1), 0.01)
+    assert q.get(0.01) is mine and q.reserved == 0
+
+
+def test_a_control_item_neither_takes_a_reservation_nor_waits():
+    """The heartbeat once took a frame's reservation, and that frame's result then raised Full in a shared thread."""
+    q = BoundedQueue("publish", 1, "block")
+    assert q.try_reserve(("s", 0))
+    q.put(beat := Heartbeat(b"{}"), 0.01)  # the queue is fully reserved: the heartbeat gets in anyway
+    q.put(result := frame("s", 0), 0.01)  # and the reserved frame still fits, without waiting
+    assert [q.get(0.01), q.get(0.01)] == [beat, result]
 
 
 def test_disabled_credits_take_everything():

@@ -76,7 +76,8 @@ def test_multipart_topic_and_a_schema_valid_payload(context, publisher):
     message = json.loads(payload)
     jsonschema.validate(message, schema())
     assert message["stream"] == "eus-1" and message["model"]["sha256"] == MODEL.sha256
-    assert message["detections"] == [{"label": "landmark", "class_id": 1, "score": 0.9, "box": [10.0, 20.0, 30.0, 40.0]}]
+    assert message["detections"] == [{"label": "landmark", "class_id": 1, "score": 0.9, "box": [10.0, 20.0, 30.0, 40.0],
+                                      "track_id": None, "confirmed": True}]  # no tracker: no id, every box confirmed
     assert message["latency_ms"] == {"decode": 1.0, "queue": 2.0, "infer": 3.0, "total": 6.0}
 
 

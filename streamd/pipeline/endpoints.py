@@ -1,0 +1,63 @@
+"""The daemon's endpoints from its config: a PyAV source per stream, each stream's outputs, the ZeroMQ publisher.
+
+`compose` wires whatever Endpoints it is given; this builds the real ones.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from streamd.config import BackendConfig, StreamConfig, StreamdConfig, TensorRTConfig, TorchConfig
+from streamd.model.detector import Detector
+from streamd.ops.metrics import Metrics
+from streamd.pipeline.compose import Chain, Endpoints, Switches, max_age_ms
+from streamd.stages.annotate import AnnotateStage
+from streamd.stages.decode import AVSource, open_source
+from streamd.stages.detection_log import DetectionLogStage
+from streamd.stages.publish import PublishStage
+from streamd.stages.record import RecordStage
+
+
+def endpoints(
+    config: StreamdConfig, detector: Detector, metrics: Metrics, zmq_context: zmq.Context | None,
+    switches: Switches = Switches(),
+) -> Endpoints:  # fmt: skip
+    """Sources, per-stream outputs (annotate -> record, detection log) and the publisher the config and switches ask for."""
+    sources, outputs = {}, {}
+    for stream in config.streams:
+        recorded = switches.record and stream.record is not None and stream.record.enabled
+        sources[stream.id] = source_for(stream, detector, metrics, recorded, cuda_device(config.backend))
+        chains: list[Chain] = []
+        if recorded:
+            annotate = AnnotateStage(detector.class_names, max_age_ms=max_age_ms(stream))
+            chains.append((annotate, RecordStage(stream.id, stream.record, stream.segment_s)))
+        if switches.detection_log and stream.detection_log is not None and stream.detection_log.enabled:
+            chains.append((DetectionLogStage(stream.id, stream.detection_log.dir, stream.segment_s),))
+        outputs[stream.id] = tuple(chains)
+    publisher = None
+    if switches.publish and config.publish is not None and config.publish.enabled:
+        if zmq_context is None:
+            raise ValueError("publishing needs the process's zmq.Context")
+        publisher = PublishStage(zmq_context, config.publish, metrics)
+    return Endpoints(sources, outputs, publisher)
+
+
+def source_for(stream: StreamConfig, detector: Detector, metrics: Metrics, recorded: bool, gpu: int) -> AVSource:
+    """A recorded stream is decoded to full-size BGR (the recorder draws on it). One that is not is never BGR at
+    full size: decoded straight to the model's size, or, for a backend that converts and resizes on its device,
+    handed over as the decoder's planes. NVDEC decodes where inference runs (gpu)."""
+    if recorded:
+        return open_source(stream, metrics, input_hw=detector.input_hw, cuda_device=gpu)
+    if detector.on_device:
+        return open_source(stream, metrics, input_hw=detector.input_hw, pixel_format="yuv420p", cuda_device=gpu)
+    return open_source(stream, metrics, model_hw=detector.input_hw, cuda_device=gpu)
+
+
+def cuda_device(backend: BackendConfig) -> int:
+    """The index of the GPU a backend config runs on (0 when it names none: auto, onnxruntime, torch on the CPU)."""
+    match backend:
+        case TorchConfig(device=device) if device.startswith("cuda:"):
+            return int(device.removeprefix("cuda:"))
+        case TensorRTConfig(device=device):
+            return device
+    return 0
