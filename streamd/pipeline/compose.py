@@ -28,11 +28,14 @@ QUEUE_FRAMES = 8  # every other queue's default size
 
 @dataclass(frozen=True, slots=True)
 class Switches:
-    """Which outputs `endpoints` builds (a benchmark measures inference alone by turning them off)."""
+    """Which outputs `endpoints` builds (a benchmark measures inference alone by turning them off), and whether
+    messages carry wall-clock fields (wall_clock False: captured_at counts from the epoch by the frame's pts, every
+    latency is 0, so a replay of the same source writes the same bytes every time)."""
 
     record: bool = True
     detection_log: bool = True
     publish: bool = True
+    wall_clock: bool = True
 
 
 Chain = tuple[Stage, ...]
@@ -49,7 +52,9 @@ class Endpoints:
     publisher: Stage | None = None
 
 
-def compose(config: StreamdConfig, detector: Detector, metrics: Metrics, endpoints: Endpoints) -> Graph:
+def compose(
+    config: StreamdConfig, detector: Detector, metrics: Metrics, endpoints: Endpoints, *, wall_clock: bool = True
+) -> Graph:
     """
     source:ID ─input:ID─► batch ─► submit ─in_flight─► results ─► track:ID ─► message:ID ─output:ID─► annotate ─► record
     (1 thread a stream)   (max_batch | max_wait_ms,    (decode,   (its tracks, (encode once,  │ (1 thread      └► detection_log
@@ -61,6 +66,7 @@ def compose(config: StreamdConfig, detector: Detector, metrics: Metrics, endpoin
     Every arrow with a name is a bounded queue with its own worker thread; the
     others are calls in the same thread. Stages after `stream=` are that
     stream's: a failure stops that stage of that stream only (retried).
+    wall_clock: see Switches.
     """
     graph = Graph(metrics)
     batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms)
@@ -77,7 +83,7 @@ def compose(config: StreamdConfig, detector: Detector, metrics: Metrics, endpoin
             track = TrackStage(stream.id, stream.track.settings(), metrics)
             graph.add_flow(last, track, stream=stream.id)
             last = track
-        message = MessageStage(stream.id, results.model, metrics)
+        message = MessageStage(stream.id, results.model, metrics, wall_clock=wall_clock)
         graph.add_flow(last, message, stream=stream.id)
         outputs = Queue("output", queue_size(stream), policy)
         for chain in endpoints.outputs.get(stream.id, ()):

@@ -63,7 +63,8 @@ def run_pipeline(
         if owns_backend:  # golden frames through this backend before READY=1; a mismatch is a BundleError
             selftest = self_test(bundle, detector, config.backend)
         metrics = Metrics([stream.id for stream in config.streams])
-        graph = compose(config, detector, metrics, endpoints(config, detector, metrics, context, switches))
+        ends = endpoints(config, detector, metrics, context, switches)
+        graph = compose(config, detector, metrics, ends, wall_clock=switches.wall_clock)
         runner = Runner(
             graph, stop_event or threading.Event(), drain_timeout_s=config.drain_timeout_s,
             max_frames=max_frames, duration_s=duration_s, notifier=notifier,

@@ -12,16 +12,17 @@ from dataclasses import replace
 
 from streamd.messages import detection_message, encode, track_message
 from streamd.ops.metrics import Metrics
-from streamd.types import FrameResult, ModelRef, TrackReport
+from streamd.types import FrameResult, Latency, ModelRef, TrackReport
 
 
 class MessageStage:
     name = "message"
 
-    def __init__(self, stream_id: str, model: ModelRef, metrics: Metrics):
+    def __init__(self, stream_id: str, model: ModelRef, metrics: Metrics, *, wall_clock: bool = True):
         self.stream_id = stream_id
         self.model = model
         self.metrics = metrics
+        self.wall_clock = wall_clock  # False: no wall-clock field, for byte-identical replays (see compose.Switches)
 
     def setup(self) -> None:
         pass
@@ -30,6 +31,9 @@ class MessageStage:
         match item:
             case FrameResult(frame=frame, detections=detections, model=model, latency=latency):
                 state = self.metrics.stream_state(self.stream_id)
+                if not self.wall_clock:
+                    frame, latency = replace(frame, decoded_at=frame.pts_s), Latency(0.0, 0.0, 0.0, 0.0)
+                    state = replace(state, state="running")
                 yield replace(item, message=encode(detection_message(frame, detections, model, latency, state)))
             case TrackReport(event=event):
                 yield replace(item, message=encode(track_message(self.stream_id, event, self.model)))
