@@ -69,7 +69,10 @@ class Int8Calibrator(Protocol):
 BUILD_RECIPE = 3
 # The layers YOLOX's in-graph decode is made of (its Add/Mul/Exp, Slice, Concat, Reshape/Transpose and their
 # constants), walked back from the network's output; the walk stops at the head's last convolutions and sigmoids.
+# Of those, the ones that compute or gather values are held in fp32: the grid add, exp, the stride multiplies and
+# the concats (data movement with shape-tensor inputs, such as Slice and Reshape, is left to TensorRT).
 DECODE_LAYER_TYPES = ("ELEMENTWISE", "UNARY", "CONCATENATION", "SLICE", "SHUFFLE", "CONSTANT", "CAST", "IDENTITY")
+HELD_LAYER_TYPES = ("ELEMENTWISE", "UNARY", "CONCATENATION")
 
 
 def engine_key(onnx_sha256: str, gpu_name: str, trt_version: str, precision: str, max_batch: int) -> str:
@@ -202,10 +205,11 @@ def keep_decode_fp32(trt, network) -> list[str]:
     """Hold the in-graph decode in fp32: the names of the layers given precision and output types float32.
 
     The decode is every layer of DECODE_LAYER_TYPES reached walking back from the network's outputs (through all
-    their inputs); those with a float32 output (not the shape arithmetic in int32/int64) are constrained. The
-    constraints bind only with BuilderFlag.OBEY_PRECISION_CONSTRAINTS, which the caller sets.
+    their inputs); those of HELD_LAYER_TYPES with a float32 output (not the shape arithmetic in int32/int64) are
+    constrained. The constraints bind only with BuilderFlag.OBEY_PRECISION_CONSTRAINTS, which the caller sets.
     """
     decode_types = {getattr(trt.LayerType, name) for name in DECODE_LAYER_TYPES}
+    held_types = {getattr(trt.LayerType, name) for name in HELD_LAYER_TYPES}
     producer = {}
     for index in range(network.num_layers):
         layer = network.get_layer(index)
@@ -221,7 +225,7 @@ def keep_decode_fp32(trt, network) -> list[str]:
         seen.add(layer.name)
         pending.extend(tensor.name for tensor in map(layer.get_input, range(layer.num_inputs)) if tensor is not None)
         floats = [index for index in range(layer.num_outputs) if layer.get_output(index).dtype == trt.float32]
-        if floats and layer.type != trt.LayerType.CONSTANT:  # a constant holds its weights' own type
+        if floats and layer.type in held_types:
             layer.precision = trt.float32
             for index in floats:
                 layer.set_output_type(index, trt.float32)
