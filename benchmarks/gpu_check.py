@@ -393,7 +393,8 @@ def bare_rate(torch, net, profile: Profile, batch: int, seconds: float, graphs: 
             sync()
             runs += 10
     frames, elapsed = runs * batch, time.perf_counter() - started
-    return Measured(_fmt(frames / elapsed), "", {"frames": frames, "elapsed_ms": round(elapsed * 1000)})
+    counts = {"frames": frames, "elapsed_ms": round(elapsed * 1000), "cudnn_benchmark": int(torch.backends.cudnn.benchmark)}
+    return Measured(_fmt(frames / elapsed), "", counts)
 
 
 def gpu_path_rate(backend, frames: list, batch: int, seconds: float) -> Measured:
@@ -583,8 +584,9 @@ def plan_rows(torch, profile: Profile, work: Path, seconds: float) -> list[Plan]
             from streamd.backends.torch import load_model
 
             # Set before the first convolution, as the torch backend sets it for itself (process-wide): otherwise
-            # the bare rows would time cuDNN's default kernels and the backend rows its autotuned ones.
-            torch.backends.cudnn.benchmark = gpu
+            # the bare rows would time cuDNN's default kernels and the backend rows its autotuned ones. (On the
+            # CPU it changes nothing; the smoke run sets it too, so that its test sees the order.)
+            torch.backends.cudnn.benchmark = True
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[profile.precision]
             state["net"] = load_model(need("bundle")).to(device=profile.device, dtype=dtype)
             state["net"].decode.float()
