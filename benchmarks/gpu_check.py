@@ -718,7 +718,10 @@ def main() -> int:
         from streamd.hardware import set_primary_context_blocking_sync
 
         context = set_primary_context_blocking_sync(0)[1]
-    torch = require_cuda() if not args.smoke else __import__("torch")
+    if args.smoke:
+        import torch
+    else:
+        torch = require_cuda()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
