@@ -148,7 +148,9 @@ class MetricsServer:
     """Serves /metrics (the collector) and /healthz on `bind` (HOST:PORT) from a thread of its own.
 
     health: what keeps the watchdog unfed now ([] when nothing), or None before
-    the pipeline runs. start() binds (OutputError if it cannot); close() stops.
+    the pipeline runs. states: each stream's state now (running, frozen, stale,
+    reconnecting, ...), listed in /healthz's body after its first line.
+    start() binds (OutputError if it cannot); close() stops.
 
     Bounded, so that idle or slow clients cannot starve /healthz: one thread
     accepts and waits (select) for each connection's first byte, FIRST_BYTE_S
@@ -157,8 +159,12 @@ class MetricsServer:
     MAX_WORKERS threads, which gives its socket REQUEST_S per read or write.
     """
 
-    def __init__(self, bind: str, collector: RunCollector, health: Callable[[], list[str] | None]):
+    def __init__(
+        self, bind: str, collector: RunCollector, health: Callable[[], list[str] | None],
+        states: Callable[[], dict[str, str]] = dict,
+    ):  # fmt: skip
         self.bind = bind
+        self.states = states
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         ProcessCollector(registry=self.registry)
@@ -247,14 +253,15 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._reply(200, content_type, encoder(self.owner.registry))
-        elif path == "/healthz":
+        elif path == "/healthz":  # the process's health first, then each stream's state, a line each
             silent = self.owner.health()
+            streams = "".join(f"{stream_id}: {state}\n" for stream_id, state in self.owner.states().items())
             if silent is None:
-                self._reply(503, "text/plain; charset=utf-8", b"starting\n")
+                self._reply(503, "text/plain; charset=utf-8", f"starting\n{streams}".encode())
             elif silent:
-                self._reply(503, "text/plain; charset=utf-8", f"stalled: {', '.join(silent)}\n".encode())
+                self._reply(503, "text/plain; charset=utf-8", f"stalled: {', '.join(silent)}\n{streams}".encode())
             else:
-                self._reply(200, "text/plain; charset=utf-8", b"ok\n")
+                self._reply(200, "text/plain; charset=utf-8", f"ok\n{streams}".encode())
         else:
             self._reply(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
 

@@ -91,7 +91,8 @@ def _metrics_server(bind: str, graph: Graph, control: Control, selftest: SelfTes
     its supervisor."""
     queues = graph.queues()
     recorders = [stage for stage in graph.stages() if isinstance(stage, RecordStage)]
-    return MetricsServer(bind, RunCollector(graph.metrics, queues, recorders, selftest), lambda: _silent(control))
+    states = lambda: {stream_id: state.state for stream_id, (state, _, _) in graph.metrics.states().items()}  # noqa: E731
+    return MetricsServer(bind, RunCollector(graph.metrics, queues, recorders, selftest), lambda: _silent(control), states)
 
 
 def _silent(control: Control) -> list[str] | None:
