@@ -42,6 +42,7 @@ from streamd.pipeline.compose import Switches
 from streamd.pipeline.daemon import run_pipeline
 from streamd.stages.annotate import AnnotateStage
 from streamd.stages.infer import ResultsStage, SubmitStage
+from streamd.stages.message import MessageStage
 from streamd.types import Batch, Frame
 from trainer.datasets.images import read_image
 
@@ -157,10 +158,12 @@ def _predict_images(
     detector: Detector, images: list[_Job], out_dir: Path, conf_threshold: float, iou_threshold: float,
     batch_size: int, failed: list[str],
 ) -> tuple[int, int]:  # fmt: skip
-    """The daemon's inference and annotate stages on still images; (images annotated, detections)."""
+    """The daemon's inference, message and annotate stages on still images (each its own stream, untracked);
+    (images annotated, detections)."""
     streams = [str(job.output) for job in images]
+    metrics = Metrics(streams)
     submit = SubmitStage(detector, conf_threshold, iou_threshold)
-    results = ResultsStage(detector, Metrics(streams))
+    results = ResultsStage(detector, metrics)
     annotate = AnnotateStage(detector.class_names, draw_timestamp=False)
     count = found = 0
     with open(out_dir / IMAGES_LOG, "wb") as log_file, tqdm(
@@ -179,7 +182,8 @@ def _predict_images(
                     frames.append(Frame(str(job.output), 0, 0.0, image, decoded_at=time.time()))
             if frames:
                 for in_flight in submit.process(Batch(tuple(frames), time.time())):
-                    for result in results.process(in_flight):
+                    for found_in in results.process(in_flight):
+                        (result,) = MessageStage(found_in.stream_id, results.model, metrics).process(found_in)
                         (annotated,) = annotate.process(result)
                         output = out_dir / result.stream_id
                         output.parent.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,9 @@ def test_predict(tmp_path: Path, inputs: Path, names: list[str], images: int, vi
             count, rate, width, height = video_info(path)
             assert (count, rate) == (NUM_FRAMES, f"{FPS}/1")
             assert (width, height) == (64, 48)
-            messages = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+            logged = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+            messages = [m for m in logged if m["schema"] == "streamd.detections/3"]  # and its track events
+            assert {m["schema"] for m in logged} <= {"streamd.detections/3", "streamd.track/1"}
             assert [m["seq"] for m in messages] == list(range(NUM_FRAMES))  # the daemon's detection log
             assert [m["pts"] for m in messages] == pytest.approx([i / FPS for i in range(NUM_FRAMES)])
         else:
@@ -132,9 +134,8 @@ def test_predict(tmp_path: Path, inputs: Path, names: list[str], images: int, vi
                             if json.loads(line)["stream"] == output]]  # fmt: skip
         for message in messages:
             validator.validate(message)
-            assert message["detections"] == [
-                {"label": "landmark", "class_id": 1, "score": 0.9, "box": message["detections"][0]["box"]}
-            ]
+            (found,) = message["detections"]  # a video's boxes are tracked, an image's not
+            assert (found["label"], found["class_id"], found["score"]) == ("landmark", 1, 0.9)
 
 
 def test_images_keep_their_boxes_in_source_pixels(tmp_path: Path, inputs: Path) -> None:
@@ -143,7 +144,8 @@ def test_images_keep_their_boxes_in_source_pixels(tmp_path: Path, inputs: Path) 
     (message,) = [json.loads(line) for line in (tmp_path / IMAGES_LOG).read_text().splitlines()]
     assert (message["stream"], message["seq"], message["frame"]) == ("a.jpg", 0, {"width": 64, "height": 48})
     assert message["model"] == {"name": "fake", "sha256": "cd" * 32}
-    assert message["detections"] == [{"label": "landmark", "class_id": 1, "score": 0.9, "box": [12.0, 12.0, 28.0, 28.0]}]
+    assert message["detections"] == [{"label": "landmark", "class_id": 1, "score": 0.9, "box": [12.0, 12.0, 28.0, 28.0],
+                                      "track_id": None, "confirmed": True}]  # a still image is not tracked
 
 
 def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path: Path) -> None:
@@ -183,4 +185,5 @@ def test_a_video_that_fails_part_way_keeps_the_frames_before_it(tmp_path: Path) 
     assert failure.startswith(f"{corrupt}: failed after {result.num_frames} frames") and "IndexError" in failure
     assert result.num_videos == 1 and 0 < result.num_frames < 100
     count, _, _, _ = video_info(tmp_path / "out" / "corrupt.mp4")  # playable, with every frame before the failure
-    assert count == result.num_frames == len((tmp_path / "out" / "corrupt.jsonl").read_text().splitlines())
+    logged = [json.loads(line) for line in (tmp_path / "out" / "corrupt.jsonl").read_text().splitlines()]
+    assert count == result.num_frames == sum(m["schema"] == "streamd.detections/3" for m in logged)
