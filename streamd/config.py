@@ -239,6 +239,24 @@ class DetectionLogConfig(StrictModel):
         return resolve_path(value, info)
 
 
+class RetentionConfig(StrictModel):
+    """How long streamd keeps what it wrote (streamd.retention): recordings, detection logs and archives, by age, by
+    size and by the free space of their disk; the oldest closed segments go first, an open one never."""
+
+    max_gb: float | None = Field(
+        None, gt=0, le=1_000_000, description="Most gigabytes (1e9 bytes) on disk of the segments it covers, open "
+        "ones included; null: no size limit.",
+    )
+    max_age_days: float | None = Field(
+        None, gt=0, le=36_500, description="A segment whose first frame is older than this is removed; null: none "
+        "is too old.",
+    )
+    min_free_gb: float = Field(
+        1.0, gt=0, le=1_000_000, description="Free gigabytes to keep on the disk of each folder it covers (a disk "
+        "that other files fill too): below it, the oldest closed segments go until there is that much again.",
+    )
+
+
 class TrackConfig(StrictModel):
     """The stream's tracker (streamd.tracking): a track id per detection, confirmed after N of its last M frames."""
 
@@ -307,6 +325,9 @@ class StreamConfig(StrictModel):
     track: TrackConfig = Field(default_factory=TrackConfig, description="Object tracking and confirmed findings.")
     record: RecordConfig | None = Field(None, description="Annotated recording; omitted: none.")
     detection_log: DetectionLogConfig | None = Field(None, description="Detection log (JSON lines); omitted: none.")
+    retention: RetentionConfig | None = Field(
+        None, description="This stream's own retention, in place of the daemon's; omitted: the daemon's."
+    )
 
     @field_validator("source")
     @classmethod
@@ -360,6 +381,9 @@ class StreamdConfig(StrictModel):
     publish: PublishConfig | None = Field(None, description="ZeroMQ publishing; omitted: none.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log settings.")
     metrics: MetricsConfig | None = Field(None, description="Prometheus /metrics and /healthz; omitted: none.")
+    retention: RetentionConfig | None = Field(
+        None, description="Retention of every stream without its own; omitted: streamd removes nothing of theirs."
+    )
     drain_timeout_s: float = Field(
         10.0, gt=0, le=300, description="On stop, how long in-flight frames may take to drain before giving up, s."
     )

@@ -38,6 +38,8 @@ COUNTERS = (
     "clock_jumps",  # jumps of the source's clock removed from pts
     "invalid_boxes",  # model output rows dropped as non-finite or degenerate (zero or negative area)
     "track_events",  # track confirmed / ended events made by the stream's tracker
+    "retention_removed",  # segments of the stream removed by retention (streamd.retention)
+    "retention_removed_bytes",  # bytes on disk those segments took
 )
 STALE_AFTER_S = 1.0  # a paced stream that delivered nothing for longer (and for its max_age_ms) is stale
 _DROPPED = "dropped:"

@@ -2,9 +2,10 @@
 
 `run_pipeline` loads the bundle, makes the backend, creates the context,
 composes the graph, serves /metrics and /healthz when the config asks
-(streamd.ops.prometheus), runs the graph, and closes what it created, in
-reverse order, whatever happened. A caller that brings its own Detector (a benchmark,
-`trainer predict`) keeps it, and closes its backend itself.
+(streamd.ops.prometheus), sweeps the retention (streamd.retention) while the
+graph runs, and closes what it created, in reverse order, whatever happened.
+A caller that brings its own Detector (a benchmark, `trainer predict`) keeps
+it, and closes its backend itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from streamd.pipeline.endpoints import endpoints
 from streamd.pipeline.graph import Graph
 from streamd.pipeline.runner import Runner
 from streamd.pipeline.worker import Control
+from streamd.retention import RetentionWorker
 from streamd.selftest import SelfTestResult, self_test
 from streamd.stages.record import RecordStage
 
@@ -57,6 +59,7 @@ def run_pipeline(
         detector = Detector.for_bundle(bundle, make_backend(bundle, config.backend, max_batch=config.batch.max_batch))
     runner: Runner | None = None
     server: MetricsServer | None = None
+    retention: RetentionWorker | None = None
     publishing = switches.publish and config.publish is not None and config.publish.enabled
     context = zmq.Context() if publishing else None
     try:
@@ -72,8 +75,12 @@ def run_pipeline(
         if config.metrics is not None:
             server = _metrics_server(config.metrics.bind, graph, runner.control, selftest)
             server.start()  # before setup and READY=1: /healthz says "starting" until the supervisor watches
+        retention = RetentionWorker.for_config(config, metrics)  # its own thread: it must work while outputs wait
+        retention.start()
         return runner.run()
     finally:
+        if retention is not None:
+            retention.close()
         if server is not None:
             server.close()
         left_behind = runner is not None and bool(runner.left_behind)
