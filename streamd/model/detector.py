@@ -23,7 +23,7 @@ from streamd.backends.base import Backend, FrameBackend, Pending, PendingDetecti
 from streamd.errors import BundleError
 from streamd.model.bundle import Bundle, Preprocess, Thresholds
 from streamd.model.detections import Detections
-from streamd.model.postprocess import postprocess
+from streamd.model.postprocess import Decoded, decode_output
 from streamd.model.preprocess import letterbox_batch
 from streamd.types import BGR24, PixelLayout, picture_hw
 
@@ -37,9 +37,10 @@ def yolox_anchors(input_hw: tuple[int, int]) -> int:
 
 
 class Submitted(Protocol):
-    """Images handed to the backend. detections() blocks until they are done: one Detections per image."""
+    """Images handed to the backend. decoded() blocks until they are done: one Detections per image, and the rows
+    dropped as invalid per image (non-finite, or no area)."""
 
-    def detections(self) -> list[Detections]: ...
+    def decoded(self) -> Decoded: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,20 +53,22 @@ class HostSubmitted:
     conf_threshold: float
     iou_threshold: float
 
-    def detections(self) -> list[Detections]:
+    def decoded(self) -> Decoded:
         outputs = [pending.wait() for pending in self.pending]
         output = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-        return postprocess(output, self.scales, list(self.source_hw), self.conf_threshold, self.iou_threshold)
+        return decode_output(output, self.scales, list(self.source_hw), self.conf_threshold, self.iou_threshold)
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceSubmitted:
-    """Handed to a FrameBackend as decoded: one PendingDetections per chunk."""
+    """Handed to a FrameBackend as decoded: one PendingDetections per chunk. The device drops the invalid rows the
+    host does (streamd.backends.device_ops) without counting them: invalid_boxes are 0 here."""
 
     pending: tuple[PendingDetections, ...]
 
-    def detections(self) -> list[Detections]:
-        return [found for pending in self.pending for found in pending.wait()]
+    def decoded(self) -> Decoded:
+        found = [detections for pending in self.pending for detections in pending.wait()]
+        return Decoded(found, (0,) * len(found))
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ class Detector:
     @staticmethod
     def collect(submitted: Submitted) -> list[Detections]:
         """Wait for submitted images: one Detections per image, boxes in source pixels."""
-        return submitted.detections()
+        return submitted.decoded().detections
 
     def detect(self, images_bgr: list[np.ndarray], conf_threshold: float, iou_threshold: float) -> list[Detections]:
         """submit + collect in one call (evaluation, prediction)."""

@@ -99,11 +99,13 @@ class ResultsStage:
         pass
 
     def process(self, in_flight: InFlight) -> Iterator[FrameResult]:
-        found = self.detector.collect(in_flight.submitted)
+        decoded = in_flight.submitted.decoded()
         infer_ms = (time.perf_counter() - in_flight.began) * 1e3
         now = time.time()
         batch = in_flight.batch
-        for frame, detections in zip(batch.frames, found):
+        for frame, detections, invalid in zip(batch.frames, decoded.detections, decoded.invalid_boxes):
+            if invalid:
+                self.metrics.count(frame.stream_id, "invalid_boxes", invalid)
             latency = Latency(
                 decode_ms=frame.decode_ms,
                 queue_ms=max(0.0, (batch.gathered_at - frame.decoded_at) * 1e3),

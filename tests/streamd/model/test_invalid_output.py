@@ -11,7 +11,9 @@ from streamd.backends.base import FunctionBackend
 from streamd.messages import encode, encode_message
 from streamd.model.detector import Detector
 from streamd.model.postprocess import decode_output
-from streamd.types import Frame, Latency, ModelRef
+from streamd.ops.metrics import Metrics
+from streamd.stages.infer import ResultsStage, SubmitStage
+from streamd.types import Batch, Frame, Latency, ModelRef
 
 INPUT_HW = (64, 64)
 ANCHORS = 8
@@ -62,3 +64,14 @@ def test_a_model_that_outputs_nan_makes_strict_json_messages():
 def test_encode_refuses_non_finite_numbers(value):
     with pytest.raises(ValueError, match=r"'streamd.detections/2' of stream 'cam' is not JSON"):
         encode({"schema": "streamd.detections/2", "stream": "cam", "score": value})
+
+
+def test_the_inference_stage_counts_the_invalid_rows_per_stream():
+    detector = Detector(FunctionBackend(_broken_output), INPUT_HW, ("cell",), name="broken", sha256="ab" * 32)
+    metrics = Metrics(["a", "b"])
+    frames = tuple(Frame(sid, 0, 0.0, np.zeros((*INPUT_HW, 3), np.uint8), decoded_at=time.time()) for sid in "aab")
+    (in_flight,) = SubmitStage(detector, 0.3, 0.45).process(Batch(frames, time.time()))
+    results = list(ResultsStage(detector, metrics).process(in_flight))
+    assert [len(r.detections) for r in results] == [1, 1, 1]
+    counts = {c.stream_id: dict(c.counts)["invalid_boxes"] for c in metrics.counts()}
+    assert counts == {"a": 14, "b": 7}  # 7 per image, counted in its stream: /metrics and the summary show them
