@@ -57,6 +57,22 @@ def _tag(
     cv2.putText(image, text, (x + pad, y_bottom - baseline - pad), FONT, scale, _text_color(color), thickness, cv2.LINE_AA)
 
 
+def _dashed_rectangle(
+    canvas: np.ndarray, top_left: tuple[int, int], bottom_right: tuple[int, int], color: tuple[int, int, int], thickness: int
+) -> None:
+    """A rectangle of dashes (a tentative track's box): dashes of about 1/20 of the frame's short side, gaps the same."""
+    dash = max(4, min(canvas.shape[:2]) // 60)
+    (x1, y1), (x2, y2) = top_left, bottom_right
+    for start in range(x1, x2 + 1, 2 * dash):
+        end = min(start + dash, x2)
+        cv2.line(canvas, (start, y1), (end, y1), color, thickness)
+        cv2.line(canvas, (start, y2), (end, y2), color, thickness)
+    for start in range(y1, y2 + 1, 2 * dash):
+        end = min(start + dash, y2)
+        cv2.line(canvas, (x1, start), (x1, end), color, thickness)
+        cv2.line(canvas, (x2, start), (x2, end), color, thickness)
+
+
 def draw_detections(
     image_bgr: np.ndarray,
     detections: Detections,
@@ -69,7 +85,10 @@ def draw_detections(
 
     detections: boxes in this frame's pixels (xyxy). Each box is outlined in
     its class colour with a "label score" tag above it; a class id without a
-    name is shown as its number. colors: BGR per class id (cycled), default
+    name is shown as its number. With track columns (a stream's tracker), a
+    confirmed track's box is drawn solid and twice as thick with "#id label
+    score", a tentative one (not yet N of its last M frames) dashed and thin
+    with "label score?". colors: BGR per class id (cycled), default
     PALETTE_BGR. timestamp_text: written top-left on a black box when given.
     status: (text, BGR colour) of a small marker written top-right ("AI active", "AI stale").
     The band these two take at the top is kept clear: a box's tag that would reach into it is moved below it,
@@ -84,13 +103,22 @@ def draw_detections(
     scale = max(0.35, min(canvas.shape[:2]) / 1000)
     band = max((_tag_height(text, scale, thickness) for text in (timestamp_text, status and status[0]) if text),
                default=0)  # fmt: skip
-    for (x1, y1, x2, y2), score, class_id in zip(
-        np.rint(detections.xyxy).astype(np.int32), detections.confidence, detections.class_id
+    count = len(detections)
+    track_ids = detections.track_id if detections.track_id is not None else np.full(count, -1, np.int64)
+    confirmed = detections.confirmed if detections.confirmed is not None else np.ones(count, bool)
+    for (x1, y1, x2, y2), score, class_id, track_id, sure in zip(
+        np.rint(detections.xyxy).astype(np.int32), detections.confidence, detections.class_id, track_ids, confirmed
     ):
         color = class_color(class_id, palette)
-        cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), color, thickness)
         label = class_names[class_id] if 0 <= class_id < len(class_names) else str(int(class_id))
-        _tag(canvas, f"{label} {score:.2f}", int(x1), int(y1), color, scale, thickness, min_top=band)
+        if sure:
+            line = thickness * 2 if detections.confirmed is not None else thickness
+            cv2.rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), color, line)
+            text = f"{label} {score:.2f}" if track_id < 0 else f"#{track_id} {label} {score:.2f}"
+        else:
+            _dashed_rectangle(canvas, (int(x1), int(y1)), (int(x2), int(y2)), color, max(1, thickness // 2))
+            text = f"{label} {score:.2f}?"
+        _tag(canvas, text, int(x1), int(y1), color, scale, thickness, min_top=band)
     if timestamp_text:
         _tag(canvas, timestamp_text, 0, 0, (0, 0, 0), scale, thickness)  # pushed down to sit at the top edge
     if status:

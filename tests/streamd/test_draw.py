@@ -95,3 +95,19 @@ def test_box_tags_never_cover_the_timestamp_or_the_status(box: list[float]) -> N
     assert rows.size and np.array_equal(drawn[band], bare[band])
     tag_color = np.array(class_color(0), np.uint8)
     assert (drawn[rows[-1] + 1 :] == tag_color).all(axis=2).any()  # the tag is drawn, below the band
+
+
+def test_confirmed_tracks_are_solid_and_named_tentative_ones_dashed():
+    """A confirmed track's box: a solid, thicker outline (every pixel of its top edge drawn); a tentative one dashed
+    (gaps along its edge); both in the class colour."""
+    frame = np.zeros((360, 640, 3), np.uint8)
+    found = Detections([[100, 150, 300, 300], [350, 150, 550, 300]], [0.9, 0.8], [0, 0])
+    drawn = draw_detections(frame, found.with_tracks(np.array([7, 8]), np.array([True, False])), ("lesion",))
+    color = np.array(PALETTE_BGR[0])
+    bottom_confirmed = (drawn[300, 100:301] == color).all(axis=1)
+    bottom_tentative = (drawn[300, 350:551] == color).all(axis=1)
+    assert bottom_confirmed.all()  # solid
+    assert 0.3 < bottom_tentative.mean() < 0.7  # dashed: about half drawn
+    assert (drawn[301, 100:301] == color).all()  # twice as thick as an untracked box (1 px at 360p)
+    untracked = draw_detections(frame, found[:1], ("lesion",))
+    assert not (untracked[301, 100:301] == color).all()
