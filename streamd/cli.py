@@ -384,3 +384,39 @@ def schema() -> None:
 
 if __name__ == "__main__":  # python -m streamd.cli
     app()
+
+
+@app.command()
+def replay(
+    sources: Annotated[list[Path], typer.Argument(help="Video files, archive segments, or folders of them.")],
+    model: Annotated[list[Path], typer.Option("--model", help="A model bundle (give it once or twice: A, B).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder: OUT/<model name>/ logs, report.*")],
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt or torch (as `backend.type`).")] = "auto",
+    truth: Annotated[Optional[Path], typer.Option(
+        help="Ground truth, JSON lines (streamd/replay/truth.py; docs/operations.md): adds AP50 and the clinical "
+        "figures.",
+    )] = None,
+) -> None:
+    """Replay sources through one or two models on the daemon's own pipeline; compare them in OUT/report.html.
+
+    Exits 0 with the report written, 1 on a fatal error or a stream that failed, 2 for a bad argument (a source,
+    the truth file, an output folder already used), 130
+    when interrupted (the logs of what was done are complete; no report).
+    """
+    from streamd.replay.command import EXIT_INTERRUPTED
+    from streamd.replay.command import replay as run_replay
+    from streamd.replay.errors import ReplayError
+
+    setup_logging("WARNING")  # the progress bars, not the pipeline's INFO lines
+    try:
+        result = run_replay(sources, model, out, backend=backend, truth_path=truth)
+    except (ConfigError, ReplayError) as exc:  # an argument at fault: a source, a bundle's config, the truth file
+        raise _fail(f"streamd replay: {_one_line(exc)}", EXIT_CONFIG) from None
+    except StreamdError as exc:
+        raise _fail(f"streamd replay: {_one_line(exc)}", EXIT_FATAL) from None
+    if result.interrupted:
+        raise _fail("streamd replay: interrupted: the logs hold every frame done; no report", EXIT_INTERRUPTED)
+    failed = "; ".join(error for run in result.runs for error in run.errors)
+    if failed:
+        raise _fail(f"streamd replay: {' '.join(failed.split())}", EXIT_FATAL)
+    typer.echo(f"report: {result.report_json} and {result.report_html}")

@@ -34,7 +34,8 @@ class MessageStage:
                 if not self.wall_clock:
                     frame, latency = replace(frame, decoded_at=frame.pts_s), Latency(0.0, 0.0, 0.0, 0.0)
                     state = replace(state, state="running")
-                yield replace(item, message=encode(detection_message(frame, detections, model, latency, state)))
+                message = encode(detection_message(frame, detections, model, latency, state))
+                yield replace(item, frame=frame, message=message)  # no wall clock downstream: log names follow pts
             case TrackReport(event=event):
                 yield replace(item, message=encode(track_message(self.stream_id, event, self.model)))
             case _:
