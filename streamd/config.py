@@ -29,6 +29,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from streamd.tracking import TrackSettings
 from streamd.config_outputs import (  # noqa: F401 (part of this module's names: streamd.config.PublishConfig ...)
+    ArchiveConfig,
     CurveConfig,
     MetricsConfig,
     PublishConfig,
@@ -325,6 +326,9 @@ class StreamConfig(StrictModel):
     track: TrackConfig = Field(default_factory=TrackConfig, description="Object tracking and confirmed findings.")
     record: RecordConfig | None = Field(None, description="Annotated recording; omitted: none.")
     detection_log: DetectionLogConfig | None = Field(None, description="Detection log (JSON lines); omitted: none.")
+    archive: ArchiveConfig | None = Field(
+        None, description="The source's own packets in segments beside the recording, no decode or encode; omitted: none."
+    )
     retention: RetentionConfig | None = Field(
         None, description="This stream's own retention, in place of the daemon's; omitted: the daemon's."
     )

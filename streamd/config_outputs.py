@@ -1,4 +1,4 @@
-"""The daemon's network outputs in its configuration: the ZeroMQ publisher (with CURVE) and the metrics endpoint.
+"""Outputs in the daemon's configuration: the ZeroMQ publisher (with CURVE), the metrics endpoint, a stream's archive.
 
 Part of streamd.config (which re-exports these names); kept apart so that
 each file stays readable.
@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from streamd.configbase import StrictModel, resolve_path
+from streamd.configbase import Folder, StrictModel, resolve_path
+
+
+class ArchiveConfig(StrictModel):
+    """The stream's own packets, remuxed untouched into crash-safe segments named like its recordings
+    (streamd.stages.archive): the source kept, to run another model on it later."""
+
+    enabled: bool = Field(True, description="Write the archive (false keeps the settings but archives nothing).")
+    dir: Annotated[Folder, AfterValidator(resolve_path)] = Field(
+        description="Folder of the archive segments (relative to this file); created at start."
+    )
 
 
 class CurveConfig(StrictModel):

@@ -22,6 +22,9 @@ Decoder: NVDEC or the CPU by streams[].hwaccel, threads by streams[].decoder_thr
 Frame carries (BGR, BGR scaled for the model, or yuv420p planes): streamd.stages.decoder. Which decoder a
 stream got is logged once its first frame is out, and again after a reopen only if it changed.
 
+Archive (streams[].archive): every packet the decoder took is also handed, untouched, to the stream's
+ArchiveTap (streamd.stages.archive), with each decoded frame, so that the archive holds the frames decoded.
+
 Failure: PyAV waits at most `timeout_s` for any open or read (its interrupt
 callback), so a dead source never hangs the thread; every av.error becomes a
 SourceError that names the stream and its URL. Packets the demuxer flags as
@@ -54,6 +57,7 @@ from streamd.errors import FatalError, SourceError
 from streamd.model.preprocess import letterbox_hw
 from streamd.ops.metrics import Metrics, dropped
 from streamd.pipeline.stage import Backoff
+from streamd.stages.archive import ArchiveTap
 from streamd.stages.decoder import PIXEL_FORMATS, NvdecOpen, decoder_in_use, frame_pixels, hwaccel_for
 from streamd.stages.freeze import FreezeDetector
 from streamd.stages.timeline import TimeLine  # noqa: F401 (also streamd.stages.decode.TimeLine)
@@ -79,7 +83,7 @@ UNFIT_FRAME = "unfit_frame"  # the drop reason of a frame no stage can take (its
 def open_source(
     stream: StreamConfig, metrics: Metrics, *, model_hw: tuple[int, int] | None = None,
     input_hw: tuple[int, int] | None = None, pixel_format: PixelFormat = "bgr24", cuda_device: int = 0,
-    options: dict[str, str] | None = None,
+    options: dict[str, str] | None = None, archive: ArchiveTap | None = None,
 ) -> AVSource:  # fmt: skip
     """The source of a validated stream config (not opened yet: the runner calls open()).
 
@@ -87,6 +91,7 @@ def open_source(
     input_hw: the model's input (H, W), to skip frames it cannot letterbox (model_hw implies it).
     cuda_device: the GPU NVDEC decodes on (compose passes the backend's, so frames are where inference runs).
     options: extra FFmpeg options, applied last (tests, benchmarks).
+    archive: the stream's archive, fed with its packets (None: not archived).
     """
     micros = str(int(stream.timeout_s * 1_000_000))
     fmt: str | None = None
@@ -118,7 +123,7 @@ def open_source(
         loop=stream.loop, timeout_s=stream.timeout_s, backoff=Backoff(stream.reconnect.initial_s, stream.reconnect.max_s),
         frozen_after_s=stream.frozen_after_s if stream.kind.live else None, model_hw=model_hw,
         pixel_format=pixel_format, hwaccel=stream.hwaccel, cuda_device=cuda_device, decoder_threads=stream.decoder_threads,
-        input_hw=input_hw,
+        input_hw=input_hw, archive=archive,
     )
 
 
@@ -138,6 +143,7 @@ class AVSource:
     thread_type: the decoder's threading, default "AUTO" (frame + slice) for
     files and "SLICE" for live sources and files paced as they are (realtime),
     where frame threading would add a frame of latency per thread.
+    archive: the stream's ArchiveTap, fed with every packet the decoder took and every frame (None: none).
     Counted in `metrics`: opens, loops, corrupt_packets, dropped("unfit_frame").
     """
 
@@ -162,6 +168,7 @@ class AVSource:
         decoder_threads: int | None = None,
         thread_type: str | None = None,
         input_hw: tuple[int, int] | None = None,
+        archive: ArchiveTap | None = None,
     ) -> None:
         if pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"stream {stream_id!r}: pixel_format must be one of {PIXEL_FORMATS}, not {pixel_format!r}")
@@ -187,6 +194,7 @@ class AVSource:
         self.hwaccel = hwaccel
         self.cuda_device = cuda_device
         self.decoder_threads = decoder_threads
+        self.archive = archive
         # Frame threading holds back one frame per extra thread (up to 16 on a big machine): fine for a
         # file's throughput, not for a live feed that must be out within a frame's time. Live sources
         # thread within a frame (slices) instead.
@@ -240,6 +248,8 @@ class AVSource:
         self._container = container
         self._frames = self._decode(container, stream)
         self._decoder_pending = (codec, hwaccel, why_not)
+        if self.archive is not None:
+            self.archive.opened(stream)
         self._clock = None
         self.metrics.count(self.stream_id, "opens")
         log.info("stream %r: opened %s (%s %dx%d, %.3g fps)", self.stream_id, self.url,
@@ -300,6 +310,8 @@ class AVSource:
                     self.metrics.count(self.stream_id, "corrupt_packets")
                     log.debug("stream %r: skipped a corrupt packet: %s", self.stream_id, exc)
                     continue
+                if self.archive is not None and packet.size:  # not the final empty packet that flushes the decoder
+                    self.archive.packet(packet)
                 for frame in frames:
                     yield frame, arrivals.pop(frame.pts, received)
             if not self.loop:
@@ -309,6 +321,8 @@ class AVSource:
             stream.codec_context.flush_buffers()  # leave the draining state the flush packet put it in
             self.metrics.count(self.stream_id, "loops")
             self._timeline.restart()  # the file's clock starts again: not a jump
+            if self.archive is not None:
+                self.archive.restart()
 
     def read(self) -> Frame | None:
         """The next frame; None at the end of a file; SourceError when a live stream fails or ends."""
@@ -366,6 +380,8 @@ class AVSource:
             scale=scale,
             layout=layout,
         )
+        if self.archive is not None:
+            self.archive.frame(frame, av_frame.pts, av_frame.key_frame)
         self._last_frame_at = received
         self.frames += 1
         return frame
@@ -406,6 +422,8 @@ class AVSource:
 
     def close(self) -> None:
         self._frames = None
+        if self.archive is not None:
+            self.archive.close()
         self._decoder_pending = None  # holds the closed container's codec context
         if self._last_frame_at is not None and self._lost_at is None:
             self._lost_at = self._last_frame_at  # if it opens again, the frames in between are a gap
