@@ -144,7 +144,9 @@ def _group(name: str, config: RetentionConfig, streams: list[StreamConfig]) -> R
     return RetentionGroup(name, config, frozenset(stream.id for stream in streams), folders)
 
 
-def parse_segment_name(name: str, streams: frozenset[str], suffixes: frozenset[str]) -> tuple[str, float, int, int] | None:
+def parse_segment_name(
+    name: str, streams: frozenset[str], suffixes: frozenset[str]
+) -> tuple[str, float, int, int] | None:
     """(stream id, UTC start in s since the epoch, index, copy) of a segment file name of one of `streams` with one
     of `suffixes`; None for any other name."""
     match = SEGMENT_NAME.fullmatch(name)

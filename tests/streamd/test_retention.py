@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
-from streamd.config import RetentionConfig
+from streamd.config import RetentionConfig, load_config
 from streamd.errors import ConfigError
 from streamd.ops.metrics import Metrics
+from streamd.ops.prometheus import RunCollector
 from streamd.retention import (
     GB,
     LOG_SUFFIXES,
@@ -28,7 +30,6 @@ from streamd.retention import (
     scan,
     select,
 )
-from streamd.config import load_config
 from tests.streamd import media
 from tests.streamd.conftest import tmpfs
 
@@ -178,6 +179,11 @@ def test_a_sweep_removes_logs_and_counts_and_leaves_everything_else(tmp_path: Pa
     assert open_one.exists() and outside.exists() and link.is_symlink() and stranger.exists()
     counts = dict(metrics.counts()[0].counts)
     assert counts["retention_removed"] == 3 and counts["retention_removed_bytes"] == sizes
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunCollector(metrics, [], []))  # /metrics's own collector
+    exported = generate_latest(registry).decode()
+    assert 'streamd_retention_removed_total{stream="a"} 3.0' in exported
+    assert f'streamd_retention_removed_bytes_total{{stream="a"}} {float(sizes)}' in exported
     assert [r.getMessage() for r in caplog.records][0].startswith(f"retention removed {old[0].name} (")
     assert worker.sweep() == []  # nothing left to remove
 
