@@ -11,7 +11,7 @@ line and the field:
 - streams[].record: the encoder and preset exist in this FFmpeg build, and
   the encoder writes a frame into the container here (not mjpeg or rawvideo
   in mp4, not h264_nvenc without a GPU);
-- streams[].record.dir, streams[].detection_log.dir: the folder is, or can be
+- streams[].record.dir, streams[].detection_log.dir, streams[].archive.dir: the folder is, or can be
   created, and is writable; a name too long or a symlink loop is the
   config's fault (exit 2), a folder not writable now the machine's;
 - metrics.bind: its port is not publish.bind's, and can be bound now (as
@@ -83,6 +83,8 @@ def preflight(config: StreamdConfig, config_path: Path) -> list[Problem]:
         if stream.detection_log is not None and stream.detection_log.enabled:
             if found := unwritable(stream.detection_log.dir):
                 problem(("streams", index, "detection_log", "dir"), *found)
+        if stream.archive is not None and stream.archive.enabled and (found := unwritable(stream.archive.dir)):
+            problem(("streams", index, "archive", "dir"), *found)
     if config.metrics is not None:
         if why := shared_port(config.metrics.bind, config.publish):
             problem(("metrics", "bind"), why)

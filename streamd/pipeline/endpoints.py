@@ -12,6 +12,7 @@ from streamd.model.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.compose import Chain, Endpoints, Switches, max_age_ms
 from streamd.stages.annotate import AnnotateStage
+from streamd.stages.archive import ArchiveTap
 from streamd.stages.decode import AVSource, open_source
 from streamd.stages.detection_log import DetectionLogStage
 from streamd.stages.publish import PublishStage
@@ -26,7 +27,10 @@ def endpoints(
     sources, outputs = {}, {}
     for stream in config.streams:
         recorded = switches.record and stream.record is not None and stream.record.enabled
-        sources[stream.id] = source_for(stream, detector, metrics, recorded, cuda_device(config.backend))
+        archive = None
+        if stream.archive is not None and stream.archive.enabled:  # a tap in the source: its packets, as they come
+            archive = ArchiveTap(stream.id, stream.archive, stream.segment_s, metrics)
+        sources[stream.id] = source_for(stream, detector, metrics, recorded, cuda_device(config.backend), archive)
         chains: list[Chain] = []
         if recorded:
             annotate = AnnotateStage(detector.class_names, max_age_ms=max_age_ms(stream))
@@ -42,15 +46,19 @@ def endpoints(
     return Endpoints(sources, outputs, publisher)
 
 
-def source_for(stream: StreamConfig, detector: Detector, metrics: Metrics, recorded: bool, gpu: int) -> AVSource:
+def source_for(
+    stream: StreamConfig, detector: Detector, metrics: Metrics, recorded: bool, gpu: int, archive: ArchiveTap | None = None
+) -> AVSource:
     """A recorded stream is decoded to full-size BGR (the recorder draws on it). One that is not is never BGR at
     full size: decoded straight to the model's size, or, for a backend that converts and resizes on its device,
-    handed over as the decoder's planes. NVDEC decodes where inference runs (gpu)."""
+    handed over as the decoder's planes. NVDEC decodes where inference runs (gpu). archive: the stream's, fed with
+    its packets."""
     if recorded:
-        return open_source(stream, metrics, input_hw=detector.input_hw, cuda_device=gpu)
+        return open_source(stream, metrics, input_hw=detector.input_hw, cuda_device=gpu, archive=archive)
     if detector.on_device:
-        return open_source(stream, metrics, input_hw=detector.input_hw, pixel_format="yuv420p", cuda_device=gpu)
-    return open_source(stream, metrics, model_hw=detector.input_hw, cuda_device=gpu)
+        return open_source(stream, metrics, input_hw=detector.input_hw, pixel_format="yuv420p", cuda_device=gpu,
+                           archive=archive)  # fmt: skip
+    return open_source(stream, metrics, model_hw=detector.input_hw, cuda_device=gpu, archive=archive)
 
 
 def cuda_device(backend: BackendConfig) -> int:
