@@ -3,7 +3,7 @@
 A group is the streams one RetentionConfig governs: each stream with its own
 `streams[].retention`, and the daemon's `retention` for every other stream.
 It covers the folders its streams write (`output_folders`: record.dir,
-detection_log.dir; an output that adds a folder adds it there). On every
+detection_log.dir, archive.dir; an output that adds a folder adds it there). On every
 sweep, per group, going through its closed segments oldest first (by the UTC
 time and index in their names), a segment is removed when:
 
@@ -59,6 +59,7 @@ DAY_S = 86_400
 CHECK_EVERY_S = 5.0  # the longest wait between two sweeps; shorter when a segment is shorter
 RECORDING_SUFFIXES = frozenset(get_args(RecordConfig.model_fields["container"].annotation))  # mp4, mkv
 LOG_SUFFIXES = frozenset({"jsonl"})
+ARCHIVE_SUFFIXES = frozenset({"mp4", "mkv", "ts"})  # streamd.stages.archive's containers (a test holds them equal)
 SEGMENT_NAME = re.compile(
     r"(?P<stream>.+)_(?P<utc>\d{8}T\d{6}Z)_(?P<index>\d{4,})(?:\.(?P<copy>\d{1,2}))?\.(?P<ext>[a-z0-9]+)"
 )
@@ -119,6 +120,8 @@ def output_folders(stream: StreamConfig) -> tuple[OutputFolder, ...]:
         folders.append(OutputFolder(stream.record.dir, RECORDING_SUFFIXES))
     if stream.detection_log is not None:
         folders.append(OutputFolder(stream.detection_log.dir, LOG_SUFFIXES))
+    if stream.archive is not None:
+        folders.append(OutputFolder(stream.archive.dir, ARCHIVE_SUFFIXES))
     return tuple(folders)
 
 

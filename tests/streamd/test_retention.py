@@ -17,6 +17,7 @@ from streamd.errors import ConfigError
 from streamd.ops.metrics import Metrics
 from streamd.ops.prometheus import RunCollector
 from streamd.retention import (
+    ARCHIVE_SUFFIXES,
     GB,
     LOG_SUFFIXES,
     RECORDING_SUFFIXES,
@@ -30,6 +31,7 @@ from streamd.retention import (
     scan,
     select,
 )
+from streamd.stages import archive
 from tests.streamd import media
 from tests.streamd.conftest import tmpfs
 
@@ -226,7 +228,7 @@ def test_groups_follow_the_config(tmp_path: Path, tiny_bundle, clip):
         retention: {{max_gb: 2}}
         streams:
           - {{id: a, source: {clip}, record: {{dir: out}}, detection_log: {{dir: out}}}}
-          - {{id: b, source: {clip}, record: {{dir: rec-b}}, retention: {{max_age_days: 7}}}}
+          - {{id: b, source: {clip}, record: {{dir: rec-b}}, archive: {{dir: src-b}}, retention: {{max_age_days: 7}}}}
           - {{id: c, source: {clip}, detection_log: {{dir: logs}}}}
         """))  # fmt: skip
     groups = retention_groups(config)
@@ -235,8 +237,13 @@ def test_groups_follow_the_config(tmp_path: Path, tiny_bundle, clip):
     ]
     assert groups[0].folders == (OutputFolder(tmp_path / "out", RECORDING_SUFFIXES | LOG_SUFFIXES),
                                  OutputFolder(tmp_path / "logs", LOG_SUFFIXES))  # fmt: skip
-    assert groups[1].folders == (OutputFolder(tmp_path / "rec-b", RECORDING_SUFFIXES),)
+    assert groups[1].folders == (OutputFolder(tmp_path / "rec-b", RECORDING_SUFFIXES),
+                                 OutputFolder(tmp_path / "src-b", ARCHIVE_SUFFIXES))  # fmt: skip
     assert RetentionWorker.for_config(config, Metrics(["a", "b", "c"])).every_s == 5.0
+
+
+def test_archive_suffixes_are_the_archives_containers():
+    assert ARCHIVE_SUFFIXES == set(archive._EXTENSIONS.values())
 
 
 @pytest.mark.parametrize(
