@@ -9,7 +9,8 @@ Tables:
   bare backend      backend.submit(batch).wait() alone on letterboxed batches of `max_batch` frames (reference)
   naive loop        one thread: read, infer (batch 1), draw, write (the seed's test_video.py shape)
   live UDP          a 30 fps 640x480 MPEG-TS stream from ffmpeg on 127.0.0.1 for --live-s seconds:
-                    latency total (packet out of the demuxer -> detections ready, p50/p99) and frames dropped
+                    latency total (packet out of the demuxer -> detections ready, p50/p99) and frames dropped;
+                    the same run again with streams[].archive: the process's CPU % without and with the archive
   x264              presets x tune (zerolatency, none) at CRF 23: CPU ms per frame and bitrate
 
 Input: a 1280x720 30 fps video made from BCCD test images (ffmpeg), so that the
@@ -143,7 +144,7 @@ def bench_pipeline(folder, bundle_path, video, max_batch, max_wait_ms, threads, 
     return {"fps": s.processed / summary.duration_s, "processed": s.processed, "frames_in": s.frames_in}
 
 
-def bench_live(folder, bundle_path, video, max_batch, max_wait_ms, threads, seconds: float) -> dict:
+def bench_live(folder, bundle_path, video, max_batch, max_wait_ms, threads, seconds: float, archive: bool = False) -> dict:
     port = free_port(socket.SOCK_DGRAM)
     sender = subprocess.Popen(
         ["ffmpeg", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(video), "-c:v", "libx264",
@@ -151,8 +152,12 @@ def bench_live(folder, bundle_path, video, max_batch, max_wait_ms, threads, seco
     )
     try:
         stream = {"id": "live", "source": f"udp://127.0.0.1:{port}", "queue": {"size": 4, "policy": "drop_oldest"}}
+        if archive:
+            stream["archive"] = {"dir": str(folder / "archive")}
         config = load_config(write_config(folder, bundle_path, [stream], max_batch, max_wait_ms, threads, free_port()))
+        cpu_s = time.process_time()  # every thread of this process: the daemon's, not the sender's
         summary = run_pipeline(config, switches=Switches(record=False, detection_log=False, publish=True), duration_s=seconds)
+        cpu_s = time.process_time() - cpu_s
     finally:
         sender.terminate()
         sender.wait(timeout=10)
@@ -162,7 +167,8 @@ def bench_live(folder, bundle_path, video, max_batch, max_wait_ms, threads, seco
     p50, p99 = s.latency("total")
     return {"fps": s.processed / summary.duration_s, "processed": s.processed, "frames_in": s.frames_in,
             "dropped": s.dropped, "total_p50_ms": p50, "total_p99_ms": p99,
-            "infer_p50_ms": s.latency("infer")[0], "queue_p50_ms": s.latency("queue")[0]}
+            "infer_p50_ms": s.latency("infer")[0], "queue_p50_ms": s.latency("queue")[0],
+            "cpu_pct": 100.0 * cpu_s / summary.duration_s}
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
@@ -217,6 +223,9 @@ def main() -> None:
         results["naive_fps"] = bench_naive(bundle, video_720, folder / "naive.mp4", args.threads)
         print(f"live UDP 640x480 30 fps for {args.live_s:.0f} s ...", flush=True)
         results["live"] = bench_live(folder, args.bundle, video_480, args.max_batch, args.max_wait_ms, args.threads, args.live_s)
+        print(f"live UDP again with its archive for {args.live_s:.0f} s ...", flush=True)
+        results["live_archive"] = bench_live(folder, args.bundle, video_480, args.max_batch, args.max_wait_ms,
+                                             args.threads, args.live_s, archive=True)  # fmt: skip
 
     print(f"\nstreamd benchmark: {results['machine']}, bundle {results['bundle']}, ONNX Runtime CPU, "
           f"max_batch {args.max_batch}, max_wait_ms {args.max_wait_ms}, 1280x720 H.264\n")
@@ -230,13 +239,15 @@ def main() -> None:
                      f"{limit:.1f} fps", f"{run['fps'] / limit:.2f}x limit", "target >= 0.95x"))
     table(rows, ("benchmark", "result", f"limit ({costs.cores} cores / stage sum)", "ratio", "target"))
     print()
-    bare, naive, live = results["bare_fps"], results["naive_fps"], results["live"]
+    bare, naive, live, archived = results["bare_fps"], results["naive_fps"], results["live"], results["live_archive"]
     fp32_rec = results["pipelines"]["fp32 rec"]["fps"]
     table([
         ("bare backend (batch %d), reference" % args.max_batch, f"{bare:.1f} fps", ""),
         ("naive one-thread loop (720p), reference", f"{naive:.1f} fps", f"pipeline fp32 + rec {fp32_rec / naive:.2f}x naive"),
         ("live UDP 640x480@30, total p50/p99", f"{live['total_p50_ms']:.1f} / {live['total_p99_ms']:.1f} ms",
          f"dropped {live['dropped']} of {live['frames_in']}"),
+        ("live UDP 640x480@30, CPU without / with archive", f"{live['cpu_pct']:.1f} / {archived['cpu_pct']:.1f} %",
+         f"archive +{archived['cpu_pct'] - live['cpu_pct']:.1f} points of a core (target <= 2)"),
     ], ("benchmark", "result", "note"))  # fmt: skip
     print()
     table([(key, f"{ms:.2f}", f"{kbps:.0f}") for key, (ms, kbps) in results["x264"].items()],
