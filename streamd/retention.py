@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 GB = 1_000_000_000
 DAY_S = 86_400
 CHECK_EVERY_S = 5.0  # the longest wait between two sweeps; shorter when a segment is shorter
+CLOSE_TIMEOUT_S = 10.0  # how long close() waits for a sweep stuck in the file system (a dead network mount)
 RECORDING_SUFFIXES = frozenset(get_args(RecordConfig.model_fields["container"].annotation))  # mp4, mkv
 LOG_SUFFIXES = frozenset({"jsonl"})
 ARCHIVE_SUFFIXES = frozenset({"mp4", "mkv", "ts"})  # streamd.stages.archive's containers (a test holds them equal)
@@ -280,10 +281,13 @@ class RetentionWorker:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread (after the sweep it is in, if any) and log what this run removed."""
+        """Stop the thread (after the sweep it is in, if any: at most CLOSE_TIMEOUT_S, then it is left behind, a
+        daemon thread) and log what this run removed."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(CLOSE_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("retention: a sweep did not end within %.0f s; left behind", CLOSE_TIMEOUT_S)
             log.info("retention removed %d segment(s), %.1f MB, in this run", self.removed, self.removed_bytes / 1e6)
 
     def _run(self) -> None:
