@@ -4,7 +4,9 @@ name and seq, every frame in it; an archive on a disk that fills fails alone."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 from streamd.ops.metrics import drop_reason
@@ -20,8 +22,8 @@ def _first_seq(path: Path) -> int:
     return int(json.loads(result.stdout)["format"]["tags"]["streamd_first_seq"])
 
 
-def _run(folder: Path, bundle, clip: Path, outputs: str) -> subprocess.Popen:
-    """`streamd run` on one file stream with a detection log and `outputs` (YAML flow-mapping entries)."""
+def _run(folder: Path, bundle, clip: Path | str, outputs: str) -> subprocess.Popen:
+    """`streamd run` on one stream (`clip`: a file or a URL) with a detection log and `outputs` (YAML flow-mapping entries)."""
     text = f"""
         model: {bundle.path}
         backend: {{type: onnxruntime, threads: 1}}
@@ -56,3 +58,23 @@ def test_an_archive_on_a_full_disk_fails_alone(tmp_path: Path, tiny_bundle, long
     assert "the archive failed" in err
     assert [line["seq"] for line in jsonl(sorted((tmp_path / "log").glob("*.jsonl")))] == list(range(150))
     assert drop_reason(ARCHIVE_FAILED) in out  # the end-of-run summary's drops
+
+
+def test_kill_9_loses_at_most_a_second_of_a_live_archive(tmp_path: Path, tiny_bundle) -> None:
+    port = media.free_port()
+    sender = media.udp_sender(port, fps=25, gop=10)
+    daemon = _run(tmp_path, tiny_bundle, f"udp://127.0.0.1:{port}", "archive: {dir: archive}")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(jsonl(sorted((tmp_path / "log").glob("*.jsonl")))) < 100:
+            time.sleep(0.2)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.communicate(timeout=30)
+    finally:
+        media.stop(daemon)
+        media.stop(sender)
+    logged = [line["seq"] for line in jsonl(sorted((tmp_path / "log").glob("*.jsonl")))]
+    (archive,) = (tmp_path / "archive").glob("eus-1_*.mp4")
+    archived = media.probe_frame_count(archive)  # plays up to its last complete fragment
+    # the log is written after inference, behind the source: the archive lost at most 1 s (25 frames) of what it has
+    assert len(logged) >= 100 and _first_seq(archive) + archived - 1 >= logged[-1] - 25
