@@ -12,11 +12,10 @@ import av
 import numpy as np
 import pytest
 
-from streamd.config import ArchiveConfig
+from streamd.config import ArchiveConfig, SourceKind
 from streamd.ops.metrics import Metrics
 from streamd.stages.archive import ARCHIVE_FAILED, ArchiveTap, container_for
 from streamd.stages.decode import AVSource
-from streamd.config import SourceKind
 from tests.streamd.media import FFMPEG, FFPROBE, free_port, make_video, probe_frame_count, stop, udp_sender
 
 
