@@ -23,10 +23,13 @@ FLIP_MIN_IOU = 0.4  # under the NMS threshold (0.45): a box overlapping a kept o
 @dataclass(frozen=True, slots=True)
 class Bar:
     """What a precision may differ from the fp32 reference by: matched boxes overlap by at least min_iou and their
-    scores (objectness x class score, in [0, 1]) differ by at most max_score_diff."""
+    scores (objectness x class score, in [0, 1]) differ by at most max_score_diff; NMS flips are at most
+    max_flip_fraction of the pairs (Comparison.flip_fraction): each flip is a close call, but many are a model
+    that no longer ranks its candidates as the reference does."""
 
     min_iou: float
     max_score_diff: float
+    max_flip_fraction: float = 0.0
 
 
 # One-off measurement against ONNX Runtime fp32 (models/bccd-nano.bundle, BCCD test split: 72 images, 1,135 boxes
@@ -34,11 +37,13 @@ class Bar:
 # flips even at (0.99, 0.01); the model cast to fp16 on the CPU 0 mismatches, 4 flips at (0.98, 0.02); cast to bf16
 # 36 mismatches at (0.98, 0.02), 1 at (0.90, 0.05), 0 (17 flips) at (0.90, 0.15); models/bccd-nano-int8.bundle on
 # ONNX Runtime still 2 mismatches (boxes of different cells, IoU < 0.2) at (0.70, 0.30): int8 is no bar of parity.
+# Flip fractions: about twice the measured ones (fp16 4 / 1,135 pairs, bf16 17 / 1,135), 1% for fp32 (0 measured on
+# the CPU; a GPU's own kernels may order a near tie differently), int8 unmeasured.
 BARS: dict[str, Bar] = {
-    "fp32": Bar(min_iou=0.98, max_score_diff=0.02),
-    "fp16": Bar(min_iou=0.98, max_score_diff=0.02),
-    "bf16": Bar(min_iou=0.90, max_score_diff=0.15),
-    "int8": Bar(min_iou=0.70, max_score_diff=0.30),
+    "fp32": Bar(min_iou=0.98, max_score_diff=0.02, max_flip_fraction=0.01),
+    "fp16": Bar(min_iou=0.98, max_score_diff=0.02, max_flip_fraction=0.01),
+    "bf16": Bar(min_iou=0.90, max_score_diff=0.15, max_flip_fraction=0.03),
+    "int8": Bar(min_iou=0.70, max_score_diff=0.30, max_flip_fraction=0.05),
 }
 
 
@@ -70,6 +75,11 @@ class Comparison:
     @property
     def ok(self) -> bool:
         return not self.mismatches
+
+    @property
+    def flip_fraction(self) -> float:
+        """NMS flips per pair (matched or flipped), 0 when there are none; Bar.max_flip_fraction bounds it."""
+        return self.flips / max(1, self.matched + self.flips)
 
     def summary(self) -> str:
         """One line: the counts, and the first mismatch if any."""

@@ -7,7 +7,8 @@ SimRuntime stands in for cuda_slots.CudaRuntime. Tensors are CPU tensors, but wo
 - an event completes when its stream reaches the record; wait_event holds the waiting stream's worker until then,
   and wait()/synchronize() block the calling thread until then;
 - code under on(stream) (the model, the letterbox, a graph replay) runs in the calling thread once the stream has
-  run everything enqueued before it, with the stream held until it ends: in the stream's order;
+  run everything enqueued before it, with the stream held until it ends: in the stream's order (an operation queued
+  on the held stream from inside, such as the frames' upload before the letterbox, runs before the code goes on);
 - pinned() buffers are registered as pinned: a non_blocking copy() to or from any other host tensor is refused
   (pageable memory makes CUDA's copy synchronous, or a race with the host when it is not);
 - capture() notes the tensors each graph reads and writes; a replay that touches another (a static buffer rebound
@@ -73,10 +74,15 @@ class SimStream:
         threading.Thread(target=self._work, name=f"sim-{name}", daemon=True).start()
 
     def enqueue(self, operation: Callable[[], None]) -> int:
+        """Queue `operation`; when the calling thread runs code on this stream (on()), it runs before that code goes on:
+        the torch operations after it under on() are later on the same stream (a letterbox reads the frames the copy
+        just queued), so they must see what it wrote."""
         with self.idle:
             self.enqueued += 1
             position = self.enqueued
         self._queue.put(operation)
+        if self in getattr(_THREAD, "streams", []):
+            self.drain()
         return position
 
     def drain(self) -> None:
@@ -132,10 +138,11 @@ class SimRuntime:
         self.device_storages: set[int] = set()
         self.names: dict[int, str] = {}
         self.keep: list[torch.Tensor] = []  # allocations stay alive: no storage address is reused under the checker
+        self.allocated: set[int] = set()  # their storages
         self.last_write: dict[int, tuple[str, int]] = {}
         self.reads: dict[int, dict[str, int]] = {}
         self.races: list[str] = []
-        self.replaying: list[tuple[set[int], set[int], bool]] = []  # (captured storages, made by this replay, capturing)
+        self._replaying = threading.local()  # per thread (a results thread runs NMS meanwhile): see replaying()
         self.lock = threading.RLock()
 
     # --- the calls CudaSlots makes ------------------------------------------------------------------------------
@@ -215,11 +222,11 @@ class SimRuntime:
         replays = {}
         for key, run in runs.items():
             captured: set[int] = set()
-            self.replaying.append((captured, captured, True))
+            self.replaying().append((captured, captured, True))
             try:
                 run()
             finally:
-                self.replaying.pop()
+                self.replaying().pop()
             replays[key] = self._replay(run, captured)
         return replays
 
@@ -228,8 +235,8 @@ class SimRuntime:
     def accessed(self, tensors: list[torch.Tensor], written: list[torch.Tensor], result, name: str) -> None:
         """A torch operation of a guarded thread read `tensors` and wrote `written`, made `result`."""
         ptrs = {storage_of(t) for t in tensors if t.device.type == "cpu"}
-        if self.replaying:
-            captured, made, capturing = self.replaying[-1]
+        if replaying := self.replaying():
+            captured, made, capturing = replaying[-1]
             stray = ptrs - captured - made
             if stray and not capturing:
                 self.races.append(f"a graph replay's {name} touched {sorted(self.names.get(p, 'a tensor') for p in stray)}, "
@@ -238,24 +245,40 @@ class SimRuntime:
             made |= {storage_of(out) for out in (result if isinstance(result, (tuple, list)) else (result,))
                      if isinstance(out, torch.Tensor)}  # fmt: skip
         streams = getattr(_THREAD, "streams", [])
-        if streams:  # made on a stream: device memory (the model's own output, say)
-            self.device_storages |= {storage_of(out) for out in (result if isinstance(result, (tuple, list)) else (result,))
-                                     if isinstance(out, torch.Tensor)}  # fmt: skip
         agent, clock = (streams[-1].name, streams[-1].clock) if streams else (HOST, self.host_clock)
         written_ptrs = {storage_of(t) for t in written}
+        outputs = {storage_of(out) for out in (result if isinstance(result, (tuple, list)) else (result,))
+                   if isinstance(out, torch.Tensor) and out.device.type == "cpu"}  # fmt: skip
         with self.lock:
+            # A new tensor (not a view of an argument) is a new allocation, perhaps at the address of one freed
+            # since: its history starts here, as a caching allocator's block does. Made on a stream, it is device
+            # memory (the model's own output, say), checked like the runtime's buffers; made on the host, it is not.
+            for ptr in outputs - ptrs - written_ptrs - self.allocated:
+                self.last_write.pop(ptr, None)
+                self.reads.pop(ptr, None)
+                if streams:
+                    self.device_storages.add(ptr)
+                    self.names[ptr] = f"a tensor made on {agent} by {name}"
+                else:
+                    self.device_storages.discard(ptr)
             if not streams:
                 self.host_clock[HOST] += 1
             for ptr in ptrs | written_ptrs:
                 self._check(ptr, agent, clock, write=ptr in written_ptrs, what=name)
 
+    def replaying(self) -> list[tuple[set[int], set[int], bool]]:
+        """The calling thread's captures and replays in progress: (captured storages, made by this replay, capturing)."""
+        if not hasattr(self._replaying, "stack"):
+            self._replaying.stack = []
+        return self._replaying.stack
+
     def _replay(self, run: Callable[[], None], captured: set[int]) -> Callable[[], None]:
         def replay() -> None:
-            self.replaying.append((captured, set(), False))
+            self.replaying().append((captured, set(), False))
             try:
                 run()
             finally:
-                self.replaying.pop()
+                self.replaying().pop()
 
         return replay
 
@@ -264,6 +287,7 @@ class SimRuntime:
         tensor = tensor.to(dtype)
         ptr = storage_of(tensor)
         registry.add(ptr)
+        self.allocated.add(ptr)
         self.names[ptr] = f"{kind} {tuple(shape)}"
         self.keep.append(tensor)
         return tensor

@@ -5,6 +5,7 @@ code path (slots, graphs) runs here on the recording runtime (fake_gpu.py), whic
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from streamd.backends.torch import TorchBackend, batch_buckets
 from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TorchConfig
 from streamd.errors import BackendError
 from streamd.model import load_bundle
+from streamd.model.compare import BARS, compare
 from streamd.model.detector import Detector
 from streamd.model.postprocess import postprocess
 from streamd.model.preprocess import letterbox_batch
@@ -31,6 +33,7 @@ from streamd.types import BGR24
 
 from tests.streamd.backends import fake_gpu
 from tests.streamd.backends.fake_gpu import CALLS, current_stream, note
+from tests.streamd.backends.sim_cuda import SimRuntime
 
 REPO = Path(__file__).parents[3]
 SHIPPED = REPO / "models" / "bccd-nano.bundle"
@@ -307,6 +310,72 @@ def test_cuda_path_batches_in_flight_reuse_slots_after_their_batch(recorded_cuda
     assert CALLS == batch_order(0, 2) + batch_order(1, 1) + [("host", "wait done", 0)] + batch_order(0, 2)
     for handle, batch in zip(pending, batches):  # the first batch's output survived its slot's reuse
         np.testing.assert_allclose(handle.wait(), cpu_backend.submit(batch).wait(), atol=1e-4)
+
+
+# --- the CUDA code path on the simulated GPU (sim_cuda.py): streams that run later, a happens-before checker ------
+
+
+@pytest.fixture
+def sim_cuda_backend(shipped, monkeypatch):
+    """make(cuda_graphs): a fp32 TorchBackend on "cuda:0" whose runtime is sim_cuda.SimRuntime (seed 0)."""
+    monkeypatch.setattr(cuda_slots, "CudaRuntime", SimRuntime)
+    for flag in ("benchmark", "allow_tf32"):  # set process-wide by the backend; restored after the test
+        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))
+    matmul = torch.backends.cuda.matmul  # a module proxy monkeypatch cannot set: restored by hand
+    before, made = matmul.allow_tf32, []
+
+    def make(cuda_graphs: bool) -> TorchBackend:
+        config = TorchConfig(type="torch", device="cuda:0", precision="fp32", cuda_graphs=cuda_graphs)
+        made.append(TorchBackend(shipped, config, max_batch=4))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.close()
+    matmul.allow_tf32 = before
+
+
+SIM_WORK = (("batch", 0, 2), ("frames", 2, 3), ("batch", 5, 1), ("frames", 6, 2), ("batch", 8, 3))  # (kind, first, count)
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_cuda_path_on_the_simulated_gpu_from_a_submit_and_a_results_thread(
+    sim_cuda_backend, cpu_backend, shipped, bccd_images, cuda_graphs
+):
+    """Letterboxed batches and batches of frames (mixed sizes; buckets 1, 2 and 4, padded), submitted by one thread
+    and collected by another as the daemon does, on streams that run later: every result is the CPU backend's for
+    its own batch, no two accesses to a buffer were unordered, no replay touched what its graph did not capture,
+    and no copy was refused (a pageable buffer)."""
+    backend = sim_cuda_backend(cuda_graphs)
+    runtime = backend.slots.runtime
+    handed, collected, inputs = queue.Queue(), [], []
+
+    def collect() -> None:
+        while (pending := handed.get(timeout=300)) is not None:
+            collected.append(pending.wait())
+
+    results = threading.Thread(target=collect, name="results")
+    results.start()
+    try:
+        for kind, first, count in SIM_WORK:
+            frames = bccd_images[first : first + count]
+            if kind == "batch":
+                inputs.append(letterbox_batch(frames, shipped.meta.input_hw, shipped.meta.preprocess)[0])
+                handed.put(backend.submit(inputs[-1]))
+            else:
+                inputs.append(frames)
+                handed.put(backend.submit_frames(frames, [BGR24] * count, [1.0] * count, [i.shape[:2] for i in frames], CONF, IOU))
+    finally:
+        handed.put(None)
+        results.join(timeout=300)
+    assert len(collected) == len(SIM_WORK)
+    assert runtime.races == [] and [f for stream in runtime.streams.values() for f in stream.failures] == []
+    for (kind, _, _), given, result in zip(SIM_WORK, inputs, collected):
+        if kind == "batch":
+            np.testing.assert_allclose(result, cpu_backend.submit(given).wait(), rtol=1e-4, atol=1e-3)
+        else:
+            comparison = compare(frames_in(cpu_backend, given), result, BARS["fp32"], conf_threshold=CONF)
+            assert comparison.ok and comparison.flips == 0 and comparison.matched > 10, comparison.summary()
 
 
 # --- CUDA (run by benchmarks/gpu_check.py on a GPU machine) ----------------------------------------

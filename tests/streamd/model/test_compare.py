@@ -65,3 +65,13 @@ def test_every_precision_has_a_bar_no_tighter_than_fp32():
     assert set(BARS) == {"fp32", "fp16", "bf16", "int8"}
     for bar in BARS.values():
         assert bar.min_iou <= BARS["fp32"].min_iou and bar.max_score_diff >= BARS["fp32"].max_score_diff
+
+
+@pytest.mark.parametrize("matched, flips, fraction", [(0, 0, 0.0), (99, 1, 0.01), (0, 3, 1.0)])
+def test_flip_fraction_is_flips_per_pair(matched, flips, fraction):
+    assert Comparison(1, matched, flips, ()).flip_fraction == pytest.approx(fraction)
+
+
+def test_every_bar_bounds_flips_and_lower_precisions_no_tighter():
+    order = ("fp32", "fp16", "bf16", "int8")
+    assert all(0 < BARS[p].max_flip_fraction <= BARS[q].max_flip_fraction for p, q in zip(order, order[1:]))
