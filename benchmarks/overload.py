@@ -4,7 +4,7 @@
 
 Cases (each one `streamd run` with the shipped model on ONNX Runtime, publishing to a ZeroMQ SUB in this script,
 /healthz polled once a second; nothing recorded):
-  live     4 live 1080p30 streams: ffmpeg sends a 10 s testsrc2 H.264 clip (made first, GOP 1 s, no B-frames)
+  live     4 live 1080p30 streams (--size another size): ffmpeg sends a 10 s testsrc2 H.264 clip (made first, GOP 1 s, no B-frames)
            with -re -stream_loop -1 as MPEG-TS over UDP to 127.0.0.1; the shipped defaults (a paced stream's
            input queue 2 frames, max_age_ms 150).
   live-q8  the same with `queue: {size: 8}` on each stream (the old default).
@@ -242,6 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=60.0, help="How long each live case runs (default 60).")
     parser.add_argument("--cases", default="live,live-q8,demo", help="Comma-separated: live, live-q8, demo, demo-q2.")
+    parser.add_argument("--size", default="1920x1080", help="WIDTHxHEIGHT of the live streams (default 1920x1080).")
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "bccd-nano.bundle")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--work", type=Path, help="Folder for the clip, configs and logs (default: a temporary one).")
@@ -251,9 +252,10 @@ def main() -> None:
     cases = args.cases.split(",")
     results = []
     if any(case.startswith("live") for case in cases):
-        clip = work / "1080p30.ts"
+        width, height = (int(v) for v in args.size.split("x"))
+        clip = work / f"{args.size}-30fps.ts"
         if not clip.exists():
-            media.make_video(clip, size=(1920, 1080), fps=30, frames=300, gop=30)
+            media.make_video(clip, size=(width, height), fps=30, frames=300, gop=30)
     for case in cases:
         if case.startswith("live"):
             ports = {sid: media.free_port("udp") for sid in LIVE}
