@@ -382,10 +382,6 @@ def schema() -> None:
     typer.echo(json.dumps(message_schema(), indent=2))
 
 
-if __name__ == "__main__":  # python -m streamd.cli
-    app()
-
-
 @app.command()
 def replay(
     sources: Annotated[list[Path], typer.Argument(help="Video files, archive segments, or folders of them.")],
@@ -420,3 +416,7 @@ def replay(
     if failed:
         raise _fail(f"streamd replay: {' '.join(failed.split())}", EXIT_FATAL)
     typer.echo(f"report: {result.report_json} and {result.report_html}")
+
+
+if __name__ == "__main__":  # python -m streamd.cli
+    app()

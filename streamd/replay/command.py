@@ -75,8 +75,9 @@ def replay(
             progress.update(task, total=run.frames, completed=run.frames)
             runs.append(run)
     for run in runs:
-        console.print(f"{run.name}: {run.frames} frames in {run.duration_s:.1f} s ({run.fps:.1f} frames/s), "
-                      f"ended by {run.stopped_by}; logs in {run.log_dir}")  # fmt: skip
+        console.print(f"{run.name}: {run.frames} frames in {run.duration_s:.1f} s, {run.fps:.1f} frames/s in the "
+                      f"pipeline ({run.pipeline_s:.1f} s), "
+                      f"ended by {run.stopped_by}; logs in {run.log_dir}", soft_wrap=True)  # fmt: skip
     if stop.is_set() or any(run.errors for run in runs):
         return ReplayResult(tuple(runs), None, None)
     report = build_report(runs, sources, backend, truth, truth_path)

@@ -90,7 +90,8 @@ def _model_figures(run: ModelRun, log: ModelLog) -> dict:
     tracks = Counter(track.label for tracks in log.tracks.values() for track in tracks)
     return {
         "name": run.name, "sha256": run.sha256, "bundle": str(run.bundle), "log_dir": str(run.log_dir),
-        "frames": log.num_frames, "wall_s": round(run.duration_s, 3), "fps": round(run.fps, 2),
+        "frames": log.num_frames, "wall_s": round(run.duration_s, 3), "pipeline_s": round(run.pipeline_s, 3),
+        "fps": round(run.fps, 2),
         "stopped_by": run.stopped_by, "errors": list(run.errors),
         "detections_per_class": {name: detections[name] for name in run.class_names},
         "tracks_per_class": {name: tracks[name] for name in run.class_names},

@@ -49,9 +49,10 @@ class ReplaySource:
 
 @dataclass(frozen=True, slots=True)
 class ModelRun:
-    """One model's replay: where its logs are, how many frames it processed, how long it took (wall clock).
+    """One model's replay: where its logs are, how many frames it processed, how long it took.
 
-    stopped_by: "end" (every source to its end), "stop" (interrupted: the logs hold the frames done) or "error".
+    duration_s: wall clock, the bundle's loading and self-test included; pipeline_s: the pipelines' own runs
+    (RunSummary.duration_s: set-up and warm-up of the stages, then every frame). stopped_by: "end" (every source to its end), "stop" (interrupted: the logs hold the frames done) or "error".
     """
 
     name: str
@@ -61,13 +62,14 @@ class ModelRun:
     log_dir: Path
     frames: int
     duration_s: float
+    pipeline_s: float
     stopped_by: str
     errors: tuple[str, ...]
 
     @property
     def fps(self) -> float:
-        """Frames per second of wall-clock time, every source together."""
-        return self.frames / self.duration_s if self.duration_s > 0 else 0.0
+        """Frames per second of the pipeline (pipeline_s), every source together: the file speed."""
+        return self.frames / self.pipeline_s if self.pipeline_s > 0 else 0.0
 
 
 def find_sources(paths: Sequence[Path]) -> tuple[ReplaySource, ...]:
@@ -202,7 +204,8 @@ def replay_model(
     return ModelRun(
         name=folder_name, sha256=loaded.sha256, class_names=tuple(loaded.meta.class_names),
         bundle=bundle, log_dir=log_dir, frames=sum(s.processed for s in summaries),
-        duration_s=time.monotonic() - started, stopped_by=stopped_by, errors=errors,
+        duration_s=time.monotonic() - started, pipeline_s=sum(s.duration_s for s in summaries),
+        stopped_by=stopped_by, errors=errors,
     )  # fmt: skip
 
 
