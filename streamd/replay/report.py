@@ -21,7 +21,7 @@ import numpy as np
 from streamd.replay.compare import IOU_THRESHOLD, FrameAgreement, Finding, frame_agreement, only_findings
 from streamd.replay.logs import ModelLog, Track, read_model_log
 from streamd.replay.run import ModelRun, ReplaySource
-from streamd.replay.truth import TruthFrame, truth_figures
+from streamd.replay.truth import TruthFrame, judged_frames, track_verdicts, truth_figures
 
 SCHEMA = "streamd.replay-report/1"
 THUMB_PX = 160  # a thumbnail's longer side
@@ -79,6 +79,9 @@ def build_report(
             "frames": len(truth),
             "models": {log.name: truth_figures(truth, log, class_names) for log in logs},
         }
+        verdicts = {log.name: track_verdicts(judged_frames(truth, log), log) for log in logs}
+        for finding, record in zip(findings, data.get("findings_only_one_model", ())):
+            record["in_truth"] = verdicts[finding.model].get((finding.track.stream_id, finding.track.track_id))
     return Report(data, logs, agreement, findings)
 
 
@@ -182,7 +185,8 @@ def render_html(report: Report, thumbs: dict[Finding, str]) -> str:
     for stream_id in sorted({s for log in report.logs for s in log.frames}):
         parts.append(_timeline_svg(stream_id, report.logs, class_names, only))
     if "findings_only_one_model" in data:
-        parts += ["<h2>Findings only one model made</h2>", _findings_table(report.findings, thumbs, names)]
+        verdicts = [record.get("in_truth", "") for record in data["findings_only_one_model"]]
+        parts += ["<h2>Findings only one model made</h2>", _findings_table(report.findings, thumbs, names, verdicts)]
     if "truth" in data:
         parts += ["<h2>Against the ground truth</h2>", _truth_table(data["truth"], class_names)]
     parts.append("</body></html>\n")
@@ -285,19 +289,24 @@ def _track_bar(track: Track, model: str, x_of, y: float, index: int, only: bool)
             f'fill="{COLOURS[index]}" fill-opacity="0.4"{outline}><title>{html.escape(title)}</title></rect>')
 
 
-def _findings_table(findings: Sequence[Finding], thumbs: dict[Finding, str], names: list[str]) -> str:
+def _findings_table(findings: Sequence[Finding], thumbs: dict[Finding, str], names: list[str], verdicts: list) -> str:
+    """A row per finding; verdicts: per finding True (an object of the truth), False (a false alarm), None (on no
+    annotated frame), "" (no truth given: no column)."""
     if not findings:
         return "<p>None: every confirmed track of each model was seen by the other.</p>"
+    with_truth = any(v != "" for v in verdicts)
+    shown = {True: "object", False: "false alarm", None: "not annotated"}
     rows = "".join(
         f"<tr><td>{_model_label(f.model, names.index(f.model))}</td><td>{html.escape(f.track.stream_id)}</td>"
         f"<td>{f.track.track_id}</td><td>{html.escape(f.track.label)}</td>"
         f"<td>{f.track.first_pts_s:.2f} &ndash; {f.track.last_pts_s:.2f} s</td><td>{f.track.frames}</td>"
         f"<td>{f.track.best_score:.2f}</td><td><img alt=\"{html.escape(f.track.label)} at {f.best_pts_s:.2f} s\" "
-        f'src="{thumbs[f]}"></td></tr>'
-        for f in findings
+        f'src="{thumbs[f]}"></td>' + (f"<td>{shown[v]}</td>" if with_truth else "") + "</tr>"
+        for f, v in zip(findings, verdicts)
     )
     return ("<table><tr><th>only</th><th>stream</th><th>track</th><th>class</th><th>time</th><th>frames</th>"
-            f"<th>best score</th><th>best frame</th></tr>{rows}</table>")
+            "<th>best score</th><th>best frame</th>" + ("<th>in the truth</th>" if with_truth else "")
+            + f"</tr>{rows}</table>")
 
 
 def _truth_table(truth: dict, class_names: list[str]) -> str:

@@ -190,20 +190,25 @@ def _time_to_detection(pairs: list[tuple[TruthFrame, FrameBoxes]]) -> tuple[list
     return [found[k] - first_seen[k] for k in first_seen if k in found], sum(k not in found for k in first_seen)
 
 
-def _false_alarms(pairs: list[tuple[TruthFrame, FrameBoxes]], log: ModelLog) -> tuple[int, int]:
-    """(confirmed tracks that never overlap a truth box of their class on an annotated frame, tracks judged)."""
-    judged: set[tuple[str, int]] = set()
-    true: set[tuple[str, int]] = set()
+def track_verdicts(pairs: list[tuple[TruthFrame, FrameBoxes]], log: ModelLog) -> dict[tuple[str, int], bool]:
+    """Per confirmed track on an annotated frame, (stream, track id): whether any of its confirmed boxes there
+    overlaps a truth box of its class (IoU >= 0.5). Tracks on no annotated frame are left out (not judged)."""
+    verdicts: dict[tuple[str, int], bool] = {}
     stream_of = {id(f): s for s, frames in log.frames.items() for f in frames}
     for truth, frame in pairs:
         stream = stream_of[id(frame)]
         for row in np.flatnonzero(frame.confirmed & (frame.track_id >= 0)):
             key = (stream, int(frame.track_id[row]))
-            judged.add(key)
             same = truth.class_id == frame.class_id[row]
-            if same.any() and (iou_matrix(frame.xyxy[row : row + 1], truth.xyxy[same])[0] >= IOU_THRESHOLD).any():
-                true.add(key)
-    return len(judged - true), len(judged)
+            hit = bool(same.any() and (iou_matrix(frame.xyxy[row : row + 1], truth.xyxy[same])[0] >= IOU_THRESHOLD).any())
+            verdicts[key] = verdicts.get(key, False) or hit
+    return verdicts
+
+
+def _false_alarms(pairs: list[tuple[TruthFrame, FrameBoxes]], log: ModelLog) -> tuple[int, int]:
+    """(confirmed tracks that never overlap a truth box of their class on an annotated frame, tracks judged)."""
+    verdicts = track_verdicts(pairs, log)
+    return sum(not hit for hit in verdicts.values()), len(verdicts)
 
 
 def _annotated_minutes(pairs: list[tuple[TruthFrame, FrameBoxes]]) -> float:

@@ -87,6 +87,7 @@ def test_replay_compares_two_models_against_the_truth_and_the_report_opens_in_a_
     assert agreement["matched"] > agreement["only_a"] + agreement["only_b"]  # the int8 model mostly agrees
     findings = report["findings_only_one_model"]
     assert findings, "fp32 and int8 differ on these images (measured: 2 RBC tracks only int8 confirmed)"
+    assert {f["in_truth"] for f in findings} <= {True, False, None}
     for model in report["truth"]["models"].values():
         assert model["frames_judged"] == frames
         assert 0.5 < model["map50"] <= 1.0  # the shipped model: 0.82 on the whole demo video
