@@ -54,6 +54,11 @@ from streamd.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+COUNTERS = {  # per stream, declared to the run's Metrics
+    "retention_removed": "Segments of the stream removed by retention.",
+    "retention_removed_bytes": "Bytes on disk of the segments retention removed.",
+}
+
 GB = 1_000_000_000
 DAY_S = 86_400
 CHECK_EVERY_S = 5.0  # the longest wait between two sweeps; shorter when a segment is shorter
@@ -260,6 +265,7 @@ class RetentionWorker:
     def __init__(self, groups: tuple[RetentionGroup, ...], metrics: Metrics, every_s: float = CHECK_EVERY_S) -> None:
         self.groups = groups
         self.metrics = metrics
+        metrics.declare(COUNTERS)
         self.every_s = every_s
         self.removed = 0
         self.removed_bytes = 0

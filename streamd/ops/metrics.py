@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,25 +23,23 @@ from rich.table import Table
 from streamd.types import Frame, Latency, StreamState
 
 LATENCY_NAMES = ("decode", "queue", "infer", "total")  # Latency's fields without their _ms
-# Every counter of a stream. Drops are counted per reason under dropped(reason).
-COUNTERS = (
-    "frames_in",  # frames read from the source
-    "processed",  # frames through inference
-    "detections",  # objects found
-    "published",  # messages handed to ZeroMQ
-    "publish_dropped",  # messages ZeroMQ refused (EAGAIN at the high-water mark)
-    "outages",  # times a live source was lost (however many attempts it then took)
-    "reconnects",  # times a lost live source came back
-    "errors",  # recoverable errors and failed outputs
-    "opens",  # successful opens of the source (more than 1: it reconnected)
-    "loops",  # restarts of a looping file
-    "corrupt_packets",  # packets the demuxer flagged or the decoder rejected (skipped)
-    "clock_jumps",  # jumps of the source's clock removed from pts
-    "invalid_boxes",  # model output rows dropped as non-finite or degenerate (zero or negative area)
-    "track_events",  # track confirmed / ended events made by the stream's tracker
-    "retention_removed",  # segments of the stream removed by retention (streamd.retention)
-    "retention_removed_bytes",  # bytes on disk those segments took
-)
+# The counters of every stream, name -> what it counts (also /metrics' help text). An output or a worker that counts
+# something of its own declares it when it is made (Metrics.declare: the publisher's published, the tracker's
+# track_events, retention's), so a new output brings its counters with it. Drops are counted per reason under
+# dropped(reason).
+COUNTERS = {
+    "frames_in": "Frames read from the source.",
+    "processed": "Frames through inference.",
+    "detections": "Objects found.",
+    "outages": "Times a live source was lost (however many attempts it then took).",
+    "reconnects": "Times a lost live source came back.",
+    "errors": "Recoverable errors and failed outputs.",
+    "opens": "Successful opens of the source (more than 1: it reconnected).",
+    "loops": "Restarts of a looping file.",
+    "corrupt_packets": "Packets the demuxer flagged or the decoder rejected (skipped).",
+    "clock_jumps": "Jumps of the source's clock removed from pts.",
+    "invalid_boxes": "Model output rows dropped as non-finite or without area.",
+}
 STALE_AFTER_S = 1.0  # a paced stream that delivered nothing for longer (and for its max_age_ms) is stale
 _DROPPED = "dropped:"
 
@@ -171,12 +170,22 @@ class Metrics:
     def __init__(self, stream_ids: list[str] | tuple[str, ...]):
         self._lock = threading.Lock()
         self._streams = {stream_id: _StreamCounters() for stream_id in stream_ids}
+        self._counters = dict(COUNTERS)
         self.started_at = time.monotonic()
 
+    def declare(self, counters: Mapping[str, str]) -> None:
+        """A part's own counters, name -> what it counts: they may be counted, and are reported (0 until then)."""
+        with self._lock:
+            self._counters.update(counters)
+
+    def describe(self, name: str) -> str:
+        """What a counter counts (its /metrics help)."""
+        return self._counters.get(name, f"streamd counter {name}.")
+
     def count(self, stream_id: str, name: str, n: int = 1) -> None:
-        """Add n to a stream's counter `name` (one of COUNTERS, or dropped(reason))."""
-        if name not in COUNTERS and not name.startswith(_DROPPED):
-            raise ValueError(f"unknown counter {name!r}: expected one of {COUNTERS} or dropped(reason)")
+        """Add n to a stream's counter `name` (one of COUNTERS, one a part declared, or dropped(reason))."""
+        if name not in self._counters and not name.startswith(_DROPPED):
+            raise ValueError(f"unknown counter {name!r}: expected one of {tuple(self._counters)} or dropped(reason)")
         with self._lock:
             counters = self._streams[stream_id]
             counters.counts[name] += n
@@ -281,7 +290,7 @@ class Metrics:
             return tuple(
                 StreamCounts(
                     stream_id=stream_id,
-                    counts=tuple(sorted({**dict.fromkeys(COUNTERS, 0), **c.counts}.items())),
+                    counts=tuple(sorted({**dict.fromkeys(self._counters, 0), **c.counts}.items())),
                     latency_buckets=tuple(
                         (name, tuple(c.latency_buckets[name]), float(c.latency_sum_ms[name])) for name in LATENCY_NAMES
                     ),
@@ -316,8 +325,8 @@ class Metrics:
             processed=counts["processed"],
             dropped_by_queue=tuple(drops),
             detections=counts["detections"],
-            published=counts["published"],
-            publish_dropped=counts["publish_dropped"],
+            published=counts.get("published", 0),  # a publisher's (streamd.stages.publish), 0 without one
+            publish_dropped=counts.get("publish_dropped", 0),
             reconnects=counts["reconnects"],
             outages=counts["outages"],
             errors=counts["errors"],

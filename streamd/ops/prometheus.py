@@ -6,8 +6,8 @@ Prometheus scrapes, so /metrics and the end-of-run table can never disagree.
 Exported (all per stream unless said otherwise):
 
 - `streamd_<counter>_total{stream}` for every counter of
-  `streamd.ops.metrics.COUNTERS` (frames_in, processed, published,
-  publish_dropped, reconnects, errors, ...), and
+  `streamd.ops.metrics.COUNTERS` (frames_in, processed, reconnects,
+  errors, ...) and those a part declared (published, track_events, ...), and
   `streamd_frames_dropped_total{stream, reason}` per drop reason;
 - `streamd_fps{stream}`: frames through inference per second since the first
   frame (for the current rate: `rate(streamd_processed_total[1m])`);
@@ -46,20 +46,6 @@ from streamd.pipeline.queues import BoundedQueue
 from streamd.selftest import SelfTestResult
 
 log = logging.getLogger(__name__)
-
-_COUNTER_HELP = {
-    "frames_in": "Frames read from the source.",
-    "processed": "Frames through inference.",
-    "detections": "Objects found.",
-    "published": "Messages handed to ZeroMQ.",
-    "publish_dropped": "Messages ZeroMQ refused at its high-water mark.",
-    "outages": "Times a live source was lost (however many attempts it then took).",
-    "reconnects": "Times a lost live source came back.",
-    "errors": "Recoverable errors and failed outputs.",
-    "opens": "Successful opens of the source.",
-    "loops": "Restarts of a looping file.",
-    "corrupt_packets": "Packets the demuxer flagged or the decoder rejected (skipped).",
-}
 
 
 class Recorder(Protocol):
@@ -100,8 +86,7 @@ class RunCollector:
                     dropped.add_metric([s.stream_id, reason], value)
                     continue
                 if name not in counters:
-                    text = _COUNTER_HELP.get(name, f"streamd counter {name} (streamd.ops.metrics.COUNTERS).")
-                    counters[name] = CounterMetricFamily(f"streamd_{name}", text, labels=["stream"])
+                    counters[name] = CounterMetricFamily(f"streamd_{name}", self.metrics.describe(name), labels=["stream"])
                 counters[name].add_metric([s.stream_id], value)
             fps.add_metric([s.stream_id], s.fps)
             for stage, buckets, sum_ms in s.latency_buckets:

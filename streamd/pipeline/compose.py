@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamd.config import StreamConfig, StreamdConfig
 from streamd.model.detector import Detector
@@ -45,11 +46,16 @@ one before it yields, in the same thread (annotate -> record)."""
 
 @dataclass(frozen=True)
 class Endpoints:
-    """What the graph reads and writes: a source per stream id, each stream's output chains, the shared publisher."""
+    """What the graph reads and writes: a source per stream id, each stream's output chains, the shared publisher.
+
+    sections: each part with the config section it was made from (("streams", 0, "record"), its RecordStage): the
+    preflight asks every part that is streamd.checks.Checked for its findings, and names them by that section.
+    """
 
     sources: Mapping[str, Source]
     outputs: Mapping[str, tuple[Chain, ...]] = field(default_factory=dict)
     publisher: Stage | None = None
+    sections: tuple[tuple[tuple[str | int, ...], Any], ...] = ()
 
 
 def compose(

@@ -23,27 +23,33 @@ def endpoints(
     config: StreamdConfig, detector: Detector, metrics: Metrics, zmq_context: zmq.Context | None,
     switches: Switches = Switches(),
 ) -> Endpoints:  # fmt: skip
-    """Sources, per-stream outputs (annotate -> record, detection log) and the publisher the config and switches ask for."""
-    sources, outputs = {}, {}
-    for stream in config.streams:
+    """Sources, per-stream outputs (annotate -> record, detection log) and the publisher the config and switches ask
+    for, each with the config section it comes from (Endpoints.sections: what the preflight asks to check itself)."""
+    sources, outputs, sections = {}, {}, []
+    for index, stream in enumerate(config.streams):
         recorded = switches.record and stream.record is not None and stream.record.enabled
         archive = None
         if stream.archive is not None and stream.archive.enabled:  # a tap in the source: its packets, as they come
             archive = ArchiveTap(stream.id, stream.archive, stream.segment_s, metrics)
+            sections.append((("streams", index, "archive"), archive))
         sources[stream.id] = source_for(stream, detector, metrics, recorded, cuda_device(config.backend), archive)
+        sections.append((("streams", index, "source"), sources[stream.id]))
         chains: list[Chain] = []
         if recorded:
             annotate = AnnotateStage(detector.class_names, max_age_ms=max_age_ms(stream))
-            chains.append((annotate, RecordStage(stream.id, stream.record, stream.segment_s)))
+            chains.append((annotate, record := RecordStage(stream.id, stream.record, stream.segment_s)))
+            sections.append((("streams", index, "record"), record))
         if switches.detection_log and stream.detection_log is not None and stream.detection_log.enabled:
-            chains.append((DetectionLogStage(stream.id, stream.detection_log.dir, stream.segment_s),))
+            chains.append((log := DetectionLogStage(stream.id, stream.detection_log.dir, stream.segment_s),))
+            sections.append((("streams", index, "detection_log"), log))
         outputs[stream.id] = tuple(chains)
     publisher = None
     if switches.publish and config.publish is not None and config.publish.enabled:
         if zmq_context is None:
             raise ValueError("publishing needs the process's zmq.Context")
         publisher = PublishStage(zmq_context, config.publish, metrics)
-    return Endpoints(sources, outputs, publisher)
+        sections.append((("publish",), publisher))
+    return Endpoints(sources, outputs, publisher, tuple(sections))
 
 
 def source_for(

@@ -45,12 +45,14 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import av.error
 
+from streamd.checks import Finding, folder_findings
 from streamd.config import ArchiveConfig
 from streamd.errors import OutputError
 from streamd.ops.metrics import Metrics, dropped
@@ -137,6 +139,10 @@ class ArchiveTap:
         self._writing = False  # packets go to the writer (a segment was started and nothing was lost since)
         self._lost: str | None = None  # why packets are dropped until the next cut (counted under that reason)
         self._writer = _Writer(self)
+
+    def check(self) -> Iterator[Finding]:
+        """The folder is writable (streamd.checks.Checked)."""
+        yield from folder_findings(("dir",), self.directory)
 
     def opened(self, stream: av.VideoStream) -> None:
         """The source (re)opened `stream`: its packets go to a new segment, from its first keyframe."""

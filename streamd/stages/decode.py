@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import av
@@ -52,7 +53,9 @@ import av.error
 import numpy as np
 from av.codec.hwaccel import HWAccel
 
+from streamd.checks import Finding
 from streamd.config import SourceKind, StreamConfig
+from streamd.configbase import short_path
 from streamd.errors import FatalError, SourceError
 from streamd.model.preprocess import letterbox_hw
 from streamd.ops.metrics import Metrics, dropped
@@ -219,6 +222,11 @@ class AVSource:
     def _error(self, what: str, exc: BaseException | None = None) -> SourceError:
         detail = f": {exc}" if exc is not None else ""
         return SourceError(f"stream {self.stream_id!r} ({self.url}): {what}{detail}")
+
+    def check(self) -> Iterator[Finding]:
+        """A file source whose first frame does not decode into a picture (streamd.checks.Checked)."""
+        if self.kind is SourceKind.FILE and (why := undecodable(Path(self.url))):
+            yield Finding((), why)
 
     def open(self) -> None:
         """Connect (or reopen after a failure); raises SourceError within about timeout_s (twice that when NVDEC
@@ -437,3 +445,22 @@ class AVSource:
 
 class _NoHardwareDecoder(Exception):
     """av.open with a HWAccel failed for a reason other than a timeout: the device, or the source itself."""
+
+
+def undecodable(source: Path) -> str | None:
+    """Why the first frame of a file source does not decode into a picture (a 0x0 video, no video stream, data
+    FFmpeg cannot read), or None: such a file would run 0 frames and end as if it had played."""
+    size = "?"
+    try:
+        with av.open(str(source)) as container:
+            if not container.streams.video:
+                return f"{short_path(source)} has no video stream"
+            stream = container.streams.video[0]
+            size = f"{stream.codec_context.width}x{stream.codec_context.height}"
+            for frame in container.decode(stream):
+                if frame.width == 0 or frame.height == 0:
+                    return f"{short_path(source)}: its first frame is {frame.width}x{frame.height}"
+                return None
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        return f"{short_path(source)}: its first frame does not decode ({size} video): {exc}"
+    return f"{short_path(source)}: no frame of its {size} video decodes"

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from streamd.checks import Finding, folder_findings
 from streamd.errors import OutputError
 from streamd.segments import FILE_MODE, Segmenter, start_output
 from streamd.types import AnnotatedFrame, FrameResult, TrackReport
@@ -43,6 +44,10 @@ class DetectionLogStage:
         self.segments: list[Path] = []
         self._file: BinaryIO | None = None
         self._last_fsync = 0.0
+
+    def check(self) -> Iterator[Finding]:
+        """The folder is writable (streamd.checks.Checked)."""
+        yield from folder_findings(("dir",), self.directory)
 
     def setup(self) -> None:
         """Create the folder; the next frame opens a new segment (at start, and when retried after a failure)."""

@@ -17,19 +17,26 @@ server with no ZAP handler admits any client key.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from streamd.checks import Finding
 from streamd.config import CurveConfig, PublishConfig
 from streamd.config_outputs import MAX_SUBSCRIPTION_BYTES
 from streamd.errors import OutputError
-from streamd.keys import read_authorized_keys, read_key_pair
+from streamd.keys import KeyFileError, read_authorized_keys, read_key_pair
 from streamd.ops.metrics import Metrics
 from streamd.types import FrameResult, Heartbeat, TrackReport
 
 log = logging.getLogger(__name__)
+
+COUNTERS = {  # per stream, declared to the run's Metrics
+    "published": "Messages handed to ZeroMQ.",
+    "publish_dropped": "Messages ZeroMQ refused at its high-water mark.",
+}
 
 MAX_LOGGED_STRANGERS = 100  # distinct refused keys logged; past that, refusals go on silently
 
@@ -96,8 +103,20 @@ class PublishStage:
         self.linger_ms = config.linger_ms
         self.curve = config.curve
         self.metrics = metrics
+        metrics.declare(COUNTERS)
         self.socket: zmq.Socket | None = None
         self.authenticator: ThreadAuthenticator | None = None
+
+    def check(self) -> Iterator[Finding]:
+        """The endpoint binds now, and the CURVE key files read (streamd.checks.Checked)."""
+        if why := unbindable(self.bind):
+            yield Finding(("bind",), why, environment=True)
+        if self.curve is not None:
+            for field, read in (("server_secret_key_file", read_key_pair), ("authorized_clients_dir", read_authorized_keys)):
+                try:
+                    read(getattr(self.curve, field))
+                except KeyFileError as exc:
+                    yield Finding(("curve", field), str(exc))
 
     def setup(self) -> None:
         socket = self.context.socket(zmq.PUB)
@@ -149,3 +168,19 @@ class PublishStage:
         if self.authenticator is not None:
             self.authenticator.stop()
             self.authenticator = None
+
+
+def unbindable(endpoint: str) -> str | None:
+    """Why a PUB socket could not bind `endpoint` now, or None (the socket is closed again at once)."""
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    socket.setsockopt(zmq.IPV6, 1)  # as PublishStage binds it
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        return f"cannot bind {endpoint}: {exc}"
+    finally:
+        socket.close(linger=0)
+        context.term()
+    return None
+

@@ -23,6 +23,7 @@ never ends in half a fragment.
 from __future__ import annotations
 
 import contextlib
+import io
 import errno
 import logging
 import os
@@ -38,6 +39,7 @@ import av
 import av.error
 import numpy as np
 
+from streamd.checks import Finding, folder_findings
 from streamd.config import RecordConfig
 from streamd.errors import OutputError
 from streamd.segments import Segment, Segmenter, open_new, publish, start_output
@@ -143,6 +145,28 @@ def check_encoder(codec: str, preset: str) -> str | None:
     return None
 
 
+def unrecordable(codec: str, container: str) -> str | None:
+    """Why `codec` cannot encode one frame into a `container` segment here, or None.
+
+    Encodes a 64x64 frame as the recorder does (yuv420p, in memory): a codec
+    the container cannot hold (rawvideo in mp4), one that takes no yuv420p
+    (mjpeg) or one without its device here (h264_nvenc without a GPU) is
+    found now, instead of failing every segment. `auto` picks one that opens.
+    """
+    if codec == "auto":
+        return None
+    try:
+        with av.open(io.BytesIO(), mode="w", format=_CONTAINERS[container]) as output:
+            stream = output.add_stream(codec, rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+            output.start_encoding()
+            for packet in (*stream.encode(av.VideoFrame(64, 64, "yuv420p")), *stream.encode()):
+                output.mux(packet)
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        return f"{codec} cannot record {container} segments here: {exc}"
+    return None
+
+
 def choose_codec(codec: str) -> str:
     """"auto" -> h264_nvenc when it opens here, else libx264; any other name as given."""
     if codec != "auto":
@@ -209,6 +233,13 @@ class RecordStage:
         self._stream: av.VideoStream | None = None
         self._last_pts = -1
         self._last_fsync = 0.0
+
+    def check(self) -> Iterator[Finding]:
+        """The encoder, preset and container record here, and the folder is writable (streamd.checks.Checked)."""
+        config = self.config
+        if why := check_encoder(config.codec, config.preset) or unrecordable(config.codec, config.container):
+            yield Finding((), why)
+        yield from folder_findings(("dir",), self.directory)
 
     def setup(self) -> None:
         """Create the folder; the next frame opens a new segment (at start, and when retried after a failure).

@@ -25,6 +25,7 @@ class TrackStage:
         self.stream_id = stream_id
         self.settings = settings
         self.metrics = metrics
+        metrics.declare({"track_events": "Tracks confirmed or ended (streamd.track/1 events)."})
         self.tracker: Tracker | None = None
         self._last_pts_s = 0.0
 

@@ -23,7 +23,7 @@ from streamd.cli import app
 from streamd.config import PublishConfig
 from streamd.config_outputs import MAX_SUBSCRIPTION_BYTES
 from streamd.ops.metrics import Metrics
-from streamd.preflight import unbindable
+from streamd.stages.publish import unbindable
 from streamd.stages.publish import PublishStage
 from tests.streamd import media
 

@@ -235,7 +235,8 @@ def test_fake_gpu_backend_builds_caches_binds_and_matches_onnxruntime(tiny_bundl
     config = TensorRTConfig(type="tensorrt", precision="fp16", engine_cache_dir=tmp_path, workspace_mb=64)
     backend = make_backend(tiny_bundle, config, max_batch=4)
     (build,) = fake_gpu.builds
-    assert build["flags"] == {"fp16"} and build["profiles"][0].shapes["images"] == ((1, 3, 64, 64), (4, 3, 64, 64), (4, 3, 64, 64))
+    # fp16 with YOLOX's in-graph decode held in fp32 (streamd.backends.tensorrt_build): the constraint is obeyed
+    assert build["flags"] == {"fp16", "obey_precision_constraints"} and build["profiles"][0].shapes["images"] == ((1, 3, 64, 64), (4, 3, 64, 64), (4, 3, 64, 64))
     assert backend.engine_path.parent == tmp_path and "fake-gpu-80gb-trt10.0.1-fp16-b4" in backend.engine_path.name
     assert json.loads(backend.engine_path.with_suffix(".json").read_text())["gpu_name"] == "Fake GPU 80GB"
     reference = make_backend(tiny_bundle, ORT, 4)
@@ -256,7 +257,7 @@ def test_fake_gpu_int8_needs_a_calibrator_and_build_engine_uses_it(tiny_bundle, 
         make_backend(tiny_bundle, config, max_batch=2)
     calibrator = FakeCalibrator(2, batches=1)
     path = build_engine(tiny_bundle, precision="int8", max_batch=2, engine_cache_dir=tmp_path, calibrator=calibrator)
-    assert fake_gpu.builds[-1]["calibrator"] is calibrator and fake_gpu.builds[-1]["flags"] == {"fp16", "int8"}
+    assert fake_gpu.builds[-1]["calibrator"] is calibrator and fake_gpu.builds[-1]["flags"] == {"fp16", "int8", "obey_precision_constraints"}
     backend = make_backend(tiny_bundle, config, max_batch=2)  # the daemon loads the calibrated engine
     assert backend.engine_path == path and len(fake_gpu.builds) == 1
     assert backend.submit(images(2, 255.0)).wait()[:, 0, 4] == pytest.approx(1.0)
