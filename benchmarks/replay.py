@@ -61,7 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for bundle, name in zip(bundles, model_folder_names(bundles)):
             frames, pipeline_s, wall_s = daemon_row(bundle, args.video, args.backend, Path(tmp) / f"daemon-{name}")
-            print(f"{name:<18} {'daemon file':<12} {frames:>7} {frames / pipeline_s:>9.1f} {pipeline_s:>11.1f} {wall_s:>7.1f}")
+            print(f"{name:<18} {'daemon file':<12} {frames:>7} {frames / pipeline_s:>9.1f} {pipeline_s:>11.1f} "
+                  f"{wall_s:>7.1f}")  # fmt: skip
             run = replay_model(bundle, name, sources, Path(tmp) / "replay", backend=args.backend)
             print(f"{name:<18} {'replay':<12} {run.frames:>7} {run.fps:>9.1f} {run.pipeline_s:>11.1f} "
                   f"{run.duration_s:>7.1f}")  # fmt: skip

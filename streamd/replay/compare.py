@@ -74,7 +74,7 @@ def frame_agreement(a: ModelLog, b: ModelLog) -> tuple[FrameAgreement, ...]:
     return tuple(rows)
 
 
-def only_findings(ours: ModelLog, theirs: ModelLog, iou_threshold: float = IOU_THRESHOLD) -> tuple[Finding, ...]:
+def only_findings(ours: ModelLog, theirs: ModelLog) -> tuple[Finding, ...]:
     """`ours`'s confirmed tracks that `theirs` never saw (no box of the class overlapping it on any of its frames
     `theirs` processed; a track on none of them is not judged), each with its best-scoring box there."""
     findings = []
@@ -86,7 +86,11 @@ def only_findings(ours: ModelLog, theirs: ModelLog, iou_threshold: float = IOU_T
                 boxes.setdefault(int(frame.track_id[row]), []).append((frame, int(row)))
         for track in tracks:
             seen = [(frame, row) for frame, row in boxes.get(track.track_id, []) if frame.seq in their_frames]
-            if not seen or any(_seen_by(frame, row, their_frames[frame.seq], iou_threshold) for frame, row in seen):
+            if not seen or any(
+                overlaps_same_class(frame.xyxy[row], frame.class_id[row], their.xyxy, their.class_id)
+                for frame, row in seen
+                for their in (their_frames[frame.seq],)
+            ):
                 continue
             frame, row = max(seen, key=lambda item: item[0].score[item[1]])
             box = tuple(float(v) for v in frame.xyxy[row])
@@ -94,6 +98,7 @@ def only_findings(ours: ModelLog, theirs: ModelLog, iou_threshold: float = IOU_T
     return tuple(findings)
 
 
-def _seen_by(frame: FrameBoxes, row: int, other: FrameBoxes, iou_threshold: float) -> bool:
-    same = other.class_id == frame.class_id[row]
-    return bool(same.any() and (iou_matrix(frame.xyxy[row : row + 1], other.xyxy[same])[0] >= iou_threshold).any())
+def overlaps_same_class(xyxy: np.ndarray, class_id: int, boxes_xyxy: np.ndarray, boxes_class_id: np.ndarray) -> bool:
+    """Whether a box (xyxy [4]) overlaps any of boxes_xyxy [M, 4] of its class by IoU >= IOU_THRESHOLD."""
+    same = boxes_class_id == class_id
+    return bool(same.any() and (iou_matrix(xyxy[None], boxes_xyxy[same])[0] >= IOU_THRESHOLD).any())

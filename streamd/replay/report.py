@@ -250,7 +250,8 @@ def _agreement_svg(stream_id: str, rows: list[FrameAgreement], names: list[str])
                      f"<title>{html.escape(label)}</title></polyline>")
     legend = "".join(
         f'<text x="4" y="{top + 14 + 16 * i}" font-size="11" fill="{c}">{html.escape(t)}</text>'
-        for i, (c, t) in enumerate((("#888", "matched"), (COLOURS[0], f"only {names[0]}"), (COLOURS[1], f"only {names[1]}")))
+        for i, (c, t) in enumerate((("#888", "matched"), (COLOURS[0], f"only {names[0]}"),
+                                    (COLOURS[1], f"only {names[1]}")))
     )  # fmt: skip
     return (f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{PLOT_W}" height="{height + top + 20}" '
             f'role="img" aria-label="agreement per frame, {html.escape(stream_id)}">'
@@ -272,7 +273,8 @@ def _timeline_svg(stream_id: str, logs: Sequence[ModelLog], class_names: list[st
                           f"{html.escape(name)} &middot; {html.escape(log.name)}</text>")
             for track in log.tracks.get(stream_id, ()):
                 if track.class_id == class_id:
-                    shapes.append(_track_bar(track, log.name, x_of, y, index, (log.name, stream_id, track.track_id) in only))
+                    alone = (log.name, stream_id, track.track_id) in only
+                    shapes.append(_track_bar(track, log.name, x_of, y, index, alone))
             y += LANE_H
         y += 8
     return (f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{PLOT_W}" height="{y + 20}" role="img" '

@@ -52,7 +52,8 @@ class ModelRun:
     """One model's replay: where its logs are, how many frames it processed, how long it took.
 
     duration_s: wall clock, the bundle's loading and self-test included; pipeline_s: the pipelines' own runs
-    (RunSummary.duration_s: set-up and warm-up of the stages, then every frame). stopped_by: "end" (every source to its end), "stop" (interrupted: the logs hold the frames done) or "error".
+    (RunSummary.duration_s: set-up and warm-up of the stages, then every frame).
+    stopped_by: "end" (every source to its end), "stop" (interrupted: the logs hold the frames done) or "error".
     """
 
     name: str

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from streamd.model.detections import Detections
-from streamd.replay.compare import IOU_THRESHOLD
+from streamd.replay.compare import IOU_THRESHOLD, overlaps_same_class
 from streamd.replay.errors import TruthError
 from streamd.replay.logs import FrameBoxes, ModelLog
 from trainer.datasets.records import DatasetSplit, ImageRecord, did_you_mean
-from trainer.metrics import average_precision, iou_matrix, pr_curve
+from trainer.metrics import average_precision, pr_curve
 
 PTS_TOLERANCE_S = 0.001
 
@@ -170,22 +170,16 @@ def truth_figures(truth: tuple[TruthFrame, ...], log: ModelLog, class_names: tup
     }
 
 
-def _overlaps(frame: FrameBoxes, rows: np.ndarray, xyxy: np.ndarray, class_id: int) -> np.ndarray:
-    """Which of `rows` of frame (same class as class_id) overlap xyxy [1, 4] by IoU >= IOU_THRESHOLD."""
-    rows = rows[frame.class_id[rows] == class_id]
-    return rows[iou_matrix(frame.xyxy[rows], xyxy)[:, 0] >= IOU_THRESHOLD] if len(rows) else rows
-
-
 def _time_to_detection(pairs: list[tuple[TruthFrame, FrameBoxes]]) -> tuple[list[float], int]:
     """Seconds from each object's first annotated frame to its first confirmed detection; and the objects missed."""
     first_seen: dict[tuple[str | None, int], float] = {}
     found: dict[tuple[str | None, int], float] = {}
     for truth, frame in pairs:
-        confirmed = np.flatnonzero(frame.confirmed)
+        shown_xyxy, shown_class_id = frame.xyxy[frame.confirmed], frame.class_id[frame.confirmed]
         for xyxy, class_id, obj in zip(truth.xyxy, truth.class_id, truth.object_id):
             key = (truth.stream_id, int(obj))
             first_seen.setdefault(key, frame.pts_s)
-            if key not in found and len(_overlaps(frame, confirmed, xyxy[None], int(class_id))):
+            if key not in found and overlaps_same_class(xyxy, class_id, shown_xyxy, shown_class_id):
                 found[key] = frame.pts_s
     return [found[k] - first_seen[k] for k in first_seen if k in found], sum(k not in found for k in first_seen)
 
@@ -199,8 +193,7 @@ def track_verdicts(pairs: list[tuple[TruthFrame, FrameBoxes]], log: ModelLog) ->
         stream = stream_of[id(frame)]
         for row in np.flatnonzero(frame.confirmed & (frame.track_id >= 0)):
             key = (stream, int(frame.track_id[row]))
-            same = truth.class_id == frame.class_id[row]
-            hit = bool(same.any() and (iou_matrix(frame.xyxy[row : row + 1], truth.xyxy[same])[0] >= IOU_THRESHOLD).any())
+            hit = overlaps_same_class(frame.xyxy[row], frame.class_id[row], truth.xyxy, truth.class_id)
             verdicts[key] = verdicts.get(key, False) or hit
     return verdicts
 
