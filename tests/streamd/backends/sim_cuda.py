@@ -18,6 +18,10 @@ Alongside, a happens-before checker (vector clocks, as CUDA's own stream sanitiz
 the runtime's buffers: by the copies, by torch operations of the calling threads (a TorchFunctionMode entered with
 guard()), on a stream or on the host. Two accesses to one buffer, one of them a write, with no event, wait or
 enqueue order between them are a race, listed in `races` whether or not the random delays made it show in values.
+The host threads are one agent: what one of them learnt by a wait counts for all (the daemon hands a batch from
+the submit thread to the results thread through a queue, and its slot back through SlotPending's lock, which the
+checker does not see). So a stream's access unordered with a later one is certain to be listed only when no
+thread waited in between: submit batches from one thread, several in flight, to test that.
 """
 
 from __future__ import annotations
@@ -118,7 +122,9 @@ class _Tracker(TorchFunctionMode):
         if name not in _METADATA:
             written = [args[0]] if (name.endswith("_") and not name.startswith("__")) or name in ("__setitem__", "numpy") else []
             written += [kwargs["out"]] if isinstance(kwargs.get("out"), torch.Tensor) else []
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            # In lists too: YOLOX's Focus stem reads the input only through torch.cat([slices...]).
+            tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))
+                       if isinstance(t, torch.Tensor)]  # fmt: skip
             self.sim.accessed(tensors, written, result, name)
         return result
 
