@@ -198,6 +198,39 @@ def test_srt_fails_clearly() -> None:
 
 
 @pytest.mark.slow
+def test_an_outage_is_measured_from_the_last_frame_sent_even_when_the_reader_was_behind() -> None:
+    """A busy reader (here: one that reads at half the feed's rate for 6 s) finds its frames waiting in the socket's
+    buffer, so the last frame before an outage is read seconds after it came. The gap must still be the outage's
+    length, from the last frame sent to the first after it (measured by when the frames were read, it came out short
+    by the reader's lag: 1.4 s of 8 s on a loaded machine here, 5 s of 10 s in the field)."""
+    port = media.free_port()
+    source, _ = source_for(f"udp://127.0.0.1:{port}", timeout_s=2.0)
+    sender = media.udp_sender(port)
+    try:
+        source.open()
+        slow_until = time.monotonic() + 6.0
+        while time.monotonic() < slow_until:  # 25 fps sent, 12.5 fps read: about 3 s behind at the end
+            source.read()
+            time.sleep(0.08)
+        media.stop(sender)
+        stopped = time.monotonic()
+        with pytest.raises(SourceError, match="no data"):  # what was sent before the stop, then the timeout
+            while True:
+                source.read()
+        time.sleep(max(0.0, stopped + 4.0 - time.monotonic()))  # the sender is away 4 s in all
+        sender = media.udp_sender(port)
+        back = time.monotonic()
+        source.open()
+        (first,) = read_n(source, 1)
+        outage_s = back - stopped
+        # at least the time the sender was away (the first frame after it may take a keyframe's wait longer)
+        assert outage_s - 0.3 <= first.gap_s <= outage_s + 2.0, (first.gap_s, outage_s)
+    finally:
+        source.close()
+        media.stop(sender)
+
+
+@pytest.mark.slow
 def test_live_udp_mpegts_and_reconnect() -> None:
     port = media.free_port()
     url = f"udp://127.0.0.1:{port}"
