@@ -240,11 +240,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, content_type, encoder(self.owner.registry))
         elif path == "/healthz":  # the process's health first, then each stream's state, a line each
             silent = self.owner.health()
-            streams = "".join(f"{stream_id}: {state}\n" for stream_id, state in self.owner.states().items())
+            states = self.owner.states()
+            streams = "".join(f"{stream_id}: {state}\n" for stream_id, state in states.items())
+            stale = [stream_id for stream_id, state in states.items() if state == "stale"]
             if silent is None:
                 self._reply(503, "text/plain; charset=utf-8", f"starting\n{streams}".encode())
             elif silent:
                 self._reply(503, "text/plain; charset=utf-8", f"stalled: {', '.join(silent)}\n{streams}".encode())
+            elif stale:  # running, but delivering nothing a subscriber can use: not "ok" (the watchdog is still fed)
+                self._reply(503, "text/plain; charset=utf-8", f"stale: {', '.join(stale)}\n{streams}".encode())
             else:
                 self._reply(200, "text/plain; charset=utf-8", f"ok\n{streams}".encode())
         else:

@@ -142,6 +142,7 @@ def test_a_scrape_during_a_run_reads_the_pipelines_metrics(tmp_path: Path, tiny_
             source: {clip}
             loop: true
             realtime: true
+            max_age_ms: null          # never stale, even when this machine is too busy to publish in time
             record: {{dir: rec, preset: ultrafast}}
             detection_log: {{dir: log}}
         publish: {{bind: "tcp://127.0.0.1:{media.free_port('tcp')}"}}
@@ -229,6 +230,32 @@ def test_a_taken_port_fails_at_start(tmp_path: Path):
             second.start()
     finally:
         first.close()
+
+
+def test_healthz_says_stale_when_a_live_stream_delivers_nothing(tmp_path: Path, tiny_bundle, clip):
+    """Overload that publishes nothing is not "ok": a paced stream whose every result is older than its budget (here 1
+    ms, which no result meets) is stale, 503 with its name, while a file stream beside it stays running."""
+    port = media.free_port("tcp")
+    config = config_file(
+        tmp_path,
+        f"""
+        model: {tiny_bundle.path}
+        backend: {{type: onnxruntime, threads: 1}}
+        streams:
+          - {{id: live, source: {clip}, loop: true, realtime: true, max_age_ms: 1}}
+          - {{id: file, source: {clip}, loop: true}}
+        publish: {{bind: "tcp://127.0.0.1:{media.free_port('tcp')}"}}
+        metrics: {{bind: "127.0.0.1:{port}"}}
+        """,
+    )
+    run = Run(config)
+    try:
+        status, body = wait_for(lambda: (r := get(f"http://127.0.0.1:{port}/healthz"))[1].startswith("stale") and r,
+                                what="stale")  # fmt: skip
+    finally:
+        summary = run.finish()
+    assert (status, body) == (503, "stale: live\nlive: stale\nfile: running\n")
+    assert dict(summary.stream("live").dropped_by_queue).get("stale", 0) > 0 and summary.stream("live").published == 0
 
 
 def test_healthz_fails_while_a_worker_is_stalled(tmp_path: Path, tiny_bundle, clip, monkeypatch):
