@@ -125,7 +125,7 @@ class _Tracker(TorchFunctionMode):
             # In lists too: YOLOX's Focus stem reads the input only through torch.cat([slices...]).
             tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))
                        if isinstance(t, torch.Tensor)]  # fmt: skip
-            self.sim.accessed(tensors, written, result, name)
+            self.sim.accessed(tensors, written, result, name, kwargs.get("device") is not None)
         return result
 
 
@@ -238,8 +238,9 @@ class SimRuntime:
 
     # --- the checker --------------------------------------------------------------------------------------------
 
-    def accessed(self, tensors: list[torch.Tensor], written: list[torch.Tensor], result, name: str) -> None:
-        """A torch operation of a guarded thread read `tensors` and wrote `written`, made `result`."""
+    def accessed(self, tensors: list[torch.Tensor], written: list[torch.Tensor], result, name: str, placed: bool) -> None:
+        """A torch operation of a guarded thread read `tensors` and wrote `written`, made `result`; `placed`: it was
+        given a device (a factory such as torch.full(..., device=out.device))."""
         ptrs = {storage_of(t) for t in tensors if t.device.type == "cpu"}
         if replaying := self.replaying():
             captured, made, capturing = replaying[-1]
@@ -247,7 +248,10 @@ class SimRuntime:
             if stray and not capturing:
                 self.races.append(f"a graph replay's {name} touched {sorted(self.names.get(p, 'a tensor') for p in stray)}, "
                                   "which the graph did not capture")  # fmt: skip
-            captured |= ptrs if capturing else set()
+            if capturing:  # a graph's memory stays its own (its pool): no later allocation gets a captured address
+                captured |= ptrs
+                self.keep += [*tensors, *(out for out in (result if isinstance(result, (tuple, list)) else (result,))
+                                          if isinstance(out, torch.Tensor))]  # fmt: skip
             made |= {storage_of(out) for out in (result if isinstance(result, (tuple, list)) else (result,))
                      if isinstance(out, torch.Tensor)}  # fmt: skip
         streams = getattr(_THREAD, "streams", [])
@@ -257,12 +261,14 @@ class SimRuntime:
                    if isinstance(out, torch.Tensor) and out.device.type == "cpu"}  # fmt: skip
         with self.lock:
             # A new tensor (not a view of an argument) is a new allocation, perhaps at the address of one freed
-            # since: its history starts here, as a caching allocator's block does. Made on a stream, it is device
-            # memory (the model's own output, say), checked like the runtime's buffers; made on the host, it is not.
+            # since: its history starts here, as a caching allocator's block does. Made from device memory or by a
+            # factory given a device, it is device memory (the model's own output, say), checked like the runtime's
+            # buffers; otherwise it is host memory (torch.empty(n) under on(stream) too), pageable to copy().
+            on_device = placed or bool(ptrs & self.device_storages)
             for ptr in outputs - ptrs - written_ptrs - self.allocated:
                 self.last_write.pop(ptr, None)
                 self.reads.pop(ptr, None)
-                if streams:
+                if on_device:
                     self.device_storages.add(ptr)
                     self.names[ptr] = f"a tensor made on {agent} by {name}"
                 else:

@@ -33,8 +33,8 @@ def compute(slot: int, *copies: str) -> list:
 
 def boxes(images: torch.Tensor) -> torch.Tensor:
     """Anchor 0 of each image: a box (1, 1, 3, 3) in input pixels, of class 1, its score the image's mean."""
-    rows = torch.zeros((images.shape[0], *ROWS))
-    rows[:, 0, :6] = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 0.0])
+    rows = torch.zeros((images.shape[0], *ROWS), device=images.device)
+    rows[:, 0, :6] = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 0.0], device=images.device)
     rows[:, 0, 6] = images.mean(dim=(1, 2, 3))
     return rows
 
