@@ -8,6 +8,7 @@ Cases (each one `streamd run` with the shipped model on ONNX Runtime, publishing
            with -re -stream_loop -1 as MPEG-TS over UDP to 127.0.0.1; the shipped defaults (a paced stream's
            input queue 2 frames, max_age_ms 150).
   live-q8  the same with `queue: {size: 8}` on each stream (the old default).
+  live-q1-b4  `queue: {size: 1}` on each stream and `batch: {max_batch: 4}`: the least waiting.
   demo     configs/streamd/demo.yaml as shipped (its paths, port and folders moved into the work folder): a file
            read as fast as it decodes beside the same file paced like a camera, until the file ends.
   demo-q2  the demo with the paced stream's queue at the default (no `queue:` line).
@@ -123,14 +124,19 @@ def healthz(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def live_config(work: Path, bundle: Path, ports: dict[str, int], queue_size: int | None) -> dict:
+# case -> (streams' queue.size, batch.max_batch): the default, the old 8-frame queue, one frame and small batches
+LIVE_CASES = {"live": (None, 8), "live-q8": (8, 8), "live-q1-b4": (1, 4)}
+
+
+def live_config(work: Path, bundle: Path, ports: dict[str, int], queue_size: int | None, max_batch: int = 8) -> dict:
     streams = []
     for sid in LIVE:
         stream = {"id": sid, "source": f"udp://127.0.0.1:{ports[sid]}"}
         if queue_size is not None:
             stream["queue"] = {"size": queue_size}
         streams.append(stream)
-    return {"model": str(bundle), "backend": {"type": "onnxruntime", "threads": 0}, "streams": streams}
+    return {"model": str(bundle), "backend": {"type": "onnxruntime", "threads": 0}, "streams": streams,
+            "batch": {"max_batch": max_batch, "max_wait_ms": 5}}
 
 
 def demo_config(work: Path, paced_queue: bool) -> dict:
@@ -261,7 +267,8 @@ def main() -> None:
             ports = {sid: media.free_port("udp") for sid in LIVE}
             senders = [loop_sender(clip, port) for port in ports.values()]
             try:
-                config = live_config(work, args.bundle.resolve(), ports, 8 if case == "live-q8" else None)
+                queue_size, max_batch = LIVE_CASES[case]
+                config = live_config(work, args.bundle.resolve(), ports, queue_size, max_batch)
                 results.append(run_case(case, config, work, args.duration_s))
             finally:
                 for sender in senders:

@@ -190,7 +190,7 @@ class QueueConfig(StrictModel):
     """The bounded queue between a source and the inference worker (and before its outputs)."""
 
     size: int | None = Field(
-        None, ge=1, le=1024, description="Frames held at most; null: 2 for the input of a paced stream (what waits "
+        None, ge=1, le=1024, description="Frames held at most; null: 1 for the input of a paced stream (what waits "
         "for inference stays fresh), 8 otherwise.",
     )
     policy: Literal["auto", "drop_oldest", "block"] = Field(

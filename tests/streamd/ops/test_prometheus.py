@@ -179,8 +179,9 @@ def test_a_scrape_during_a_run_reads_the_pipelines_metrics(tmp_path: Path, tiny_
         assert values[("streamd_latency_seconds_bucket", tuple(sorted(inf)))] == count
         assert values[("streamd_latency_seconds_sum", labels)] > 0
     queues = {dict(labels)["queue"]: n for (name, labels), n in values.items() if name == "streamd_queue_capacity"}
-    # every queue of the graph; a paced stream's input holds 2 frames (what waits for inference stays fresh)
-    assert queues == {"input:a": 2, "in_flight": 1, "output:a": 8, "publish": 8}
+    # every queue of the graph; a paced stream's input holds its newest frame (what waits for inference stays fresh);
+    # the publisher's has room for the streams' queues and a whole batch
+    assert queues == {"input:a": 1, "in_flight": 1, "output:a": 8, "publish": 16}
     (segment,) = (tmp_path / "rec").glob("a_*.mp4")
     assert 0 < values[("streamd_recording_bytes", a)] <= segment.stat().st_size
     assert values[("process_resident_memory_bytes", ())] > 0

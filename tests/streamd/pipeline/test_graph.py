@@ -121,9 +121,10 @@ def test_compose_shows_every_stage_queue_and_policy(tiny_bundle, clip, tmp_path:
     assert [t.name for t, _ in graph.tickers] == ["ticker:heartbeat"]
     queues = {q.name: (q.maxsize, q.policy) for _, (_, q) in workers.items() if q is not graph.batcher.obj}
     inputs = {q.name: (q.maxsize, q.policy) for _, q in graph.sources}
-    # a paced stream's input queue holds 2 frames by default (what waits for inference stays fresh); a size set is kept
-    assert inputs == {"input:file": (8, "block"), "input:cam": (3, "drop_oldest"), "input:paced": (2, "drop_oldest")}
-    assert queues == {"in_flight": (1, "block"), "output:file": (8, "block"), "publish": (19, "drop_oldest")}
+    # a paced stream's input queue holds its newest frame by default (what waits for inference stays fresh); a size
+    # set is kept; the publisher's queue has room for the streams' queues and a whole batch (max_batch 8)
+    assert inputs == {"input:file": (8, "block"), "input:cam": (3, "drop_oldest"), "input:paced": (1, "drop_oldest")}
+    assert queues == {"in_flight": (1, "block"), "output:file": (8, "block"), "publish": (27, "drop_oldest")}
     (fresh,) = [n.obj for n in graph.workers()[-1].nodes() if n.obj.name == "freshness"]
     assert fresh.max_age_ms == {"cam": 150, "paced": 150}  # paced streams have a stale budget, files none
     # credits: the file stream's results need a place in its block output queue; the live camera's need none
