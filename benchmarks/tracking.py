@@ -6,7 +6,7 @@ Sequences (640x480, from a strip of BCCD test images side by side): pans at 10, 
 shake, a pan blurred, JPEG-compressed (quality 15), with a bar occluding it, and one with a 1 s freeze and
 dropped frames (20% at random and a 0.5 s gap). The ground truth is the VOC boxes moved with the image, one
 identity per annotated object; a box less than half in view (or half under the bar) is not scored, nor is a
-detection on it. The model runs through streamd.model.detector.Detector on ONNX Runtime, once per frame;
+detection on it. The model runs through streamd.detector.Detector on ONNX Runtime, once per frame;
 each tracker setting then runs over the same detections.
 
 Scored with trackers.eval (Roboflow's port of TrackEval: HOTA, IDF1, ID switches) on the tracked rows, and per
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from streamd.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from streamd.model import load_bundle  # noqa: E402
 from streamd.model.detections import Detections  # noqa: E402
-from streamd.model.detector import Detector  # noqa: E402
+from streamd.detector import Detector  # noqa: E402
 from streamd.tracking import TrackSettings, make_tracker  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))

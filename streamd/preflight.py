@@ -38,7 +38,7 @@ from streamd.checks import Checked
 from streamd.config import PublishConfig, StreamdConfig, split_host_port
 from streamd.errors import StreamdError
 from streamd.model.bundle import load_bundle
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.endpoints import endpoints
 from streamd.yamlconfig import field_lines

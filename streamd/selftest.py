@@ -41,7 +41,7 @@ from streamd.errors import BundleError
 from streamd.model.bundle import GOLDEN_DIR, Bundle, add_golden, load_bundle
 from streamd.model.compare import BARS, Comparison, compare
 from streamd.model.detections import Detections
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 
 log = logging.getLogger(__name__)
 

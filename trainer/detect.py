@@ -1,6 +1,6 @@
 """The trainer's detectors: a bundle on ONNX Runtime, or a torch model, both as streamd's own Detector.
 
-Both go through `streamd.model.detector.Detector` (streamd's letterbox,
+Both go through `streamd.detector.Detector` (streamd's letterbox,
 backend interface and postprocess), so what the trainer measures is what
 streamd runs.
 """
@@ -15,7 +15,7 @@ import torch
 from streamd.backends.base import FunctionBackend
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
 from streamd.model import Bundle, load_bundle
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from trainer.yolox_adapter import inference_model
 
 __all__ = ["Detector", "bundle_detector", "torch_detector"]

@@ -35,7 +35,7 @@ import cv2
 from tqdm import tqdm
 
 from streamd.config import BatchConfig, StreamConfig, StreamdConfig, ThresholdsConfig
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.model.preprocess import letterbox_hw
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.compose import Switches

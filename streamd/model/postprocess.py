@@ -21,6 +21,15 @@ import numpy as np
 from streamd.model.detections import Detections
 
 
+YOLOX_STRIDES = (8, 16, 32)  # the head's output strides
+
+
+def yolox_anchors(input_hw: tuple[int, int]) -> int:
+    """The anchors (rows of the output) of a YOLOX head at input_hw: the sum over strides of (H/s) * (W/s)."""
+    height, width = input_hw
+    return sum((height // stride) * (width // stride) for stride in YOLOX_STRIDES)
+
+
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one xyxy box [4] against many xyxy boxes [M, 4] -> float32 [M]."""
     x1 = np.maximum(box[0], boxes[:, 0])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamd.config import StreamConfig, StreamdConfig
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.ops.heartbeat import HeartbeatSource
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.graph import Graph, Queue

@@ -19,7 +19,7 @@ from streamd.backends.select import make_backend
 from streamd.config import StreamdConfig
 from streamd.hardware import prepare_primary_context
 from streamd.model.bundle import load_bundle
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.ops.metrics import Metrics, RunSummary
 from streamd.ops.prometheus import MetricsServer, RunCollector
 from streamd.ops.systemd import SystemdNotifier

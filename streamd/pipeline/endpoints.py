@@ -8,7 +8,7 @@ from __future__ import annotations
 import zmq
 
 from streamd.config import BackendConfig, StreamConfig, StreamdConfig, TensorRTConfig, TorchConfig
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.compose import Chain, Endpoints, Switches, max_age_ms
 from streamd.stages.annotate import AnnotateStage

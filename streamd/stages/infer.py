@@ -4,7 +4,7 @@
 
 On the CPU (ONNX Runtime) SubmitStage letterboxes on the host and ResultsStage
 decodes and NMSes with NumPy; with a FrameBackend (torch, TensorRT) the frames
-go up as decoded and all of it runs on the device (streamd.model.detector).
+go up as decoded and all of it runs on the device (streamd.detector).
 
 The runner gathers the Batch (up to max_batch frames or max_wait_ms, fairly
 across streams, see `streamd.pipeline.queues.Batcher`). `compose` puts a
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from streamd.model.detector import Detector, Submitted
+from streamd.detector import Detector, Submitted
 from streamd.ops.metrics import Metrics
 from streamd.types import Batch, Frame, FrameResult, Latency, ModelRef
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from streamd.model import Bundle, write_bundle
-from streamd.model.detector import yolox_anchors
+from streamd.model.postprocess import yolox_anchors
 from tests.streamd import media
 
 INPUT_HW = (64, 64)

@@ -19,7 +19,7 @@ from streamd.config import OnnxRuntimeConfig, TorchConfig
 from streamd.errors import BundleError
 from streamd.model import load_bundle
 from streamd.model.bundle import META_FILE
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.ops.prometheus import MetricsServer, RunCollector
 from streamd.selftest import GOLDEN_IMAGES, golden_frames, self_test, synthetic_frames

@@ -16,7 +16,7 @@ from streamd.backends.base import FunctionBackend
 import jsonschema
 
 from streamd.messages import schema
-from streamd.model.detector import yolox_anchors
+from streamd.model.postprocess import yolox_anchors
 from tests.streamd import media
 from trainer.detect import Detector
 from trainer.predict import IMAGES_LOG, predict

@@ -114,7 +114,7 @@ import streamd.cli, streamd.pipeline.daemon, streamd.pipeline.compose, streamd.b
 from streamd.backends.select import make_backend
 from streamd.config import AutoBackendConfig
 from streamd.model import load_bundle
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 bundle = load_bundle({str(tiny_bundle.path)!r})
 detector = Detector.for_bundle(bundle, make_backend(bundle, AutoBackendConfig(type="auto"), 2))
 detector.warm_up()

@@ -20,7 +20,7 @@ from streamd.config import OnnxRuntimeConfig
 from streamd.model import load_bundle
 from streamd.model.bundle import Preprocess
 from streamd.model.detections import Detections
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.model.postprocess import box_iou, postprocess
 from streamd.model.preprocess import letterbox
 from streamd.types import PixelLayout

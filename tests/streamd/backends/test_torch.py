@@ -28,7 +28,7 @@ from streamd.config import AutoBackendConfig, OnnxRuntimeConfig, TorchConfig
 from streamd.errors import BackendError
 from streamd.model import load_bundle
 from streamd.model.compare import BARS, compare
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.model.postprocess import postprocess
 from streamd.model.preprocess import letterbox_batch
 from streamd.types import BGR24

@@ -9,7 +9,7 @@ import pytest
 
 from streamd.backends.base import FunctionBackend
 from streamd.messages import encode, encode_message
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.model.postprocess import decode_output
 from streamd.ops.metrics import Metrics
 from streamd.stages.infer import ResultsStage, SubmitStage

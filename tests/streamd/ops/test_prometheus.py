@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from streamd.config import MetricsConfig, load_config
 from streamd.errors import ConfigError, OutputError
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.ops.metrics import LATENCY_BUCKETS_MS, Metrics, dropped
 from streamd.ops import prometheus
 from streamd.ops.prometheus import MetricsServer, RunCollector

@@ -13,7 +13,8 @@ import numpy as np
 
 from streamd.backends.base import Ready
 from streamd.errors import BackendError, OutputError, SourceError
-from streamd.model.detector import Detector, yolox_anchors
+from streamd.model.postprocess import yolox_anchors
+from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.config import StreamdConfig
 from streamd.pipeline.compose import Endpoints, compose

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from streamd.config import load_config
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.compose import Switches, compose
 from streamd.pipeline.endpoints import endpoints

@@ -21,7 +21,7 @@ from streamd.messages import SCHEMA_ID  # noqa: E402
 from streamd.model import load_bundle  # noqa: E402
 from streamd.model.compare import BARS, compare  # noqa: E402
 from streamd.model.detections import Detections  # noqa: E402
-from streamd.model.detector import Detector  # noqa: E402
+from streamd.detector import Detector  # noqa: E402
 from streamd.ops.metrics import Metrics  # noqa: E402
 from streamd.pipeline.compose import Switches, compose  # noqa: E402
 from streamd.pipeline.endpoints import endpoints  # noqa: E402

@@ -374,7 +374,7 @@ def test_a_stream_decoded_for_the_model_is_never_made_full_size_and_detects_the_
     bilinear, so a box near the threshold can move a little: measured, min IoU 0.954 above 0.5)."""
     from streamd.backends.onnxruntime import OnnxRuntimeBackend
     from streamd.model import load_bundle
-    from streamd.model.detector import Detector
+    from streamd.detector import Detector
     from streamd.model.postprocess import box_iou
 
     bundle = load_bundle(SHIPPED)

@@ -16,7 +16,8 @@ from streamd.backends.select import make_backend
 from streamd.config import OnnxRuntimeConfig
 
 from streamd.model.detections import Detections
-from streamd.model.detector import Detector, yolox_anchors
+from streamd.model.postprocess import yolox_anchors
+from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.stages.infer import ResultsStage, SubmitStage
 from streamd.types import BGR24, Batch, Frame, PixelLayout

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
 from streamd.config import OnnxRuntimeConfig
 from streamd.model import load_bundle
-from streamd.model.detector import Detector
+from streamd.detector import Detector
 from streamd.selftest import GOLDEN_IMAGES, golden_frames, reference_detections, self_test
 from synthetic import write_experiment
 from trainer.checkpoint import read_checkpoint, save_checkpoint

@@ -7,7 +7,8 @@ Two ways, chosen by what the backend is (streamd.backends.base):
   and colour, letterbox, model, threshold and NMS run on its device; only detections come back.
 
 Used by the daemon's inference stages, `trainer eval` and `trainer predict`,
-so what the trainer measures is what streamd runs. NumPy only.
+so what the trainer measures is what streamd runs. It joins the model's contract (streamd.model, NumPy only) to a
+backend (streamd.backends), so it lives above both: model/ imports no backend.
 """
 
 from __future__ import annotations
@@ -23,18 +24,9 @@ from streamd.backends.base import Backend, FrameBackend, Pending, PendingDetecti
 from streamd.errors import BundleError
 from streamd.model.bundle import Bundle, Preprocess, Thresholds
 from streamd.model.detections import Detections
-from streamd.model.postprocess import Decoded, decode_output
+from streamd.model.postprocess import YOLOX_STRIDES, Decoded, decode_output, yolox_anchors
 from streamd.model.preprocess import letterbox_batch
 from streamd.types import BGR24, PixelLayout, picture_hw
-
-YOLOX_STRIDES = (8, 16, 32)  # the head's output strides
-
-
-def yolox_anchors(input_hw: tuple[int, int]) -> int:
-    """The anchors (rows of the output) of a YOLOX head at input_hw: the sum over strides of (H/s) * (W/s)."""
-    height, width = input_hw
-    return sum((height // stride) * (width // stride) for stride in YOLOX_STRIDES)
-
 
 class Submitted(Protocol):
     """Images handed to the backend. decoded() blocks until they are done: one Detections per image, and the rows
