@@ -24,9 +24,11 @@ import cv2
 import numpy as np
 
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
+from streamd.config import TrackConfig
 from streamd.draw import draw_detections
 from streamd.messages import encode_message
 from streamd.model import letterbox_batch, load_bundle, postprocess
+from streamd.tracking import make_tracker
 from streamd.types import Frame, Latency, ModelRef
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "medium")
@@ -42,9 +44,10 @@ class StageCosts:
     def limit(self, recorded: bool, model: str = "infer fp32") -> float:
         """frames/s: cores / the stages a frame goes through (a recorded stream keeps the full-size frame)."""
         if recorded:
-            path = ["decode full BGR", "letterbox from full", model, "decode + NMS", "message", "annotate", "encode x264"]
+            path = ["decode full BGR", "letterbox from full", model, "decode + NMS", "track", "message", "annotate",
+                    "encode x264"]
         else:
-            path = ["decode to model size", "letterbox (pad only)", model, "decode + NMS", "message"]
+            path = ["decode to model size", "letterbox (pad only)", model, "decode + NMS", "track", "message"]
         return self.cores / sum(self.ms[name] for name in path) * 1e3
 
 
@@ -101,6 +104,14 @@ def stage_costs(video: Path, bundle_path: Path, int8_path: Path | None, max_batc
     ref = ModelRef(meta.name, bundle.sha256, meta.class_names)
     latency = Latency(1.0, 1.0, 1.0, 3.0)
     frame = Frame("bench", 0, 0.0, full[0], time.time())
+    settings = TrackConfig().settings()  # the daemon's default tracker, over the frames in their order
+
+    def track() -> None:
+        tracker = make_tracker(settings)
+        for i, detections in enumerate(found):
+            tracker.update(detections, i / 30)
+
+    ms["track"] = _cpu_ms_per(len(found), track)
     ms["message"] = _cpu_ms_per(len(found), lambda: [encode_message(frame, d, ref, latency) for d in found])
     ms["annotate"] = _cpu_ms_per(len(found), lambda: [draw_detections(full[i], d, meta.class_names) for i, d in enumerate(found)])
     ms["encode x264"] = encode_costs(full, ("veryfast",))["veryfast", "zerolatency"][0]
