@@ -65,7 +65,7 @@ def try_once(work: Path, clip: Path, fps: float, run_s: float, bundle: Path) -> 
     }  # fmt: skip
     path = work / "streamd.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    sender = loop_sender(clip, port)
+    sender, daemon = loop_sender(clip, port), None
     try:
         with open(work / "streamd.err", "w") as err:
             daemon = subprocess.Popen([str(STREAMD), "run", str(path)], stdout=subprocess.DEVNULL, stderr=err)
@@ -79,6 +79,9 @@ def try_once(work: Path, clip: Path, fps: float, run_s: float, bundle: Path) -> 
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.wait(timeout=30)
     finally:
+        if daemon is not None and daemon.poll() is None:  # it failed to log: not left running
+            daemon.kill()
+            daemon.wait()
         media.stop(sender)
     segments = log_lines(work / "log")
     logged = [line for lines in segments.values() for line in lines]

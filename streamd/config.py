@@ -280,12 +280,8 @@ class TrackConfig(StrictModel):
     max_lost_s: float = Field(_TRACK.max_lost_s, gt=0, le=3600, description="A track ends after this long unseen, s.")
 
     @model_validator(mode="after")
-    def _n_of_m(self) -> TrackConfig:
-        if self.confirm_n > self.confirm_m:
-            raise ValueError(f"confirm_n ({self.confirm_n}) must be <= confirm_m ({self.confirm_m})")
-        if self.method == "bytetrack" and self.high_conf_threshold > self.new_track_threshold:
-            raise ValueError(f"high_conf_threshold ({self.high_conf_threshold}) must be <= new_track_threshold "
-                             f"({self.new_track_threshold})")
+    def _the_trackers_own_rules(self) -> TrackConfig:
+        self.settings()  # TrackSettings checks N of M and ByteTrack's thresholds: one place for its rules
         return self
 
     def settings(self) -> TrackSettings:

@@ -291,6 +291,13 @@ def _track_bar(track: Track, model: str, x_of, y: float, index: int, only: bool)
             f'fill="{COLOURS[index]}" fill-opacity="0.4"{outline}><title>{html.escape(title)}</title></rect>')
 
 
+def _thumb_cell(finding: Finding, thumbs: dict[Finding, str]) -> str:
+    """The finding's thumbnail, or why there is none (its frame is past what the source decodes now: changed since?)."""
+    if finding not in thumbs:
+        return "no frame: the source no longer decodes that far"
+    return f'<img alt="{html.escape(finding.track.label)} at {finding.best_pts_s:.2f} s" src="{thumbs[finding]}">'
+
+
 def _findings_table(findings: Sequence[Finding], thumbs: dict[Finding, str], names: list[str], verdicts: list) -> str:
     """A row per finding; verdicts: per finding True (an object of the truth), False (a false alarm), None (on no
     annotated frame), "" (no truth given: no column)."""
@@ -302,8 +309,8 @@ def _findings_table(findings: Sequence[Finding], thumbs: dict[Finding, str], nam
         f"<tr><td>{_model_label(f.model, names.index(f.model))}</td><td>{html.escape(f.track.stream_id)}</td>"
         f"<td>{f.track.track_id}</td><td>{html.escape(f.track.label)}</td>"
         f"<td>{f.track.first_pts_s:.2f} &ndash; {f.track.last_pts_s:.2f} s</td><td>{f.track.frames}</td>"
-        f"<td>{f.track.best_score:.2f}</td><td><img alt=\"{html.escape(f.track.label)} at {f.best_pts_s:.2f} s\" "
-        f'src="{thumbs[f]}"></td>' + (f"<td>{shown[v]}</td>" if with_truth else "") + "</tr>"
+        f"<td>{f.track.best_score:.2f}</td><td>{_thumb_cell(f, thumbs)}</td>"
+        + (f"<td>{shown[v]}</td>" if with_truth else "") + "</tr>"
         for f, v in zip(findings, verdicts)
     )
     return ("<table><tr><th>only</th><th>stream</th><th>track</th><th>class</th><th>time</th><th>frames</th>"
