@@ -195,9 +195,8 @@ class Metrics:
     def count_dropped(self, item: Any, reason: str) -> None:
         """Count a dropped queue item under dropped(reason): one drop per frame it carries (a batch carries
         several, a frame's result one, a heartbeat none: an item of no stream carries `frames`)."""
-        streams = [item.stream_id] if item.stream_id is not None else [frame.stream_id for frame in item.frames]
-        for stream_id in streams:
-            self.count(stream_id, dropped(reason))
+        for frame in item.frames:  # a track event or a heartbeat carries none: not a frame dropped
+            self.count(frame.stream_id, dropped(reason))
 
     def result(self, stream_id: str, detections: int, latency: Latency) -> None:
         """One frame through inference: counted as processed, its detections counted, its latency sampled."""

@@ -31,7 +31,8 @@ QUEUE_FRAMES = 8  # every other queue's default size
 class Switches:
     """Which outputs `endpoints` builds (a benchmark measures inference alone by turning them off), and whether
     messages carry wall-clock fields (wall_clock False: captured_at counts from the epoch by the frame's pts, every
-    latency is 0, so a replay of the same source writes the same bytes every time)."""
+    latency is 0, so a replay of the same source writes the same bytes every time; the frames after the message
+    stage then carry their pts as their capture time, so it is for replays, which neither record nor publish)."""
 
     record: bool = True
     detection_log: bool = True
@@ -80,7 +81,7 @@ def compose(
     results = ResultsStage(detector, metrics)
     graph.add_flow(batch, submit)
     graph.add_flow(submit, results, Queue("in_flight", size=1, policy="block", per_frame=False))
-    messages = {}
+    messages = []
     for stream in config.streams:
         policy = queue_policy(stream)
         graph.add_flow(endpoints.sources[stream.id], batch, Queue("input", input_queue_size(stream), policy))
@@ -96,7 +97,7 @@ def compose(
             graph.add_flow(message, chain[0], outputs, stream=stream.id)
             for up, down in zip(chain, chain[1:]):
                 graph.add_flow(up, down)
-        messages[stream.id] = message
+        messages.append(message)
     publisher = endpoints.publisher
     if publisher is not None:  # every stream's messages and the heartbeat into one queue (N -> 1)
         live = any(queue_policy(stream) == "drop_oldest" for stream in config.streams)
@@ -104,7 +105,7 @@ def compose(
         size = sum(queue_size(stream) for stream in config.streams) + config.batch.max_batch
         published = Queue("publish", size, "drop_oldest" if live else "block")
         fresh = FreshnessStage({s.id: max_age_ms(s) for s in config.streams if max_age_ms(s) is not None}, metrics)
-        for message in messages.values():
+        for message in messages:
             graph.add_flow(message, fresh, published)
         graph.add_flow(HeartbeatSource(metrics, results.model), fresh, published)
         graph.add_flow(fresh, publisher)
@@ -120,11 +121,11 @@ def max_age_ms(stream: StreamConfig) -> float | None:
 
 
 def input_queue_size(stream: StreamConfig) -> int:
-    """streams[].queue.size, or by default LIVE_INPUT_FRAMES for a paced stream (so what waits for inference is a
-    the newest: under overload fresh frames are inferred and published, older ones dropped and counted; measured by
-    benchmarks/overload.py, 4 live 640x480 streams published 84-88% of what they processed at this default, none with
-    2 or 8 frames) and
-    QUEUE_FRAMES for a file."""
+    """streams[].queue.size; by default LIVE_INPUT_FRAMES for a paced stream and QUEUE_FRAMES for a file.
+
+    A paced stream keeps only its newest frame waiting: under overload fresh frames are inferred and published, older
+    ones dropped and counted (benchmarks/overload.py: 4 live 640x480 streams published 84-90% of what they processed
+    with it, almost none with 2 or 8 frames)."""
     if stream.queue.size is not None:
         return stream.queue.size
     return LIVE_INPUT_FRAMES if stream.paced else QUEUE_FRAMES

@@ -97,6 +97,8 @@ class Worker:
     streams: the streams whose end-of-stream it waits for before it ends.
     settles: the credited queues its stages put into: after each item, the credits its frames still hold
         there are given back (their results did not come: an error, a failed stage).
+    holds_credits: its items' frames hold credits that no later worker will use if it drops them (the
+        batcher's worker): it gives them back when it drops an item.
     """
 
     name: str
@@ -104,6 +106,7 @@ class Worker:
     roots: tuple[Node, ...]
     streams: frozenset[str]
     settles: tuple[BoundedQueue, ...] = ()
+    holds_credits: bool = False
 
     def nodes(self) -> list[Node]:
         """Every node this worker runs, in flow order."""
@@ -240,9 +243,9 @@ class Graph:
         unfed = [n.name for n in nodes if not n.streams and not isinstance(n.obj, Ticker)]
         if unfed:
             raise ValueError(f"no source feeds {', '.join(unfed)}")
-        self.tickers = [(node, node.queued[0][1]) for node, _ in self.tickers if node.queued]
-        if len(self.tickers) != sum(isinstance(n.obj, Ticker) for n in nodes):
+        if any(len(node.queued) != 1 for node, _ in self.tickers):
             raise ValueError("a ticker flows into exactly one queue")
+        self.tickers = [(node, node.queued[0][1]) for node, _ in self.tickers]
         if self.batcher is not None:
             self._credit_queues()
         self._checked = True
@@ -292,7 +295,7 @@ class Graph:
         streams = frozenset().union(*(root.streams for root in roots))
         nodes = [node for root in roots for node in root.subtree()]
         settles = {id(q): q for node in nodes for _, q in node.queued if id(q) in self._credited}
-        return Worker(name, inbox, roots, streams, tuple(settles.values()))
+        return Worker(name, inbox, roots, streams, tuple(settles.values()), holds_credits=isinstance(inbox, Batcher))
 
     def queues(self) -> list[BoundedQueue]:
         """Every bounded queue of the graph (the sources' input queues first)."""

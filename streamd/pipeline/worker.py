@@ -1,4 +1,4 @@
-"""The two loops every thread of the pipeline runs, and the state they share.
+"""The loops every thread of the pipeline runs, and the state they share.
 
 - `run_source`: a producer. Open (again, after a back-off, for a live
   source), read, put into the stream's input queue; its end-of-stream goes
@@ -97,10 +97,6 @@ class Control:
     def beat(self, worker: str) -> None:
         self.beats[worker] = time.monotonic()
 
-    def drop(self, item: Any, reason: str) -> None:
-        """An item that goes no further: counted under dropped(reason), its frames' credits given back."""
-        self.metrics.count_dropped(item, reason)
-        self.release_credits(item.frames)
 
     def gave_up(self) -> bool:
         return self.give_up_at is not None and time.monotonic() > self.give_up_at
@@ -114,7 +110,7 @@ class Control:
             except Full:
                 self.beat(worker)
                 if self.gave_up():
-                    self.drop(item, "shutdown")
+                    self.metrics.count_dropped(item, "shutdown")
                     return False
 
 
@@ -241,14 +237,15 @@ class _Runner:
             for stream_id in sorted({item.stream_id} if item.stream_id is not None else {f.stream_id for f in item.frames}):
                 self.control.metrics.error(stream_id, str(exc))
             log.warning("%s: %s (item skipped)", node.name, exc, extra=stream_extra(item.stream_id))
-            self.control.release_credits(item.frames)
+            self.gone(item)
             return
         except Exception as exc:
             if node.stream is None:
                 raise  # a shared stage: fatal (run_worker records it)
             previous = self.probation.pop(id(node), None)
             self._fail(node, describe(node.name, exc), previous.wait_s * 2 if previous is not None else None)
-            self.control.drop(item, f"{node.obj.name} failed")
+            self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
+            self.gone(item)
             return
         if (recovered := self.probation.pop(id(node), None)) is not None:
             log.info("%s works again after: %s", node.name, recovered.error, extra=stream_extra(node.stream))
@@ -268,7 +265,8 @@ class _Runner:
             else:
                 self.probation[id(node)] = self.failures.pop(id(node))  # "works again" once an item got through
                 return True
-        self.control.drop(item, f"{node.obj.name} failed")
+        self.control.metrics.count_dropped(item, f"{node.obj.name} failed")
+        self.gone(item)
         return False
 
     def _fail(self, node: Node, text: str, wait_s: float | None = None) -> None:
@@ -278,6 +276,14 @@ class _Runner:
         log.error("%s; this output of the stream stops, retrying in %.3g s (the rest goes on)", text, wait_s,
                   extra=stream_extra(node.stream))
         _close(node, self.control, fatal=False)
+
+    def gone(self, item: Any) -> None:
+        """An item this worker did not pass on: in the worker before the credited queues (the batcher's), its frames'
+        credits come back now, since no later worker will put their results. Further down, the worker that feeds the
+        credited queues settles after each item (run_worker), and a worker after them has nothing to give back: a
+        release there could take a place a result is still on its way to."""
+        if self.worker.holds_credits:
+            self.control.release_credits(item.frames)
 
     def emit(self, node: Node, item: Any) -> None:
         """Route one output of `node`: into its queues, and through its direct flows."""
@@ -334,7 +340,8 @@ def run_worker(worker: Worker, control: Control, failed_at_setup: dict[int, str]
                         runner.end(root, item)
                 continue
             if runner.fatal:
-                control.drop(item, "failed")
+                control.metrics.count_dropped(item, "failed")
+                runner.gone(item)
                 continue
             try:
                 for root in worker.roots:

@@ -16,7 +16,8 @@ from streamd.types import FrameResult, Heartbeat, TrackReport
 
 
 class FreshnessStage:
-    """FrameResult -> the same FrameResult, or nothing (counted as dropped: stale) when older than max_age_ms.
+    """FrameResult -> the same FrameResult, or nothing (counted as dropped: stale) when older than max_age_ms; a
+    track event or a heartbeat -> itself (never stale).
 
     max_age_ms: the budget per stream id; a stream missing from it has none.
     """

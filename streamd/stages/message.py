@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
-from streamd.messages import detection_message, encode, track_message
+from streamd.messages import encode, encode_message, track_message
 from streamd.ops.metrics import Metrics
 from streamd.types import FrameResult, Latency, ModelRef, TrackReport
 
@@ -34,7 +34,7 @@ class MessageStage:
                 if not self.wall_clock:
                     frame, latency = replace(frame, decoded_at=frame.pts_s), Latency(0.0, 0.0, 0.0, 0.0)
                     state = replace(state, state="running")
-                message = encode(detection_message(frame, detections, model, latency, state))
+                message = encode_message(frame, detections, model, latency, state)
                 yield replace(item, frame=frame, message=message)  # no wall clock downstream: log names follow pts
             case TrackReport(event=event):
                 yield replace(item, message=encode(track_message(self.stream_id, event, self.model)))

@@ -9,9 +9,10 @@ stage of one stream; other streams never notice.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 from streamd.ops.metrics import Metrics
-from streamd.tracking import Tracker, TrackSettings, make_tracker
+from streamd.tracking import TrackEvent, Tracker, TrackSettings, make_tracker
 from streamd.types import EndOfStream, FrameResult, TrackReport
 
 
@@ -28,22 +29,21 @@ class TrackStage:
         metrics.declare({"track_events": "Tracks confirmed or ended (streamd.track/1 events)."})
         self.tracker: Tracker | None = None
         self._last_pts_s = 0.0
+        self._ended: tuple[TrackEvent, ...] = ()  # tracks a failure cut short: their ended events go with the next frame
 
     def setup(self) -> None:
         if self.tracker is None:
             self.tracker = make_tracker(self.settings)
-        else:
-            self.tracker.finish(self._last_pts_s)
+        else:  # set up again after a failure: its open tracks end, and say so with the next frame
+            self._ended = self.tracker.finish(self._last_pts_s)
 
     def process(self, result: FrameResult) -> Iterator[TrackReport | FrameResult]:
         pts_s = result.frame.pts_s
         update = self.tracker.update(result.detections, pts_s)
         self._last_pts_s = pts_s
-        yield from self._reports(update.events)
-        yield FrameResult(
-            frame=result.frame, detections=result.detections.with_tracks(update.track_id, update.confirmed),
-            model=result.model, latency=result.latency, batch_size=result.batch_size,
-        )  # fmt: skip
+        yield from self._reports((*self._ended, *update.events))
+        self._ended = ()
+        yield replace(result, detections=result.detections.with_tracks(update.track_id, update.confirmed))
 
     def end(self, end: EndOfStream) -> Iterator[TrackReport]:
         """The stream ended: every open track ends with it."""
