@@ -262,8 +262,9 @@ class _Writer:
         return self._retry_at is not None and not self._retry_sent and time.monotonic() >= self._retry_at
 
     def retrying(self) -> None:
-        """The tap sent a cut: the retry it was due for is on its way."""
-        self._retry_sent = self._retry_at is not None
+        """The tap sent a cut: if a retry was due, it is on its way (a cut before then, at a segment boundary, is
+        skipped by the failed writer and must not use up the retry)."""
+        self._retry_sent = self._retry_sent or self.retry_due()
 
     def _run(self) -> None:
         while True:
