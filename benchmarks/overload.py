@@ -7,6 +7,7 @@ Cases (each one `streamd run` with the shipped model on ONNX Runtime, publishing
   live     4 live 1080p30 streams (--size another size): ffmpeg sends a 10 s testsrc2 H.264 clip (made first, GOP 1 s, no B-frames)
            with -re -stream_loop -1 as MPEG-TS over UDP to 127.0.0.1; the shipped defaults (a paced stream's
            input queue 2 frames, max_age_ms 150).
+  live-q2  the same with `queue: {size: 2}` (the default for a while in this work).
   live-q8  the same with `queue: {size: 8}` on each stream (the old default).
   live-q1-b4  `queue: {size: 1}` on each stream and `batch: {max_batch: 4}`: the least waiting.
   demo     configs/streamd/demo.yaml as shipped (its paths, port and folders moved into the work folder): a file
@@ -125,7 +126,7 @@ def healthz(url: str) -> tuple[int, str]:
 
 
 # case -> (streams' queue.size, batch.max_batch): the default, the old 8-frame queue, one frame and small batches
-LIVE_CASES = {"live": (None, 8), "live-q8": (8, 8), "live-q1-b4": (1, 4)}
+LIVE_CASES = {"live": (None, 8), "live-q2": (2, 8), "live-q8": (8, 8), "live-q1-b4": (1, 4)}
 
 
 def live_config(work: Path, bundle: Path, ports: dict[str, int], queue_size: int | None, max_batch: int = 8) -> dict:
@@ -247,7 +248,7 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=60.0, help="How long each live case runs (default 60).")
-    parser.add_argument("--cases", default="live,live-q8,demo", help="Comma-separated: live, live-q8, demo, demo-q2.")
+    parser.add_argument("--cases", default="live,live-q8,demo", help="Comma-separated: live, live-q2, live-q8, live-q1-b4, demo, demo-q2.")
     parser.add_argument("--size", default="1920x1080", help="WIDTHxHEIGHT of the live streams (default 1920x1080).")
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "bccd-nano.bundle")
     parser.add_argument("--json", type=Path, help="Also write the results here.")

@@ -82,6 +82,7 @@ def preflight(config: StreamdConfig, config_path: Path) -> list[Problem]:
                     problem(section + finding.field, finding.text, finding.environment)
     finally:
         context.term()
+        detector.backend.close()  # ONNX Runtime's session is not needed past the checks
     if config.metrics is not None:
         if why := shared_port(config.metrics.bind, config.publish):
             problem(("metrics", "bind"), why)

@@ -109,7 +109,7 @@ class PublishStage:
 
     def check(self) -> Iterator[Finding]:
         """The endpoint binds now, and the CURVE key files read (streamd.checks.Checked)."""
-        if why := unbindable(self.bind):
+        if why := unbindable(self.context, self.bind):
             yield Finding(("bind",), why, environment=True)
         if self.curve is not None:
             for field, read in (("server_secret_key_file", read_key_pair), ("authorized_clients_dir", read_authorized_keys)):
@@ -170,9 +170,9 @@ class PublishStage:
             self.authenticator = None
 
 
-def unbindable(endpoint: str) -> str | None:
-    """Why a PUB socket could not bind `endpoint` now, or None (the socket is closed again at once)."""
-    context = zmq.Context()
+def unbindable(context: zmq.Context, endpoint: str) -> str | None:
+    """Why a PUB socket could not bind `endpoint` now, or None (the socket, on the process's context, is closed
+    again at once)."""
     socket = context.socket(zmq.PUB)
     socket.setsockopt(zmq.IPV6, 1)  # as PublishStage binds it
     try:
@@ -181,6 +181,5 @@ def unbindable(endpoint: str) -> str | None:
         return f"cannot bind {endpoint}: {exc}"
     finally:
         socket.close(linger=0)
-        context.term()
     return None
 
