@@ -81,13 +81,17 @@ def test_tracks_are_a_stage_of_their_stream_with_events_published_and_logged(tin
 
 
 class FlaggingSource(FakeSource):
-    """A live fake whose frame `at` ends a 4.25 s outage, jumps the clock and is frozen (its flags, as decode sets)."""
+    """A live fake whose frame `at` ends a 4.25 s outage, jumps the clock and is frozen (its flags, as decode sets).
+    It reads frame `at` only once `busy` is set (inference is held on an earlier frame), so that frame waits in the
+    one-frame input queue and the next frame replaces it: dropped whatever the machine's speed."""
 
-    def __init__(self, *args, at: int, **kwargs):
+    def __init__(self, *args, at: int, busy: threading.Event, **kwargs):
         super().__init__(*args, **kwargs)
-        self.at = at
+        self.at, self.busy = at, busy
 
     def read(self) -> Frame | None:
+        if self.sent == self.at:
+            self.busy.wait(30)
         frame = super().read()
         if frame is None or frame.seq != self.at:
             return frame
@@ -99,12 +103,13 @@ def test_a_state_flag_survives_the_drop_of_the_frame_that_carried_it(tiny_bundle
     """The frame that ends an outage is dropped on purpose (inference held while the live source reads on, its input
     queue dropping the oldest): the next delivered message still says what happened (Metrics.observe in the source's
     thread). Mutation check: folding the flags in from the frame at the message stage instead loses them here."""
-    source = FlaggingSource("cam", 30, live=True, at=5)
+    busy, release = threading.Event(), threading.Event()
+    source = FlaggingSource("cam", 30, live=True, at=5, busy=busy)
     backend = FakeBackend(max_batch=1)
-    release = threading.Event()
 
     def hold_first(call: int) -> None:
         if call == 3:  # the first real batch (after 2 warm-up runs): hold it until the source is well past frame 5
+            busy.set()
             release.wait(30)
 
     backend.hook = hold_first
