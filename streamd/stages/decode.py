@@ -62,7 +62,7 @@ from streamd.model.preprocess import letterbox_hw
 from streamd.ops.metrics import Metrics, dropped
 from streamd.pipeline.stage import Backoff
 from streamd.stages.archive import ArchiveTap
-from streamd.stages.decoder import PIXEL_FORMATS, NvdecOpen, decoder_in_use, frame_pixels, hwaccel_for
+from streamd.stages.decoder import PIXEL_FORMATS, NvdecOpen, Reformatter, decoder_in_use, frame_pixels, hwaccel_for
 from streamd.stages.freeze import FreezeDetector
 from streamd.stages.timeline import TimeLine  # noqa: F401 (also streamd.stages.decode.TimeLine)
 from streamd.types import Frame, PixelFormat, image_problem, picture_hw
@@ -218,6 +218,7 @@ class AVSource:
         self._decoder_pending: tuple[av.VideoCodecContext, NvdecOpen | None, str | None] | None = None
         self._decoder_said: str | None = None  # the last line logged about it
         self._unfit: dict[str, int] = {}  # why frames were skipped (size or layout) -> how many
+        self._reformat = Reformatter()  # this stream's swscale context, made once
 
     def __repr__(self) -> str:
         return f"AVSource({self.stream_id!r}, {self.url!r}, kind={self.kind!r}, live={self.live})"
@@ -345,7 +346,7 @@ class AVSource:
                 av_frame, received = next(self._frames)
                 problem = self._size_problem(av_frame.height, av_frame.width)
                 if problem is None:
-                    image, layout, source_hw, scale = frame_pixels(av_frame, self.pixel_format, self.model_hw)
+                    image, layout, source_hw, scale = frame_pixels(av_frame, self.pixel_format, self.model_hw, self._reformat)
                     problem = image_problem(image, layout.format, image.dtype == np.uint8)
                 if problem is None:
                     break

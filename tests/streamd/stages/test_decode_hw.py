@@ -560,3 +560,22 @@ def test_nvdec_shares_the_primary_context_only_when_its_flags_were_set_before_th
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"stream 'ctx-1': h264 on NVDEC (cuda, {context}" in result.stdout, result.stdout[-3000:]
+
+
+def test_one_reformatter_for_a_stream_gives_to_ndarrays_pixels_whatever_comes(clips):
+    """A stream's Reformatter keeps one swscale context (VideoFrame.to_ndarray makes one, with a thread per CPU,
+    for every frame): it follows every change of size, pixel format and target a stream can show, bit for bit."""
+    reformat = decoder.Reformatter()
+    for clip in ("h264", "odd", "yuv422p", "mjpeg", "h264"):
+        with av.open(str(clips[clip])) as container:
+            av_frames = [frame for _, frame in zip(range(3), container.decode(video=0))]
+        for av_frame in av_frames:
+            for pixel_format, model_hw in (("bgr24", None), ("bgr24", (64, 64)), ("bgr24", (96, 48)), ("yuv420p", None)):
+                got = decoder.frame_pixels(av_frame, pixel_format, model_hw, reformat)
+                expected = decoder.frame_pixels(av_frame, pixel_format, model_hw)  # a new context of its own
+                assert got[1:] == expected[1:]
+                np.testing.assert_array_equal(got[0], expected[0])
+                if model_hw is not None:
+                    size = (got[0].shape[1], got[0].shape[0])
+                    plain = av_frame.to_ndarray(width=size[0], height=size[1], format="bgr24", interpolation="AREA")
+                    np.testing.assert_array_equal(got[0], plain)
