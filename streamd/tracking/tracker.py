@@ -1,34 +1,38 @@
-"""One stream's tracker: roboflow `trackers` (ByteTrack or SORT) behind our ids, confirmation and events.
+"""One stream's tracker: ByteTrack (or SORT) behind our ids, confirmation and events.
 
-The association (Kalman prediction, IoU matching, ByteTrack's second pass
-over low-score boxes) is `trackers`'; what is ours is thin and on top:
-- track ids: our own counter from 1, one per track, never reused for the
-  tracker's life (not even after `finish`);
-- confirmation: a track is confirmed once it was seen in `confirm_n` of its
-  last `confirm_m` frames, and stays confirmed;
-- events: "confirmed" once per track, "ended" when `trackers` drops the track
-  (unseen for `max_lost_s`) or at `finish`.
+The association (Kalman prediction, IoU matching, ByteTrack's second pass over low-score boxes) is roboflow
+`trackers`' algorithm. For ByteTrack it runs in streamd.tracking.bytetrack, a vectorized copy of `trackers`'
+ByteTrackTracker (every track's Kalman filter in one array, its matrices read from `trackers`): 0.9 ms a frame at
+30 boxes with `trackers`' class against a 0.5 ms budget, most of it its per-track Kalman steps in Python; cutting
+our wrapper's overhead could not reach the budget, and batching inside `trackers`' classes would have meant
+deferring their estimators' updates behind a private hook. `trackers`' class stays the reference: the tests
+require the same ids frame by frame, and `make_tracker(..., reference=True)` runs it. SORT is `trackers`'
+SORTTracker as it is. What is ours is thin and on top:
+- track ids: our own counter from 1, one per track, given in the engine's order of first match, never reused
+  for the tracker's life (not even after `finish`);
+- confirmation: a track is confirmed once it was seen in `confirm_n` of its last `confirm_m` frames, and stays
+  confirmed;
+- events: "confirmed" once per track, "ended" when the engine drops the track (unseen for `max_lost_s`) or at
+  `finish`.
 
-`trackers` gives a box an id only when a second box in the next frame matches
-it, so the first frame of every object is untracked (-1) and a track's
-`first_pts_s` is the second frame its object was seen. Times are the stream's
-pts in seconds, so the settings mean the same at 10 or 60 fps.
+ByteTrack gives a box an id only when a second box in the next frame matches it, so the first frame of every
+object is untracked (-1) and a track's `first_pts_s` is the second frame its object was seen. Times are the
+stream's pts in seconds, so the settings mean the same at 10 or 60 fps.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
 from streamd.model.detections import Detections
+from streamd.tracking.bytetrack import REFERENCE_FPS, ByteTrack
 
 if TYPE_CHECKING:  # `trackers` and supervision take over a second to import: only a stream that tracks pays it
     from trackers import ByteTrackTracker, SORTTracker
-
-TRACKERS_FPS = 30.0  # `trackers` counts its lost buffer in frames at this rate; we give it seconds x this
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,49 +135,83 @@ class _Track:
                           self.best_score)
 
 
+class _Engine(Protocol):
+    """Association and track lifetime: ids (from 0, in order of first match) for one frame's boxes."""
+
+    def update(self, xyxy: np.ndarray, confidence: np.ndarray, pts_s: float) -> np.ndarray:
+        """xyxy float32 [N, 4], confidence [N] at stream time pts_s; int64 [N]: each row's id, -1 for none."""
+        ...
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 [K]: the ids of the tracks still alive."""
+        ...
+
+
+@dataclass(slots=True)
+class TrackersEngine:
+    """`trackers`' own tracker behind the engine interface: SORT, and the ByteTrack that ours is tested against."""
+
+    tracker: ByteTrackTracker | SORTTracker
+
+    def update(self, xyxy: np.ndarray, confidence: np.ndarray, pts_s: float) -> np.ndarray:
+        import supervision as sv  # noqa: PLC0415 (see the TYPE_CHECKING import above)
+
+        found = sv.Detections(xyxy=xyxy, confidence=confidence, data={"row": np.arange(len(xyxy))})
+        tracked = self.tracker.update(found, timestamp=pts_s)
+        engine_id = np.full(len(xyxy), -1, np.int64)
+        if len(tracked):
+            engine_id[tracked.data["row"]] = tracked.tracker_id
+        return engine_id
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.array([t.tracker_id for t in self.tracker.tracks if t.tracker_id != -1], np.int64)
+
+
 @dataclass(slots=True)
 class Tracker:
-    """Tracks one stream's detections; `update` once per frame in pts order, `finish` at the stream's end."""
+    """Tracks one stream's detections; `update` once per frame in pts order, `finish` at the stream's end.
+
+    reference: ByteTrack by `trackers`' own ByteTrackTracker instead of ours (the same ids, about twice the time).
+    """
 
     settings: TrackSettings
-    _engine: ByteTrackTracker | SORTTracker = field(init=False)
+    reference: bool = False
+    _engine: _Engine = field(init=False)
     _tracks: dict[int, _Track] = field(init=False, default_factory=dict)  # by the engine's id
     _next_id: int = field(init=False, default=1)
     _last_pts_s: float = field(init=False, default=-np.inf)
 
     def __post_init__(self) -> None:
-        self._engine = _make_engine(self.settings)
+        self._engine = _make_engine(self.settings, self.reference)
 
     def update(self, detections: Detections, pts_s: float) -> TrackUpdate:
         """Track one frame's detections (source pixels) at stream time pts_s (s, not below the last frame's)."""
-        if pts_s < self._last_pts_s:
-            raise ValueError(f"pts_s went back from {self._last_pts_s} to {pts_s}: a tracker needs stream order")
+        if not pts_s >= self._last_pts_s or not np.isfinite(pts_s):
+            raise ValueError(f"pts_s went back from {self._last_pts_s} to {pts_s} or is not finite: a tracker needs "
+                             "finite times in stream order")
         self._last_pts_s = pts_s
-        rows = len(detections)
-        import supervision as sv  # noqa: PLC0415 (see the TYPE_CHECKING import above)
-
-        found = sv.Detections(xyxy=detections.xyxy, confidence=detections.confidence, class_id=detections.class_id,
-                              data={"row": np.arange(rows)})
-        tracked = self._engine.update(found, timestamp=pts_s)
-        pairs = [(int(row), int(engine_id)) for row, engine_id
-                 in zip(tracked.data.get("row", ()), tracked.tracker_id) if engine_id != -1]
-        for row, engine_id in pairs:
-            self._seen(engine_id, detections, row, pts_s)
-        seen = {engine_id for _, engine_id in pairs}
+        engine_id = self._engine.update(detections.xyxy, detections.confidence, pts_s)
+        rows = np.flatnonzero(engine_id >= 0)
+        rows = rows[np.argsort(engine_id[rows], kind="stable")]  # new tracks take our ids in the engine's order
+        for row in rows.tolist():
+            self._seen(int(engine_id[row]), detections, row, pts_s)
+        seen = set(engine_id[rows].tolist())
         events: list[TrackEvent] = []
-        for engine_id, track in self._tracks.items():
-            track.seen.append(engine_id in seen)
+        for engine_id_, track in self._tracks.items():
+            track.seen.append(engine_id_ in seen)
             if not track.confirmed and sum(track.seen) >= self.settings.confirm_n:
                 track.confirmed = True
                 events.append(track.event("confirmed"))
-        track_id = np.full(rows, -1, np.int64)
-        confirmed = np.zeros(rows, bool)
-        for row, engine_id in pairs:
-            track_id[row] = self._tracks[engine_id].track_id
-            confirmed[row] = self._tracks[engine_id].confirmed
-        alive = {tracklet.tracker_id for tracklet in self._engine.tracks}
-        for engine_id in [i for i in self._tracks if i not in alive]:
-            events.append(self._tracks.pop(engine_id).event("ended"))
+        track_id = np.full(len(detections), -1, np.int64)
+        confirmed = np.zeros(len(detections), bool)
+        for row in rows.tolist():
+            track = self._tracks[int(engine_id[row])]
+            track_id[row], confirmed[row] = track.track_id, track.confirmed
+        alive = set(self._engine.ids.tolist())
+        for ended in [i for i in self._tracks if i not in alive]:
+            events.append(self._tracks.pop(ended).event("ended"))
         return TrackUpdate(track_id, confirmed, tuple(events))
 
     def finish(self, pts_s: float) -> tuple[TrackEvent, ...]:
@@ -181,7 +219,7 @@ class Tracker:
         self._last_pts_s = max(self._last_pts_s, pts_s)
         events = tuple(track.event("ended") for track in self._tracks.values())
         self._tracks.clear()
-        self._engine = _make_engine(self.settings)
+        self._engine = _make_engine(self.settings, self.reference)
         return events
 
     def _seen(self, engine_id: int, detections: Detections, row: int, pts_s: float) -> None:
@@ -198,26 +236,24 @@ class Tracker:
             track.best_score, track.class_id = score, class_id
 
 
-def _make_engine(settings: TrackSettings) -> ByteTrackTracker | SORTTracker:
-    """The `trackers` tracker for settings; ids from its first match (minimum_consecutive_frames=1), lost in s."""
+def _make_engine(settings: TrackSettings, reference: bool) -> _Engine:
+    """The engine for settings: ours for ByteTrack (trackers' own if reference), trackers' for SORT; lost in s."""
+    lost_track_buffer = round(settings.max_lost_s * REFERENCE_FPS)  # trackers counts it in frames at 30 fps
+    if settings.method == "bytetrack" and not reference:
+        return ByteTrack(settings.new_track_threshold, settings.high_conf_threshold, settings.match_iou_threshold,
+                         lost_budget_s=lost_track_buffer / REFERENCE_FPS)
     from trackers import ByteTrackTracker, SORTTracker  # noqa: PLC0415 (see the TYPE_CHECKING import above)
 
-    lost_track_buffer = round(settings.max_lost_s * TRACKERS_FPS)
+    common = {"lost_track_buffer": lost_track_buffer, "frame_rate": REFERENCE_FPS, "minimum_consecutive_frames": 1,
+              "track_activation_threshold": settings.new_track_threshold,
+              "minimum_iou_threshold": settings.match_iou_threshold}
     match settings.method:
         case "bytetrack":
-            return ByteTrackTracker(
-                lost_track_buffer=lost_track_buffer, frame_rate=TRACKERS_FPS,
-                track_activation_threshold=settings.new_track_threshold, minimum_consecutive_frames=1,
-                minimum_iou_threshold=settings.match_iou_threshold, high_conf_det_threshold=settings.high_conf_threshold,
-            )
+            return TrackersEngine(ByteTrackTracker(**common, high_conf_det_threshold=settings.high_conf_threshold))
         case "sort":
-            return SORTTracker(
-                lost_track_buffer=lost_track_buffer, frame_rate=TRACKERS_FPS,
-                track_activation_threshold=settings.new_track_threshold, minimum_consecutive_frames=1,
-                minimum_iou_threshold=settings.match_iou_threshold,
-            )
+            return TrackersEngine(SORTTracker(**common))
 
 
-def make_tracker(settings: TrackSettings) -> Tracker:
-    """A tracker for one stream."""
-    return Tracker(settings)
+def make_tracker(settings: TrackSettings, *, reference: bool = False) -> Tracker:
+    """A tracker for one stream (reference: ByteTrack by `trackers`' own class, see Tracker)."""
+    return Tracker(settings, reference)
