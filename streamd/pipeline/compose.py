@@ -72,11 +72,15 @@ def compose(
 
     Every arrow with a name is a bounded queue with its own worker thread; the
     others are calls in the same thread. Stages after `stream=` are that
-    stream's: a failure stops that stage of that stream only (retried).
+    stream's: a failure stops that stage of that stream only (retried). A
+    paced stream's max_age_ms is its stale budget twice: the batch that
+    holds its frame fits half of it (streamd.pipeline.queues.BUDGET_SHARE),
+    and freshness drops what is older at the send.
     wall_clock: see Switches.
     """
     graph = Graph(metrics)
-    batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms)
+    budgets = {s.id: max_age_ms(s) for s in config.streams if max_age_ms(s) is not None}
+    batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms, budgets)  # fresh batches for paced streams
     submit = SubmitStage(detector, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
     results = ResultsStage(detector, metrics)
     graph.add_flow(batch, submit)
@@ -104,7 +108,7 @@ def compose(
         # a batch's results come at once: room for a whole batch beside what the streams' queues hold
         size = sum(queue_size(stream) for stream in config.streams) + config.batch.max_batch
         published = Queue("publish", size, "drop_oldest" if live else "block")
-        fresh = FreshnessStage({s.id: max_age_ms(s) for s in config.streams if max_age_ms(s) is not None}, metrics)
+        fresh = FreshnessStage(budgets, metrics)
         for message in messages:
             graph.add_flow(message, fresh, published)
         graph.add_flow(HeartbeatSource(metrics, results.model), fresh, published)
@@ -125,7 +129,8 @@ def input_queue_size(stream: StreamConfig) -> int:
 
     A paced stream keeps only its newest frame waiting: under overload fresh frames are inferred and published, older
     ones dropped and counted (benchmarks/overload.py: 4 live 640x480 streams published 84-90% of what they processed
-    with it, almost none with 2 or 8 frames)."""
+    with it, almost none with 2 or 8 frames). What else a result's age holds is its batch's inference, which the
+    batcher keeps within half the budget (streamd.pipeline.queues: fresh batches)."""
     if stream.queue.size is not None:
         return stream.queue.size
     return LIVE_INPUT_FRAMES if stream.paced else QUEUE_FRAMES

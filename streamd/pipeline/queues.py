@@ -23,6 +23,15 @@ failed stage), so nothing leaks and nothing else (a heartbeat) takes a
 frame's place. The inference workers never wait on one stream's slow
 outputs; a slow stream slows itself (its input queue fills, its file source
 waits) and no other.
+
+Fresh batches: a frame's result is as old as its whole batch's inference, so
+a batch that holds a frame of a stream with a stale budget (max_age_ms: a
+paced stream) holds no more frames than the backend infers in
+`BUDGET_SHARE` of that budget, as timed on the batches before it (the
+worker's time between two gets, per frame). On the CPU, where a batch of 4
+costs 4 frames' time, four live streams then get a frame each per batch of
+one or two, each result one or two inferences old instead of four; a GPU,
+quick per frame, still fills its batches.
 """
 
 from __future__ import annotations
@@ -31,13 +40,22 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from streamd.types import Batch, EndOfStream, Frame
 
 Policy = Literal["drop_oldest", "block"]
 POLICIES: tuple[Policy, ...] = ("drop_oldest", "block")
+
+# The share of a stream's max_age_ms that its frame's batch may take in the worker (inference): the rest is the
+# decode, the wait for the batcher (up to a frame's interval: the input queue holds the newest frame) and the
+# hand-offs to the socket. Measured (benchmarks/overload.py, 4 live 1080p30 streams, 2-core Xeon): batches of 4
+# took 100-170 ms and published 0-20% of the results; batches of 1 published 77-83% on the same loaded machine.
+BUDGET_SHARE = 0.5
+# Weight of the newest batch in the running time per frame: quick to follow a change of load, yet one slow batch
+# (a pause, a reconnect) does not halve the next batch on its own.
+_FRAME_TIME_WEIGHT = 0.5
 
 # The stdlib's exceptions, so callers read the familiar names.
 Empty = queue.Empty
@@ -182,14 +200,22 @@ class Batcher:
     per turn, starting after the stream served first last time, so a busy
     stream cannot starve a quiet one; and it takes a frame only when every
     credited queue of its stream has a place reserved for the frame's result.
+
+    max_age_ms: the stale budget of each stream that has one (paced streams): a batch with a frame of such a
+    stream holds at most `fresh_limit(budget)` frames (see the module's doc); a frame of it that would not fit
+    the batch begun waits for the next one. Until a batch has been timed, such a batch holds one frame.
     """
 
-    def __init__(self, max_batch: int, max_wait_ms: float):
+    def __init__(self, max_batch: int, max_wait_ms: float, max_age_ms: Mapping[str, float] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.name = "batch"
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
+        self.max_age_ms = dict(max_age_ms or {})
+        self.frame_s: float | None = None  # the worker's time per frame of a batch (running), None: not timed yet
+        self._handed: tuple[float, int] | None = None  # (monotonic, frames) of the batch the worker holds
+        self._limit = max_batch  # the most frames the batch being gathered may hold
         self.condition = threading.Condition()
         self._inputs: list[tuple[str, BoundedQueue]] = []
         self._credited: dict[str, list[BoundedQueue]] = {}
@@ -225,12 +251,34 @@ class Batcher:
         with self.condition:
             self.condition.notify_all()
 
+    def fresh_limit(self, max_age_ms: float) -> int:
+        """The most frames a batch with a frame of this budget may hold: as many as the worker handles, at its
+        running time per frame, in BUDGET_SHARE of the budget (at least 1, at most max_batch; 1 until timed)."""
+        if self.frame_s is None:
+            return 1
+        fits = int(BUDGET_SHARE * max_age_ms / 1e3 / max(self.frame_s, 1e-6))
+        return max(1, min(self.max_batch, fits))
+
+    def _time_the_last_batch(self) -> None:
+        """The worker is back for more: the time since it got the last batch, per frame, joins the running time."""
+        if self._handed is None:
+            return
+        handed_at, count = self._handed
+        self._handed = None
+        frame_s = (time.monotonic() - handed_at) / count
+        if self.frame_s is None:
+            self.frame_s = frame_s
+        else:
+            self.frame_s += _FRAME_TIME_WEIGHT * (frame_s - self.frame_s)
+
     def get(self, timeout_s: float) -> Batch | EndOfStream:
         """The next Batch or EndOfStream; raise Empty if nothing could be taken within timeout_s."""
+        self._time_the_last_batch()
         if self._ends:
             return self._ends.popleft()
         frames: list[Any] = []
         with self.condition:
+            self._limit = self.max_batch
             deadline = time.monotonic() + timeout_s
             while not self._take_locked(frames):
                 left = deadline - time.monotonic()
@@ -238,38 +286,54 @@ class Batcher:
                     raise Empty(f"no frame to batch for {timeout_s} s")
                 self.condition.wait(left)
             fill_deadline = time.monotonic() + self.max_wait_s
-            while frames and len(frames) < self.max_batch:
+            while frames and len(frames) < self._limit:
                 left = fill_deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.condition.wait(left)
                 self._take_locked(frames)
         if frames:
+            self._handed = (time.monotonic(), len(frames))
             return Batch(tuple(frames), time.time())
         return self._ends.popleft()
 
     def _take_locked(self, frames: list[Any]) -> bool:
-        """Move frames into `frames` (ends into self._ends), one per stream per turn; True when anything was taken."""
+        """Move frames into `frames` (ends into self._ends), one per stream per turn; True when anything was taken.
+
+        A frame of a stream with a budget lowers the batch's limit to its fresh_limit; one that would not fit
+        under it closes the batch and is taken first by the next one (no stream waits behind a batch it does
+        not fit, and none is passed over twice)."""
         took_any = False
         progress = True
-        while progress and len(frames) < self.max_batch and self._inputs:
+        while progress and len(frames) < self._limit and self._inputs:
             progress = False
             count = len(self._inputs)
+            first_next = None  # a budgeted stream whose frame did not fit: the next batch starts with it
             for offset in range(count):
-                if len(frames) >= self.max_batch:
+                if len(frames) >= self._limit:
                     break
-                stream_id, q = self._inputs[(self._start + offset) % count]
+                index = (self._start + offset) % count
+                stream_id, q = self._inputs[index]
                 head = q.peek_locked()
                 if head is None:
                     continue
                 if isinstance(head, EndOfStream):
                     self._ends.append(q.pop_locked())
-                elif self._reserve(stream_id, head.key):
-                    frames.append(q.pop_locked())
                 else:
-                    continue
+                    limit = self._limit
+                    if (budget := self.max_age_ms.get(stream_id)) is not None:
+                        limit = min(limit, self.fresh_limit(budget))
+                    if len(frames) >= limit:
+                        self._limit, first_next = len(frames), index
+                        break
+                    if not self._reserve(stream_id, head.key):
+                        continue
+                    frames.append(q.pop_locked())
+                    self._limit = limit
                 progress = took_any = True
-            if progress:
+            if first_next is not None:
+                self._start = first_next
+            elif progress:
                 self._start = (self._start + 1) % count
             ended = {end.stream_id for end in self._ends}
             if ended:

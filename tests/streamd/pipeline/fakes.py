@@ -77,12 +77,14 @@ class FakeSource:
 
 
 class FakeBackend:
-    """The tiny model's output shape, computed by numpy; optionally slow or failing. Synchronous (Ready)."""
+    """The tiny model's output shape, computed by numpy; optionally slow (delay_s a call, frame_delay_s more a
+    frame: a CPU backend, whose batch of n costs n frames' time) or failing. Synchronous (Ready)."""
 
     name = "fake"
 
-    def __init__(self, max_batch: int = 4, delay_s: float = 0.0, fail_on_call: int | None = None, error: Exception | None = None):
-        self.max_batch, self.delay_s = max_batch, delay_s
+    def __init__(self, max_batch: int = 4, delay_s: float = 0.0, fail_on_call: int | None = None, error: Exception | None = None,
+                 frame_delay_s: float = 0.0):  # fmt: skip
+        self.max_batch, self.delay_s, self.frame_delay_s = max_batch, delay_s, frame_delay_s
         self.fail_on_call, self.error = fail_on_call, error
         self.calls = 0
         self.batch_sizes: list[int] = []
@@ -94,8 +96,8 @@ class FakeBackend:
             self.hook(self.calls)
         if self.fail_on_call is not None and self.calls >= self.fail_on_call:
             raise self.error or BackendError("fake backend: CUDA error")
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or self.frame_delay_s:
+            time.sleep(self.delay_s + self.frame_delay_s * len(batch))
         self.batch_sizes.append(len(batch))
         output = np.zeros((len(batch), yolox_anchors((64, 64)), 8), np.float32)  # the tiny bundle's 64x64, 3 classes
         output[:, 0, :6] = [16, 16, 16, 16, 0.9, 1.0]

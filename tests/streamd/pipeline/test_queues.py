@@ -88,8 +88,10 @@ def frame(stream_id: str, seq: int) -> Frame:
     return Frame(stream_id, seq, seq / 25, np.zeros((4, 4, 3), np.uint8), decoded_at=time.time())
 
 
-def _batcher(*sizes: int, max_batch: int = 4, max_wait_ms: float = 0.0) -> tuple[Batcher, list[BoundedQueue]]:
-    batcher = Batcher(max_batch, max_wait_ms)
+def _batcher(
+    *sizes: int, max_batch: int = 4, max_wait_ms: float = 0.0, max_age_ms: dict[str, float] | None = None
+) -> tuple[Batcher, list[BoundedQueue]]:
+    batcher = Batcher(max_batch, max_wait_ms, max_age_ms)
     queues = []
     for i, size in enumerate(sizes):
         q = BoundedQueue(f"input:s{i}", size, "block", condition=batcher.condition)
@@ -209,3 +211,63 @@ def test_batcher_refuses_a_queue_with_another_condition():
     batcher, _ = _batcher(1)
     with pytest.raises(ValueError, match="condition"):
         batcher.add_input("x", BoundedQueue("other", 1, "block"))
+
+
+# --- fresh batches: a batch with a frame of a stream with a stale budget fits half of it ---------------------
+
+
+def infer_batches(batcher: Batcher, count: int, frame_s: float) -> list[list[str]]:
+    """`count` batches taken as the inference worker takes them, each holding the worker frame_s per frame (real
+    sleeps: a CPU backend, whose batch of n costs n frames' time)."""
+    batches = []
+    for _ in range(count):
+        batch = batcher.get(1.0)
+        batches.append(seqs(batch))
+        time.sleep(frame_s * len(batch.frames))
+    return batches
+
+
+def filled(*counts: int, **kwargs) -> Batcher:
+    """A batcher over `len(counts)` streams s0, s1 ... whose input queues already hold that many frames each."""
+    batcher, queues = _batcher(*(max(1, n) for n in counts), **kwargs)
+    for i, (q, n) in enumerate(zip(queues, counts)):
+        for seq in range(n):
+            q.put(frame(f"s{i}", seq), 0.01)
+    return batcher
+
+
+def test_slow_inference_gives_a_budgeted_stream_batches_of_one_in_turn():
+    """30 ms a frame against half of a 100 ms budget: one frame fits (a loaded machine only makes it slower)."""
+    batcher = filled(6, 6, 6, 6, max_batch=8, max_age_ms={f"s{i}": 100.0 for i in range(4)})
+    batches = infer_batches(batcher, 12, frame_s=0.03)
+    assert [len(b) for b in batches] == [1] * 12
+    assert [b[0].split("/")[0] for b in batches] == ["s0", "s1", "s2", "s3"] * 3  # still round-robin
+    assert batcher.frame_s >= 0.03
+
+
+def test_quick_inference_still_fills_the_batches_and_nothing_is_timed_before_the_first():
+    """2 ms a frame against half of 1000 ms: max_batch fits; the first batch, not yet timed, holds one frame."""
+    batcher = filled(10, 10, 10, 10, max_batch=8, max_age_ms={f"s{i}": 1000.0 for i in range(4)})
+    assert batcher.fresh_limit(1000.0) == 1
+    sizes = [len(b) for b in infer_batches(batcher, 5, frame_s=0.002)]
+    assert sizes == [1, 8, 8, 8, 8]
+
+
+def test_the_limit_follows_inference_that_slows_down_within_a_few_batches():
+    """From 2 to 60 ms a frame, 200 ms budget: the running time per frame (the newest batch weighs half) passes
+    50 ms after 3 batches, and from then on one frame fits; a batch never grows while the worker slows."""
+    batcher = filled(40, 40, 40, 40, max_batch=8, max_age_ms={f"s{i}": 200.0 for i in range(4)})
+    assert [len(b) for b in infer_batches(batcher, 3, frame_s=0.002)][1:] == [8, 8]
+    sizes = [len(b) for b in infer_batches(batcher, 7, frame_s=0.06)]
+    assert sizes[0] == 8 and sizes == sorted(sizes, reverse=True)
+    assert sizes[4:] == [1, 1, 1]
+
+
+def test_a_budgeted_frame_closes_a_batch_it_would_not_fit_and_goes_first_in_the_next():
+    """A file read as fast as it decodes beside a camera, 30 ms a frame against half of the camera's 100 ms: the
+    camera's frame goes alone, and the file's batch closes where the camera's next frame would wait behind it, which
+    the next batch takes first (one frame per stream per turn, as the round robin wants); once the camera has
+    nothing waiting, the file's frames fill their batches."""
+    batcher = filled(3, 30, max_batch=8, max_age_ms={"s0": 100.0})
+    batches = infer_batches(batcher, 6, frame_s=0.03)
+    assert batches == [["s0/0"], ["s1/0"], ["s0/1"], ["s1/1"], ["s0/2"], [f"s1/{i}" for i in range(2, 10)]]

@@ -336,3 +336,24 @@ def test_flows_fan_out_each_output_to_every_child(tiny_bundle):
     assert [n.obj.name for n in worker.nodes()] == ["annotate", "record", "detection_log"]
     run(built)
     assert annotate.seqs("a") == record.seqs("a") == detection_log.seqs("a") == list(range(6))
+
+
+def test_live_streams_on_slow_inference_get_batches_fresh_enough_to_publish(tiny_bundle):
+    """Four cameras at 100 fps on a CPU-like backend (45 ms a frame, so a batch of 4 is 180 ms: older than the
+    150 ms budget before it is out): each batch holds what half the budget fits, one frame, and at least half of
+    the results are fresh enough to publish (each about one inference old: a third of the budget)."""
+    from streamd.types import FrameResult
+
+    sources = [FakeSource(f"cam-{i}", 60, live=True, read_delay_s=0.01) for i in range(4)]
+    backend = FakeBackend(max_batch=8, frame_delay_s=0.045)
+    built = build(tiny_bundle, sources, backend=backend, publisher=(publisher := CollectStage("publish")),
+                  queue_size=1, max_batch=8, outputs=lambda sid: [])  # fmt: skip
+    summary = run(built)
+    assert backend.batch_sizes[:2] == [1, 8]  # the warm-up
+    assert backend.batch_sizes[2:] and set(backend.batch_sizes[2:]) == {1}
+    for source in sources:
+        s = summary.stream(source.stream_id)
+        published = sum(isinstance(item, FrameResult) and item.stream_id == source.stream_id for item in publisher.items)
+        stale = dict(s.dropped_by_queue).get("stale", 0)
+        assert s.processed == published + stale and s.processed > 0
+        assert published >= s.processed / 2, (source.stream_id, published, stale)
