@@ -13,7 +13,9 @@ Scored with trackers.eval (Roboflow's port of TrackEval: HOTA, IDF1, ID switches
 ground-truth object: time from its first appearance to its first confirmed detection (IoU >= 0.5), objects
 confirmed, and false confirmed tracks per minute (a confirmed track whose boxes match no object in more than
 half of its frames). "ids on" is the share of detections matching an object that carry a track id.
-Tracker cost: ms per `Tracker.update` at 30 boxes (median of 300 frames).
+Tracker cost: ms per `Tracker.update` at 30 boxes (median of 300 frames); the cost table runs ours, `trackers`'
+ByteTrackTracker (the reference) and SORT frame by frame in turn, so that the machine's load hits all alike, and
+a line says whether the reference gave the same track ids as ours on every frame of every sequence.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from streamd.backends.onnxruntime import OnnxRuntimeBackend  # noqa: E402
 from streamd.model import load_bundle  # noqa: E402
 from streamd.model.detections import Detections  # noqa: E402
 from streamd.detector import Detector  # noqa: E402
-from streamd.tracking import TrackSettings, make_tracker  # noqa: E402
+from streamd.tracking import Tracker, TrackSettings, make_tracker  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench import table  # noqa: E402
@@ -260,34 +262,57 @@ def pooled(scores: list[Score], recorded: list[Recorded]) -> dict[str, float]:
     }
 
 
-def cost_ms(settings: TrackSettings, boxes: int = 30, frames: int = 300) -> float:
-    """Median ms of one Tracker.update over `frames` frames of `boxes` boxes 40 px wide moving 2 px a frame."""
+def cost_ms(trackers: dict[str, Tracker], boxes: int = 30, frames: int = 300) -> dict[str, float]:
+    """Median ms of one Tracker.update of each tracker, in turn each frame, over `frames` frames of `boxes` boxes
+    40 px wide moving 2 px a frame."""
     rng = np.random.default_rng(0)
     corners = rng.uniform(0, 1200, (boxes, 2))
     xyxy = np.hstack([corners, corners + 40]).astype(np.float32)
-    tracker, times = make_tracker(settings), []
+    times: dict[str, list[float]] = {name: [] for name in trackers}
     for index in range(frames):
         detections = Detections(xyxy + 2 * index, rng.uniform(0.3, 0.95, boxes), np.zeros(boxes))
-        started = time.perf_counter()
-        tracker.update(detections, index / 30)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1e3)
+        for name, tracker in trackers.items():
+            started = time.perf_counter()
+            tracker.update(detections, index / 30)
+            times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(spent) * 1e3) for name, spent in times.items()}
+
+
+def same_ids_as_reference(recorded: list[Recorded], settings: TrackSettings) -> tuple[int, int]:
+    """(frames, frames where `trackers`' own ByteTrackTracker gave other track ids than ours) over the sequences."""
+    frames = differ = 0
+    for one in recorded:
+        ours, reference = make_tracker(settings), make_tracker(settings, reference=True)
+        for pts_s, detections in zip(one.sequence.pts_s.tolist(), one.detections):
+            frames += 1
+            differ += ours.update(detections, pts_s).track_id.tolist() != reference.update(detections, pts_s).track_id.tolist()
+    return frames, differ
+
+
+def confirmation(settings: TrackSettings) -> str:
+    """How settings confirm, in words: "confirm 2 of 3 at 0.5"."""
+    if settings.confirm_n == settings.confirm_m == 1 and settings.confirm_threshold == 0:
+        return "no confirmation"
+    at = f" at {settings.confirm_threshold:g}" if settings.confirm_threshold else ""
+    return f"confirm {settings.confirm_n} of {settings.confirm_m}{at}"
 
 
 def settings_rows(quick: bool) -> list[tuple[str, TrackSettings]]:
-    """Named settings: trackers' own defaults, ours without and with confirmation, and other N of M."""
+    """Named settings: trackers' own defaults, ours without and with confirmation, other N of M and scores."""
     ours = TrackSettings()
+    none = replace(ours, confirm_n=1, confirm_m=1, confirm_threshold=0.0)
     rows = [
         ("ByteTrack, trackers' thresholds (0.7/0.6), no confirmation",
-         replace(ours, new_track_threshold=0.7, high_conf_threshold=0.6, match_iou_threshold=0.1, confirm_n=1,
-                 confirm_m=1)),
-        ("ByteTrack, ours, no confirmation", replace(ours, confirm_n=1, confirm_m=1)),
-        (f"ByteTrack, ours, confirm {ours.confirm_n} of {ours.confirm_m} (default)", ours),
+         replace(none, new_track_threshold=0.7, high_conf_threshold=0.6, match_iou_threshold=0.1)),
+        ("ByteTrack, ours, no confirmation", none),
+        (f"ByteTrack, ours, {confirmation(ours)} (default)", ours),
     ]
     if not quick:
-        rows += [(f"ByteTrack, ours, confirm {n} of {m}", replace(ours, confirm_n=n, confirm_m=m))
-                 for n, m in ((2, 3), (3, 5), (5, 8), (8, 12)) if (n, m) != (ours.confirm_n, ours.confirm_m)]
-        rows += [("SORT, ours, no confirmation", replace(ours, method="sort", confirm_n=1, confirm_m=1))]
+        others = [(2, 3, 0.0), (3, 5, 0.0), (8, 12, 0.0), (1, 1, 0.5), (1, 1, 0.55), (2, 3, 0.45), (2, 3, 0.55),
+                  (3, 5, 0.5)]
+        rows += [(f"ByteTrack, ours, {confirmation(other)}", other) for other in
+                 (replace(ours, confirm_n=n, confirm_m=m, confirm_threshold=at) for n, m, at in others) if other != ours]
+        rows += [("SORT, ours, no confirmation", replace(none, method="sort"))]
     return rows
 
 
@@ -315,7 +340,7 @@ def main() -> None:
                      f"{overall['idf1_matched']:.3f}", f"{overall['idf1']:.3f}",
                      f"{overall['hota']:.3f}", str(overall["id_switches"]), f"{overall['delay_p50_s']:.2f}",
                      f"{overall['delay_p90_s']:.2f}", f"{overall['confirmed']:.0%}", f"{overall['false_per_min']:.1f}",
-                     f"{cost_ms(settings):.2f}"))
+                     f"{cost_ms({name: make_tracker(settings)})[name]:.2f}"))
     print("\nSettings over the pans and over all sequences (IDF1 m: on the detections that match an object):")
     table(rows, ("setting", "IDF1 m pans", "ids on pans", "IDF1 pans", "IDF1 m", "IDF1", "HOTA", "ID sw", "to confirm p50 s", "p90 s", "objects confirmed",
            "false confirmed /min", "ms/frame @30"))
@@ -324,6 +349,16 @@ def main() -> None:
             f"{s.ids_on:.0%}", f"{s.false_tracks / s.minutes:.1f}")
            for r in recorded for s in [score(r, TrackSettings())]],
           ("sequence", "frames", "IDF1 m", "IDF1", "HOTA", "ID sw", "ids on", "false confirmed /min"))
+    ours = TrackSettings()
+    costs = cost_ms({"ByteTrack, ours (streamd.tracking.bytetrack)": make_tracker(ours),
+                     "ByteTrack, trackers' ByteTrackTracker (the reference)": make_tracker(ours, reference=True),
+                     "SORT, trackers' SORTTracker": make_tracker(replace(ours, method="sort"))})
+    first = next(iter(costs.values()))
+    print("\nTracker cost at 30 boxes, the trackers in turn each frame:")
+    table([(name, f"{ms:.2f}", f"{ms / first:.2f}") for name, ms in costs.items()],
+          ("tracker", "ms per Tracker.update (median of 300)", "x ours"))
+    frames, differ = same_ids_as_reference(recorded, ours)
+    print(f"\ntrackers' ByteTrackTracker against ours: other track ids in {differ} of {frames} frames")
 
 
 if __name__ == "__main__":

@@ -259,7 +259,8 @@ class RetentionConfig(StrictModel):
 
 
 class TrackConfig(StrictModel):
-    """The stream's tracker (streamd.tracking): a track id per detection, confirmed after N of its last M frames."""
+    """The stream's tracker (streamd.tracking): a track id per detection, confirmed once N of its last M frames had
+    its box at or above confirm_threshold."""
 
     enabled: bool = Field(True, description="Track objects (false: no track ids; every box is sent as confirmed).")
     method: Literal["bytetrack", "sort"] = Field(
@@ -275,8 +276,11 @@ class TrackConfig(StrictModel):
     match_iou_threshold: float = Field(
         _TRACK.match_iou_threshold, ge=0, le=1, description="Least IoU between a track's predicted box and a box."
     )
-    confirm_n: int = Field(_TRACK.confirm_n, ge=1, le=1000, description="A track is confirmed after N of ...")
-    confirm_m: int = Field(_TRACK.confirm_m, ge=1, le=1000, description="... its last M frames.")
+    confirm_n: int = Field(_TRACK.confirm_n, ge=1, le=1000, description="A track is confirmed once N of ...")
+    confirm_m: int = Field(_TRACK.confirm_m, ge=1, le=1000, description="... its last M frames had its box ...")
+    confirm_threshold: float = Field(
+        _TRACK.confirm_threshold, ge=0, le=1, description="... with at least this confidence (0: any box)."
+    )
     max_lost_s: float = Field(_TRACK.max_lost_s, gt=0, le=3600, description="A track ends after this long unseen, s.")
 
     @model_validator(mode="after")

@@ -1,10 +1,12 @@
-"""The tracker wrapper: ids, confirmation N of M, events, untracked rows and empty frames."""
+"""The tracker wrapper: ids, confirmation N of M at a score, events, untracked rows and empty frames."""
 
 from __future__ import annotations
 
 import numpy as np
+import pydantic
 import pytest
 
+from streamd.config import TrackConfig
 from streamd.model.detections import Detections
 from streamd.tracking import TrackEvent, TrackSettings, make_tracker
 
@@ -73,6 +75,46 @@ def test_confirmation_after_n_of_the_last_m_frames(confirm_n: int, confirm_m: in
     assert all(u.confirmed.all() for u in updates[confirmed_at:] if len(u.track_id))  # confirmation sticks
 
 
+@pytest.mark.parametrize(
+    ("scores", "confirm_threshold", "confirmed_at"),
+    [
+        # 2 of the last 3 frames with a box at or above confirm_threshold; frame 0 is the untracked first sighting
+        ((0.9, 0.9, 0.9, 0.9), 0.5, 2),
+        ((0.9, 0.45, 0.45, 0.45, 0.45, 0.45), 0.5, None),  # tracked in every frame, never confirmed
+        ((0.9, 0.45, 0.6, 0.45, 0.6), 0.5, 4),  # at or above it at 2 and 4: 2 of the last 3 at frame 4
+        ((0.9, 0.5, 0.5), 0.5, 2),  # at the threshold counts
+        ((0.9, 0.45, 0.45, 0.45), 0.0, 2),  # 0: any box counts
+    ],
+)
+def test_confirmation_counts_frames_with_a_box_at_or_above_confirm_threshold(
+    scores: tuple[float, ...], confirm_threshold: float, confirmed_at: int | None
+) -> None:
+    settings = TrackSettings(confirm_n=2, confirm_m=3, confirm_threshold=confirm_threshold)
+    _, updates = run(settings, [frame(A, score=score) for score in scores])
+    assert all(u.track_id[0] == 1 for u in updates[1:])
+    confirmed = [i for i, u in enumerate(updates) if u.confirmed.any()]
+    assert (confirmed[0] if confirmed else None) == confirmed_at
+    assert [i for i, u in enumerate(updates) for e in u.events if e.kind == "confirmed"] == confirmed[:1]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"confirm_threshold": 0.7}, None),
+        ({"confirm_threshold": 1.5}, "confirm_threshold"),
+        ({"confirm_threshold": -0.1}, "confirm_threshold"),
+        ({"confirm_threshold": "high"}, "confirm_threshold"),
+        ({"confirm_n": 4, "confirm_m": 3}, "confirm_n <= confirm_m"),
+    ],
+)
+def test_track_config_checks_its_fields_and_makes_the_settings(changes: dict, message: str | None) -> None:
+    if message is None:
+        assert TrackConfig(**changes).settings() == TrackSettings(**changes)
+    else:
+        with pytest.raises(pydantic.ValidationError, match=message):
+            TrackConfig(**changes)
+
+
 def test_ended_event_carries_duration_frames_best_score_and_class() -> None:
     scores = [0.5, 0.6, 0.95, 0.7, 0.8]
     frames = [Detections(np.array([A], np.float32), np.array([s]), np.array([2])) for s in scores] + [frame()] * 40
@@ -131,6 +173,8 @@ def test_empty_frames(frames: list[Detections]) -> None:
         ({"confirm_n": 0}, "confirm_n <= confirm_m"),
         ({"match_iou_threshold": 1.5}, "match_iou_threshold"),
         ({"max_lost_s": -1.0}, "max_lost_s"),
+        ({"confirm_threshold": 1.5}, "confirm_threshold"),
+        ({"confirm_threshold": -0.1}, "confirm_threshold"),
         ({"new_track_threshold": 0.3, "high_conf_threshold": 0.5}, "first pass"),
     ],
 )
