@@ -1,21 +1,25 @@
 """Overload: does a paced stream stay useful when the machine cannot keep up? One table per case.
 
-    .venv/bin/python benchmarks/overload.py [--duration-s 60] [--cases live,live-q8,demo] [--json PATH]
+    .venv/bin/python benchmarks/overload.py [--duration-s 60] [--cases live,live-q8,demo] [--size WxH]
+        [--daemon PATH] [--json PATH]
 
 Cases (each one `streamd run` with the shipped model on ONNX Runtime, publishing to a ZeroMQ SUB in this script,
 /healthz polled once a second; nothing recorded):
   live     4 live 1080p30 streams (--size another size): ffmpeg sends a 10 s testsrc2 H.264 clip (made first, GOP 1 s, no B-frames)
            with -re -stream_loop -1 as MPEG-TS over UDP to 127.0.0.1; the shipped defaults (a paced stream's
-           input queue 2 frames, max_age_ms 150).
+           input queue 1 frame, max_age_ms 150, max_batch 8: a batch with a paced frame holds what half the
+           budget fits, streamd.pipeline.queues).
   live-q2  the same with `queue: {size: 2}` (the default for a while in this work).
   live-q8  the same with `queue: {size: 8}` on each stream (the old default).
   live-q1-b4  `queue: {size: 1}` on each stream and `batch: {max_batch: 4}`: the least waiting.
+  live-b1, live-b2  the defaults with `batch: {max_batch: 1}` (or 2): batches as small as they get.
   demo     configs/streamd/demo.yaml as shipped (its paths, port and folders moved into the work folder): a file
            read as fast as it decodes beside the same file paced like a camera, until the file ends.
   demo-q2  the demo with the paced stream's queue at the default (no `queue:` line).
+--daemon: another streamd executable (a build of an older commit) for an A/B in one session; interleave the runs.
 Per stream: frames in, processed, fps, published, dropped by reason (the daemon's summary table),
-published/processed (target >= 0.5 for a paced stream), the total latency p50/p99 of every result (the summary's)
-and of the received messages (their latency_ms.total: detections ready), the age at receipt p50/p99/max
+published/processed (target >= 0.5 for a paced stream), the total latency p50/p99 of every result and its queue
+and infer parts (the summary's: decode is the rest, besides the hand-offs) and of the received messages (their latency_ms.total: detections ready), the age at receipt p50/p99/max
 (receive time - captured_at + decode: from the packet leaving the demuxer to this subscriber, an upper bound of
 the age at the send, which freshness holds to max_age_ms), how many received messages were older than max_age_ms
 at receipt, the states the heartbeat (streamd.heartbeat/2) gave the stream (one count per heartbeat) and those
@@ -126,7 +130,7 @@ def healthz(url: str) -> tuple[int, str]:
 
 
 # case -> (streams' queue.size, batch.max_batch): the default, the old 8-frame queue, one frame and small batches
-LIVE_CASES = {"live": (None, 8), "live-q2": (2, 8), "live-q8": (8, 8), "live-q1-b4": (1, 4)}
+LIVE_CASES = {"live": (None, 8), "live-q2": (2, 8), "live-q8": (8, 8), "live-q1-b4": (1, 4), "live-b1": (None, 1), "live-b2": (None, 2)}
 
 
 def live_config(work: Path, bundle: Path, ports: dict[str, int], queue_size: int | None, max_batch: int = 8) -> dict:
@@ -156,8 +160,9 @@ def demo_config(work: Path, paced_queue: bool) -> dict:
     return config
 
 
-def run_case(name: str, config: dict, work: Path, duration_s: float | None) -> dict:
-    """One `streamd run` of `config` (publish and metrics on free ports), the subscriber and /healthz beside it."""
+def run_case(name: str, config: dict, work: Path, duration_s: float | None, daemon_command: Path = STREAMD) -> dict:
+    """One `streamd run` of `config` (publish and metrics on free ports), the subscriber and /healthz beside it.
+    daemon_command: the streamd executable (another build of it, for an A/B in one session)."""
     endpoint = f"tcp://127.0.0.1:{media.free_port('tcp')}"
     metrics_port = media.free_port("tcp")
     config = {**config, "publish": {"bind": endpoint}, "metrics": {"bind": f"127.0.0.1:{metrics_port}"}}
@@ -165,7 +170,7 @@ def run_case(name: str, config: dict, work: Path, duration_s: float | None) -> d
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     context = zmq.Context()
     subscriber = Subscriber(context, endpoint)
-    command = [str(STREAMD), "run", str(path)] + (["--duration-s", str(duration_s)] if duration_s else [])
+    command = [str(daemon_command), "run", str(path)] + (["--duration-s", str(duration_s)] if duration_s else [])
     err_path = work / f"{name}.err"
     answers: Counter = Counter()
     bodies: Counter = Counter()
@@ -205,6 +210,7 @@ def run_case(name: str, config: dict, work: Path, duration_s: float | None) -> d
             "dropped": drops(row["dropped"]),
             "published_per_processed": round(published / processed, 3) if processed else None,
             "received": len(ages), "daemon_total_ms": row.get("total ms", ""), "fps": row.get("fps", ""),
+            "daemon_queue_ms": row.get("queue ms", ""), "daemon_infer_ms": row.get("infer ms", ""),
             "total_ms_p50": percentile(subscriber.total_ms.get(sid, []), 50),
             "total_ms_p99": percentile(subscriber.total_ms.get(sid, []), 99),
             "age_ms_p50": _round(percentile(ages, 50)), "age_ms_p99": _round(percentile(ages, 99)),
@@ -230,9 +236,9 @@ def table(result: dict) -> str:
     lines = [f"### {result['case']} (exit {result['exit_code']}; {result['heartbeats']} heartbeats; /healthz "
              + ", ".join(f"{code}: {n}" for code, n in sorted(result["healthz"].items())) + ")",
              "| stream | in | processed | fps | published | dropped by reason | pub/proc | all results: total p50/p99 ms "
-             "| published: total p50/p99 ms "
+             "| all results: queue, infer p50/p99 ms | published: total p50/p99 ms "
              "| age at receipt p50/p99/max ms | > max_age | heartbeat states | /healthz states |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for sid, s in result["streams"].items():
         dropped = ", ".join(f"{r} {n}" for r, n in s["dropped"].items()) or "0"
         states = ", ".join(f"{k} {v}" for k, v in sorted(s["heartbeat_states"].items()))
@@ -240,7 +246,8 @@ def table(result: dict) -> str:
                            if line.startswith(f"{sid}: "))
         over = "-" if s["older_than_budget"] is None else f"{s['older_than_budget']}/{s['received']}"
         lines.append(f"| {sid} | {s['frames_in']} | {s['processed']} | {s['fps']} | {s['published']} | {dropped} | "
-                     f"{s['published_per_processed']} | {s['daemon_total_ms']} | {s['total_ms_p50']}/{s['total_ms_p99']} | "
+                     f"{s['published_per_processed']} | {s['daemon_total_ms']} | {s['daemon_queue_ms']}, {s['daemon_infer_ms']} | "
+                     f"{s['total_ms_p50']}/{s['total_ms_p99']} | "
                      f"{s['age_ms_p50']}/{s['age_ms_p99']}/{s['age_ms_max']} | {over} | {states} | {health} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -253,6 +260,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "bccd-nano.bundle")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--work", type=Path, help="Folder for the clip, configs and logs (default: a temporary one).")
+    parser.add_argument("--daemon", type=Path, default=STREAMD,
+                        help="The streamd executable to run (default .venv/bin/streamd; another build for an A/B).")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="streamd-overload-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -270,14 +279,14 @@ def main() -> None:
             try:
                 queue_size, max_batch = LIVE_CASES[case]
                 config = live_config(work, args.bundle.resolve(), ports, queue_size, max_batch)
-                results.append(run_case(case, config, work, args.duration_s))
+                results.append(run_case(case, config, work, args.duration_s, args.daemon))
             finally:
                 for sender in senders:
                     media.stop(sender)
         elif case in ("demo", "demo-q2"):
             if not (REPO / "demo-out" / "bccd-test.mp4").exists():
                 subprocess.run(["make", "-C", str(REPO), "sample"], check=True)
-            results.append(run_case(case, demo_config(work / case, paced_queue=case == "demo"), work, None))
+            results.append(run_case(case, demo_config(work / case, paced_queue=case == "demo"), work, None, args.daemon))
         else:
             parser.error(f"unknown case {case!r}")
         print(table(results[-1]), flush=True)
