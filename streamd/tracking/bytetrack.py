@@ -26,8 +26,12 @@ minimum_consecutive_frames=1 (the steps are numbered in `update` below):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # `trackers` takes a second to import: only a stream that tracks pays it
+    from trackers.utils.state_representations import BaseStateEstimator
 
 REFERENCE_FPS = 30.0  # `trackers` counts Kalman steps and its lost buffer in frames at this rate
 
@@ -45,7 +49,7 @@ class _Kalman:
     observation: np.ndarray
     first_covariance: np.ndarray
     identity: np.ndarray
-    _estimator: object  # a trackers XYXYStateEstimator, used only for its motion model
+    _estimator: BaseStateEstimator  # a new ByteTrackTracklet's (XYXY), used only for its motion model
 
     @classmethod
     def from_trackers(cls) -> _Kalman:
