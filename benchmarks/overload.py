@@ -133,14 +133,16 @@ def healthz(url: str) -> tuple[int, str]:
 LIVE_CASES = {"live": (None, 8), "live-q2": (2, 8), "live-q8": (8, 8), "live-q1-b4": (1, 4), "live-b1": (None, 1), "live-b2": (None, 2)}
 
 
-def live_config(work: Path, bundle: Path, ports: dict[str, int], queue_size: int | None, max_batch: int = 8) -> dict:
+def live_config(
+    work: Path, bundle: Path, ports: dict[str, int], queue_size: int | None, max_batch: int = 8, threads: int = 0
+) -> dict:
     streams = []
     for sid in LIVE:
         stream = {"id": sid, "source": f"udp://127.0.0.1:{ports[sid]}"}
         if queue_size is not None:
             stream["queue"] = {"size": queue_size}
         streams.append(stream)
-    return {"model": str(bundle), "backend": {"type": "onnxruntime", "threads": 0}, "streams": streams,
+    return {"model": str(bundle), "backend": {"type": "onnxruntime", "threads": threads}, "streams": streams,
             "batch": {"max_batch": max_batch, "max_wait_ms": 5}}
 
 
@@ -260,6 +262,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=REPO / "models" / "bccd-nano.bundle")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--work", type=Path, help="Folder for the clip, configs and logs (default: a temporary one).")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime's threads in the live cases (backend.threads; default 0: one per core).")
     parser.add_argument("--daemon", type=Path, default=STREAMD,
                         help="The streamd executable to run (default .venv/bin/streamd; another build for an A/B).")
     args = parser.parse_args()
@@ -278,7 +282,7 @@ def main() -> None:
             senders = [loop_sender(clip, port) for port in ports.values()]
             try:
                 queue_size, max_batch = LIVE_CASES[case]
-                config = live_config(work, args.bundle.resolve(), ports, queue_size, max_batch)
+                config = live_config(work, args.bundle.resolve(), ports, queue_size, max_batch, args.threads)
                 results.append(run_case(case, config, work, args.duration_s, args.daemon))
             finally:
                 for sender in senders:
