@@ -6,7 +6,7 @@ Tables:
   stages            each stage alone over the same frames, CPU ms per frame (benchmarks/limits.py)
   pipeline vs limit the pipeline on a 720p file as fast as possible (fp32 and int8 bundles, with and without
                     the annotated 720p recording and the log), as a ratio to cores / (sum of its stages)
-  bare backend      backend.submit(batch).wait() alone on letterboxed batches of `max_batch` frames (reference)
+  bare backend      backend.submit_tensor(batch).wait() alone on letterboxed batches of `max_batch` frames (reference)
   naive loop        one thread: read, infer (batch 1), draw, write (the seed's test_video.py shape)
   live UDP          a 30 fps 640x480 MPEG-TS stream from ffmpeg on 127.0.0.1 for --live-s seconds:
                     latency total (packet out of the demuxer -> detections ready, p50/p99) and frames dropped;
@@ -85,10 +85,10 @@ def bench_bare(bundle, frames, max_batch: int, threads: int, seconds: float = 10
     """Frames per second through backend.infer alone (letterboxing done beforehand)."""
     backend = OnnxRuntimeBackend(bundle, max_batch=max_batch, intra_op_threads=threads)
     batch, _ = letterbox_batch(frames[:max_batch], tuple(bundle.meta.input_hw), bundle.meta.preprocess)
-    backend.submit(batch).wait()  # warm-up
+    backend.submit_tensor(batch).wait()  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        backend.submit(batch).wait()
+        backend.submit_tensor(batch).wait()
         done += len(batch)
     return done / (time.perf_counter() - started)
 
@@ -107,7 +107,7 @@ def bench_naive(bundle, video: Path, out: Path, threads: int) -> float:
         for frame in source.decode(stream_in):
             image = frame.to_ndarray(format="bgr24")
             batch, scales = letterbox_batch([image], tuple(meta.input_hw), meta.preprocess)
-            (det,) = postprocess(backend.submit(batch).wait(), scales, [image.shape[:2]], meta.thresholds.conf_threshold, meta.thresholds.iou_threshold)
+            (det,) = postprocess(backend.submit_tensor(batch).wait(), scales, [image.shape[:2]], meta.thresholds.conf_threshold, meta.thresholds.iou_threshold)
             drawn = draw_detections(image, det, meta.class_names)
             for packet in stream_out.encode(av.VideoFrame.from_ndarray(drawn, format="bgr24")):
                 sink.mux(packet)

@@ -17,7 +17,7 @@ its error), pytest.log (the whole pytest output) and junit.xml (one entry per te
      really decoded (is_hwaccel): an NVDEC row whose streams fell back to the CPU says so instead of a rate;
    - the bare model (fp16) on device-resident batches at batch 1/8/16/32, with CUDA graphs; eager at 16;
      cudnn.benchmark set first, as the torch backend sets it;
-   - the GPU path from decoded planes: submit_frames (upload, colour, letterbox, model, NMS), 2 in flight, with
+   - the GPU path from decoded planes: Backend.submit (upload, colour, letterbox, model, NMS), 2 in flight, with
      the detections per frame (an untrained model finds next to none: the NMS is timed nearly empty), and the
      same with the shipped BCCD model on BCCD images (about 40 detections a frame for the NMS);
    - the daemon (run_pipeline, torch backend, NVDEC by hwaccel auto) on 16 file streams of 1080p H.264, no
@@ -398,14 +398,14 @@ def bare_rate(torch, net, profile: Profile, batch: int, seconds: float, graphs: 
 
 
 def gpu_path_rate(backend, frames: list, batch: int, seconds: float) -> Measured:
-    """(frames/s, detections per frame) of submit_frames on decoded planes, as the daemon hands them over (upload,
+    """(frames/s, detections per frame) of Backend.submit on decoded planes, as the daemon hands them over (upload,
     colour conversion, letterbox, model, NMS on the device), two batches in flight."""
+    from streamd.backends.base import FrameBatch, Picture
+
     chunks = [frames[i : i + batch] for i in range(0, len(frames) - batch + 1, batch)]
 
     def submit(chunk):
-        images, layouts = [image for image, _ in chunk], [layout for _, layout in chunk]
-        source_hw = [(image.shape[0] * 2 // 3, image.shape[1]) for image in images]
-        return backend.submit_frames(images, layouts, [1.0] * len(chunk), source_hw, 0.3, 0.45)
+        return backend.submit(FrameBatch(tuple(Picture(image, layout) for image, layout in chunk), 0.3, 0.45))
 
     submit(chunks[0]).wait()
     count, found, started, pending = 0, 0, time.perf_counter(), None
@@ -413,10 +413,10 @@ def gpu_path_rate(backend, frames: list, batch: int, seconds: float) -> Measured
         for chunk in chunks:
             handle = submit(chunk)
             if pending is not None:
-                found += sum(len(d) for d in pending.wait())
+                found += sum(len(d) for d in pending.wait().detections)
             pending = handle
             count += len(chunk)
-    found += sum(len(d) for d in pending.wait())
+    found += sum(len(d) for d in pending.wait().detections)
     rate = count / (time.perf_counter() - started)
     return Measured(f"{_fmt(rate)}; {found / count:.1f}", "", {"frames": count, "detections": found})
 

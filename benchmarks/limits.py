@@ -94,10 +94,10 @@ def stage_costs(video: Path, bundle_path: Path, int8_path: Path | None, max_batc
             continue
         model = load_bundle(path)
         backend = OnnxRuntimeBackend(model, max_batch=max_batch, intra_op_threads=0)
-        backend.submit(batches[0][0]).wait()  # warm-up
-        ms[name] = _cpu_ms_per(len(batches) * max_batch, lambda b=backend: [b.submit(t).wait() for t, _ in batches], repeat=2)
+        backend.submit_tensor(batches[0][0]).wait()  # warm-up
+        ms[name] = _cpu_ms_per(len(batches) * max_batch, lambda b=backend: [b.submit_tensor(t).wait() for t, _ in batches], repeat=2)
     backend = OnnxRuntimeBackend(bundle, max_batch=max_batch, intra_op_threads=0)
-    outputs = [(backend.submit(t).wait(), s) for t, s in batches]
+    outputs = [(backend.submit_tensor(t).wait(), s) for t, s in batches]
     sizes = [(height, width)] * max_batch
     ms["decode + NMS"] = _cpu_ms_per(len(outputs) * max_batch, lambda: [postprocess(o, s, sizes, 0.3, 0.45) for o, s in outputs])
     found = [d for o, s in outputs for d in postprocess(o, s, sizes, 0.3, 0.45)]

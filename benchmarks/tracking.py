@@ -171,7 +171,7 @@ def record(detector: Detector, strip: Strip, sequence: Sequence, batch: int = 8)
     found, truths = [], []
     for begin in range(0, len(sequence.pts_s), batch):
         rendered = [render(strip, sequence, i) for i in range(begin, min(begin + batch, len(sequence.pts_s)))]
-        for detections, (_, truth) in zip(detector.collect(detector.submit([image for image, _ in rendered])), rendered):
+        for detections, (_, truth) in zip(detector.detect([image for image, _ in rendered]), rendered):
             on_ignored = box_iou(detections.xyxy, truth.ignored).max(axis=1, initial=0) >= MATCH_IOU
             found.append(detections[~on_ignored])
             truths.append(truth)

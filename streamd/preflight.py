@@ -72,7 +72,7 @@ def preflight(config: StreamdConfig, config_path: Path) -> list[Problem]:
     except StreamdError as exc:
         problem(("model",), str(exc))
         # The parts are still checked: only their pixel format and size come from the model, not what they check.
-        detector = Detector(FunctionBackend(lambda batch: batch), STAND_IN_HW, ())
+        detector = Detector(FunctionBackend(lambda batch: batch, STAND_IN_HW), STAND_IN_HW, ())
     context = zmq.Context()
     try:
         ends = endpoints(config, detector, Metrics([stream.id for stream in config.streams]), context)

@@ -71,8 +71,8 @@ class Frame:
     """One decoded frame of one stream.
 
     image: uint8 [H, W, 3] BGR, read-only (the annotator draws on a copy); or, layout.format "yuv420p",
-        the decoder's planes as they are, for a backend that converts colour on its device (streamd.backends.
-        base.FrameBackend) on a stream nothing draws on.
+        the decoder's planes as they are, for a backend that converts colour on its device (its pixel_formats
+        take yuv420p: streamd.backends.base) on a stream nothing draws on.
     pts_s: presentation time in seconds in the source's own time line.
     decoded_at: wall-clock time.time() when the frame left the decoder.
     decode_ms: time from the packet leaving the demuxer to the decoded frame (BGR or planes).

@@ -39,4 +39,5 @@ def torch_detector(
     def run(batch: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
 
-    return Detector(FunctionBackend(run, max_batch, "torch"), tuple(input_hw), tuple(class_names))
+    return Detector(FunctionBackend(run, tuple(input_hw), max_batch=max_batch, name="torch"), tuple(input_hw),
+                    tuple(class_names))

@@ -1,100 +1,190 @@
-"""The one small interface every inference backend implements: submit a batch, wait for its output.
+"""The one interface every inference backend implements: a FrameBatch in, a Pending out whose wait() gives its
+detections.
 
-Asynchronous backends (TensorRT, torch on CUDA) return from `submit` at once
-and compute while the caller prepares the next batch; a synchronous backend
-(ONNX Runtime on the CPU) computes inside `submit` and returns a `Ready`
-handle. Callers have one code path for both.
+    backend.submit(FrameBatch(pictures, conf, iou)) -> Pending[Decoded]
+
+A Picture is an image as the decoder made it (BGR, or yuv420p planes for a backend whose `pixel_formats` takes
+them), the scale it was made at and its source's size; the detections come back in source pixels. Where the rest
+runs is the backend's own business:
+- a host backend (HostBackend: ONNX Runtime, a function) letterboxes on the host, runs its model inside submit()
+  and decodes + NMSes in wait(), so that the next batch's model overlaps this one's NMS when another thread waits;
+- a device backend (torch, TensorRT) uploads the pictures as they are, and colour, letterbox, model, threshold
+  and NMS run on its device; submit() returns at once and wait() blocks until the kept boxes are on the host.
+
+`submit_tensor` runs the model alone on a letterboxed float32 [N, 3, H, W] batch (the bundle's contract check at
+warm-up, the parity tests, the bare-model benchmark rows), with the same kind of Pending.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from streamd.model.detections import Detections
-from streamd.types import PixelLayout
+from streamd.errors import BackendError
+from streamd.model.bundle import Preprocess
+from streamd.model.postprocess import Decoded, decode_output
+from streamd.model.preprocess import letterbox_batch
+from streamd.types import BGR24, PixelFormat, PixelLayout, picture_hw
+
+T = TypeVar("T", covariant=True)
 
 
-class Pending(Protocol):
-    """A submitted batch. wait() blocks until its output is on the host: float32 [N, A, 5 + C]."""
+@dataclass(frozen=True, slots=True)
+class Picture:
+    """One image for a backend.
 
-    def wait(self) -> np.ndarray: ...
+    image: uint8, laid out as `layout` says (HxWx3 BGR, or yuv420p planes).
+    prescale: the image is its source scaled by this (by the decoder; 1.0: the image is the source): boxes are
+        divided by it. source_hw: the source's (H, W), which boxes are clipped to (None: the image's own).
+    """
+
+    image: np.ndarray
+    layout: PixelLayout = BGR24
+    prescale: float = 1.0
+    source_hw: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.source_hw is None:
+            object.__setattr__(self, "source_hw", picture_hw(self.image, self.layout.format))
+
+
+@dataclass(frozen=True, slots=True)
+class FrameBatch:
+    """Pictures to detect in, with the score and NMS IoU thresholds to detect at."""
+
+    pictures: tuple[Picture, ...]
+    conf_threshold: float
+    iou_threshold: float
+    formats: frozenset[PixelFormat] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pictures", tuple(self.pictures))
+        object.__setattr__(self, "formats", frozenset(p.layout.format for p in self.pictures))
+
+    @classmethod
+    def of(cls, images: Sequence[np.ndarray], conf_threshold: float, iou_threshold: float) -> FrameBatch:
+        """BGR images at their own size."""
+        return cls(tuple(Picture(image) for image in images), conf_threshold, iou_threshold)
+
+    def __len__(self) -> int:
+        return len(self.pictures)
+
+    def chunks(self, size: int) -> Iterator[FrameBatch]:
+        """This batch in batches of at most `size` pictures, in order."""
+        for start in range(0, len(self.pictures), size):
+            yield FrameBatch(self.pictures[start : start + size], self.conf_threshold, self.iou_threshold)
+
+    def source_hw(self) -> list[tuple[int, int]]:
+        return [picture.source_hw for picture in self.pictures]
+
+    def prescales(self) -> list[float]:
+        return [picture.prescale for picture in self.pictures]
+
+    def check(self, backend: Backend) -> None:
+        """A BackendError unless the backend takes this many pictures in these pixel formats."""
+        if not 1 <= len(self.pictures) <= backend.max_batch:
+            raise BackendError(f"backend {backend.name}: batch of {len(self.pictures)} frames, it takes 1..{backend.max_batch}")
+        if not self.formats <= backend.pixel_formats:
+            raise BackendError(f"backend {backend.name}: takes {sorted(backend.pixel_formats)} images only, "
+                               f"got {sorted(self.formats)}")  # fmt: skip
+
+
+class Pending(Protocol[T]):
+    """Work handed to a backend. wait() blocks until its result is on the host (raising the work's own error)."""
+
+    def wait(self) -> T: ...
 
 
 class Backend(Protocol):
-    """Runs a bundle's model on a batch.
-
-    submit: float32 [N, 3, H, W] letterboxed batch (N <= max_batch) -> a Pending whose
-    wait() gives float32 [N, A, 5 + C] (cx, cy, w, h in input pixels, objectness, class scores).
-    """
+    """Runs a bundle's model. pixel_formats: the picture formats submit() takes (every backend takes bgr24)."""
 
     name: str
     max_batch: int
+    pixel_formats: frozenset[PixelFormat]
 
-    def submit(self, batch: np.ndarray) -> Pending: ...
+    def submit(self, batch: FrameBatch) -> Pending[Decoded]:
+        """Start up to max_batch pictures; wait() gives one Detections per picture, in source pixels, and the rows
+        dropped as invalid per picture."""
+        ...
+
+    def submit_tensor(self, tensor: np.ndarray) -> Pending[np.ndarray]:
+        """Start the model alone on a letterboxed float32 [N, 3, H, W] batch (N <= max_batch); wait() gives its
+        float32 [N, A, 5 + C] output (cx, cy, w, h in input pixels, objectness, class scores)."""
+        ...
 
     def close(self) -> None: ...
 
 
-class PendingDetections(Protocol):
-    """Frames submitted to a FrameBackend. wait() blocks until their detections are on the host."""
+class Ready(Generic[T]):
+    """The Pending of a synchronous call: the result was computed inside submit()."""
 
-    def wait(self) -> list[Detections]: ...
+    __slots__ = ("result",)
+
+    def __init__(self, result: T):
+        self.result = result
+
+    def wait(self) -> T:
+        return self.result
 
 
-@runtime_checkable
-class FrameBackend(Protocol):
-    """A Backend that also takes frames as decoded and does the rest on its device (the GPU path).
+@dataclass(frozen=True, slots=True)
+class HostPending:
+    """A host backend's batch: the model's output, decoded + NMSed in wait() (by whoever waits)."""
 
-    submit_frames: up to max_batch uint8 frames laid out as `layouts` say -> a PendingDetections whose wait()
-    gives one Detections per frame, in source pixels: the upload, colour conversion, letterbox, model,
-    score threshold and class-aware NMS all run on the device, and only the kept boxes come back.
-    prescales: each image is its source scaled by this (1.0: the image is the source); boxes are divided
-    by it. source_hw: each source's (H, W), to clip boxes to.
-    """
+    output: np.ndarray
+    scales: np.ndarray
+    batch: FrameBatch
+
+    def wait(self) -> Decoded:
+        batch = self.batch
+        return decode_output(self.output, self.scales, batch.source_hw(), batch.conf_threshold, batch.iou_threshold)
+
+
+class HostBackend(ABC):
+    """A backend whose model runs synchronously on letterboxed float32 tensors on the host: submit() letterboxes
+    the BGR pictures (model.preprocess, YOLOX's own) and runs `run`; its Pending decodes + NMSes in wait()."""
 
     name: str
     max_batch: int
+    input_hw: tuple[int, int]
+    preprocess: Preprocess
+    pixel_formats: frozenset[PixelFormat] = frozenset({"bgr24"})
 
-    def submit(self, batch: np.ndarray) -> Pending: ...
+    @abstractmethod
+    def run(self, tensor: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] -> float32 [N, A, 5 + C], in the call."""
 
-    def submit_frames(
-        self,
-        images: Sequence[np.ndarray],
-        layouts: Sequence[PixelLayout],
-        prescales: Sequence[float],
-        source_hw: Sequence[tuple[int, int]],
-        conf_threshold: float,
-        iou_threshold: float,
-    ) -> PendingDetections: ...
+    def submit(self, batch: FrameBatch) -> HostPending:
+        batch.check(self)
+        tensor, scales = letterbox_batch([p.image for p in batch.pictures], self.input_hw, self.preprocess)
+        scales = scales * np.asarray(batch.prescales(), np.float32)
+        return HostPending(self.run(tensor), scales, batch)
 
-    def close(self) -> None: ...
-
-
-class Ready:
-    """The Pending (or PendingDetections) of a synchronous call: the result was computed inside submit()."""
-
-    __slots__ = ("output",)
-
-    def __init__(self, output):
-        self.output = output
-
-    def wait(self):
-        return self.output
-
-
-class FunctionBackend:
-    """A synchronous backend around a function float32 [N, 3, H, W] -> float32 [N, A, 5 + C] (the trainer's torch model)."""
-
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 8, name: str = "function"):
-        self.run = run
-        self.max_batch = max_batch
-        self.name = name
-
-    def submit(self, batch: np.ndarray) -> Ready:
-        return Ready(self.run(batch))
+    def submit_tensor(self, tensor: np.ndarray) -> Ready[np.ndarray]:
+        if not 1 <= len(tensor) <= self.max_batch:
+            raise BackendError(f"backend {self.name}: batch of {len(tensor)} frames, it takes 1..{self.max_batch}")
+        return Ready(self.run(tensor))
 
     def close(self) -> None:
         pass
+
+
+class FunctionBackend(HostBackend):
+    """A host backend around a function float32 [N, 3, H, W] -> float32 [N, A, 5 + C] (the trainer's torch model)."""
+
+    def __init__(
+        self, run: Callable[[np.ndarray], np.ndarray], input_hw: tuple[int, int], preprocess: Preprocess = Preprocess(),
+        max_batch: int = 8, name: str = "function",
+    ):  # fmt: skip
+        self._run = run
+        self.input_hw = tuple(input_hw)
+        self.preprocess = preprocess
+        self.max_batch = max_batch
+        self.name = name
+
+    def run(self, tensor: np.ndarray) -> np.ndarray:
+        return self._run(tensor)

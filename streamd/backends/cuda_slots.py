@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from streamd.backends.base import FrameBatch
 from streamd.backends.device_ops import letterbox_frames, postprocess_on_device
 from streamd.errors import BackendError
 from streamd.model.bundle import Preprocess
-from streamd.model.detections import Detections
-from streamd.types import PixelLayout
+from streamd.model.postprocess import Decoded
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,6 @@ class CudaRuntime:
             replays[key] = graph.replay
         torch.cuda.synchronize(self.device)
         return replays
-
-
-def check_frames(label: str, max_batch: int, images: Sequence, *columns: Sequence) -> None:
-    """A BackendError unless 1 <= len(images) <= max_batch and every column has one entry per image."""
-    if not 1 <= len(images) <= max_batch:
-        raise BackendError(f"{label}: batch of {len(images)} frames, this backend takes 1..{max_batch}")
-    if any(len(column) != len(images) for column in columns):
-        raise BackendError(f"{label}: {len(images)} frames, but layouts, prescales and source sizes of {[len(c) for c in columns]}")
 
 
 def source_scales(letterbox_scales: Sequence[float], prescales: Sequence[float]) -> list[float]:
@@ -217,36 +209,37 @@ class CudaSlots:
             previous.collect()  # its error, if any, is its own wait()'s
         return slot
 
-    def submit_batch(self, batch: np.ndarray, run: Run) -> SlotPending:
+    def submit_tensor(self, tensor: np.ndarray, run: Run) -> SlotPending:
         """A letterboxed float32 [N, 3, H, W] host batch; wait() gives float32 [N, A, 5 + C] on the host."""
-        count, what = int(batch.shape[0]), f"a batch of {batch.shape[0]}"
+        count, what = int(tensor.shape[0]), f"a batch of {tensor.shape[0]}"
         with self.entry(what):
             slot = self.take()
             host = self.host_in[slot][:count]
-            host.copy_(torch.from_numpy(batch))
+            host.copy_(torch.from_numpy(tensor))
             self.runtime.copy(self.staged[slot][:count], host, self.upload_stream, "h2d", slot)
             self.runtime.record(self.uploaded[slot], self.upload_stream)
             self._compute(slot, count, run, to_host=True)
         return self._pending(slot, what, lambda: self.host_out[slot][:count].numpy().astype(np.float32, copy=True))
 
-    def submit_frames(
-        self, images: Sequence[np.ndarray], layouts: Sequence[PixelLayout], prescales: Sequence[float],
-        source_hw: Sequence[tuple[int, int]], conf_threshold: float, iou_threshold: float,
-        input_hw: tuple[int, int], preprocess: Preprocess, run: Run,
-    ) -> SlotPending:  # fmt: skip
-        """uint8 frames as decoded (base.FrameBackend); wait() gives one Detections per frame, in source pixels."""
-        count, what = len(images), f"a batch of {len(images)} frames"
+    def submit(self, batch: FrameBatch, input_hw: tuple[int, int], preprocess: Preprocess, run: Run) -> SlotPending:
+        """Pictures as decoded (base.Backend.submit); wait() gives one Detections per picture, in source pixels (the
+        device drops the rows the host counts as invalid without counting them: invalid_boxes are 0)."""
+        count, what = len(batch), f"a batch of {len(batch)} frames"
+        images = [picture.image for picture in batch.pictures]
         with self.entry(what):
             slot = self.take()
             with self.runtime.on(self.upload_stream):
                 frames = self._upload_frames(slot, images)
-                letterbox_scales = letterbox_frames(frames, input_hw, preprocess, self.staged[slot], layouts)
-            scales = source_scales(letterbox_scales, prescales)
+                letterbox_scales = letterbox_frames(frames, input_hw, preprocess, self.staged[slot],
+                                                    [picture.layout for picture in batch.pictures])  # fmt: skip
+            scales = source_scales(letterbox_scales, batch.prescales())
             self.runtime.record(self.uploaded[slot], self.upload_stream)
             self._compute(slot, count, run, to_host=False)
 
-        def detections() -> list[Detections]:
-            return postprocess_on_device(self.output[slot][:count].float(), scales, source_hw, conf_threshold, iou_threshold)
+        def detections() -> Decoded:
+            found = postprocess_on_device(self.output[slot][:count].float(), scales, batch.source_hw(),
+                                          batch.conf_threshold, batch.iou_threshold)  # fmt: skip
+            return Decoded.uncounted(found)
 
         return self._pending(slot, what, detections)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from streamd.backends.base import Ready
+from streamd.backends.base import HostBackend
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle, check_io_names
 
 
-class OnnxRuntimeBackend:
-    """streamd.backends.base.Backend on ONNX Runtime's CPU provider (synchronous: submit computes)."""
+class OnnxRuntimeBackend(HostBackend):
+    """streamd.backends.base.Backend on ONNX Runtime's CPU provider: a HostBackend (letterbox on the host,
+    the model inside submit(), decode + NMS in wait())."""
 
     name = "onnxruntime"
 
@@ -29,15 +30,17 @@ class OnnxRuntimeBackend:
             raise BackendError(f"{bundle.onnx_path}: ONNX Runtime cannot load the model: {exc}") from exc
         check_io_names(bundle, [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         self.input_name = bundle.meta.onnx.input_name
+        self.input_hw = tuple(bundle.meta.input_hw)
+        self.preprocess = bundle.meta.preprocess
         self.max_batch = max_batch
 
-    def submit(self, batch: np.ndarray) -> Ready:
-        """Run the batch now (ONNX Runtime is synchronous): float32 [N, 3, H, W] -> Ready([N, A, 5 + C])."""
+    def run(self, tensor: np.ndarray) -> np.ndarray:
+        """The model now (ONNX Runtime is synchronous): float32 [N, 3, H, W] -> [N, A, 5 + C]."""
         try:
-            (output,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+            (output,) = self.session.run(None, {self.input_name: np.ascontiguousarray(tensor, dtype=np.float32)})
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime failed on a batch of shape {batch.shape}: {exc}") from exc
-        return Ready(output)
+            raise BackendError(f"ONNX Runtime failed on a batch of shape {tensor.shape}: {exc}") from exc
+        return output
 
     def close(self) -> None:
         self.session = None

@@ -10,11 +10,12 @@ runs (and its GPU tests check): two batches in flight, the upload of batch
 k+1 overlapping the engine on batch k, every call under the backend's
 device in the calling thread.
 
-TensorRTBackend is a base.FrameBackend: `submit_frames` takes uint8 frames as
-decoded and gives Detections in source pixels (letterbox into the engine's
-input, engine, threshold and NMS on its output, all on the device);
-`submit` takes a letterboxed float32 [N, 3, H, W] batch and gives the
-engine's float32 [N, A, 5 + C] on the host.
+TensorRTBackend is a base.Backend that takes BGR and yuv420p pictures:
+`submit(FrameBatch)` takes uint8 pictures as decoded and gives Detections in
+source pixels (letterbox into the engine's input, engine, threshold and NMS
+on its output, all on the device); `submit_tensor` takes a letterboxed
+float32 [N, 3, H, W] batch and gives the engine's float32 [N, A, 5 + C] on
+the host.
 
 `tensorrt` and `torch` are imported only when this backend is built.
 """
@@ -22,17 +23,16 @@ engine's float32 [N, A, 5 + C] on the host.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import numpy as np
 
+from streamd.backends.base import FrameBatch
 from streamd.backends.tensorrt_build import (
     engine_path, import_tensorrt, import_torch, key_note, serialize_engine, trt_logger, write_cache,
 )  # fmt: skip
 from streamd.config import TensorRTConfig
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle
-from streamd.types import PixelLayout
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class TensorRTBackend:
     """A TensorRT engine for one bundle on one GPU, for batches of 1..max_batch frames."""
 
     name = "tensorrt"
+    pixel_formats = frozenset({"bgr24", "yuv420p"})
 
     def __init__(self, bundle: Bundle, config: TensorRTConfig, max_batch: int = 8):
         try:
@@ -132,26 +133,17 @@ class TensorRTBackend:
                 f"backend tensorrt: execute_async_v3 failed on {self.device} for a batch of {images.shape[0]} (see the TensorRT log)"
             )
 
-    def submit(self, batch: np.ndarray):
+    def submit_tensor(self, tensor: np.ndarray):
         """Start a letterboxed float32 [N, 3, H, W] batch (N <= max_batch); wait() on the result gives float32 [N, A, 5 + C]."""
-        count = int(batch.shape[0])
+        count = int(tensor.shape[0])
         if not 1 <= count <= self.max_batch:
-            raise BackendError(f"backend tensorrt: batch of {count} frames, engine takes 1..{self.max_batch}")
-        return self.slots.submit_batch(np.ascontiguousarray(batch, dtype=np.float32), self._execute)
+            raise BackendError(f"backend tensorrt: batch of {count} frames, it takes 1..{self.max_batch}")
+        return self.slots.submit_tensor(np.ascontiguousarray(tensor, dtype=np.float32), self._execute)
 
-    def submit_frames(
-        self,
-        images: Sequence[np.ndarray],
-        layouts: Sequence[PixelLayout],
-        prescales: Sequence[float],
-        source_hw: Sequence[tuple[int, int]],
-        conf_threshold: float,
-        iou_threshold: float,
-    ):
-        """Start up to max_batch uint8 frames (base.FrameBackend); wait() gives one Detections per frame, in source pixels."""
-        self._cuda_slots.check_frames("backend tensorrt", self.max_batch, images, layouts, prescales, source_hw)
-        return self.slots.submit_frames(images, layouts, prescales, source_hw, conf_threshold, iou_threshold,
-                                        self.input_hw, self.preprocess, self._execute)  # fmt: skip
+    def submit(self, batch: FrameBatch):
+        """Start up to max_batch pictures (base.Backend); wait() gives one Detections per picture, in source pixels."""
+        batch.check(self)
+        return self.slots.submit(batch, self.input_hw, self.preprocess, self._execute)
 
     def close(self) -> None:
         """Wait for both streams (even after a failed submit), then release the context and engine."""

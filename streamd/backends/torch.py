@@ -7,16 +7,15 @@ its grids on the CPU at every call, which breaks CUDA-graph capture):
 `GridDecode` holds the grids and strides of the bundle's input size as
 device buffers instead.
 
-TorchBackend is a base.FrameBackend:
+TorchBackend is a base.Backend that takes BGR and yuv420p pictures:
 
-- `submit_frames(images, layouts, prescales, source_hw, conf, iou)`:
-  uint8 frames as decoded go up as they are; colour conversion and
-  letterbox (device_ops.letterbox_frames), the model, the score threshold
-  and class-aware NMS (device_ops.postprocess_on_device) run on the device;
-  only the kept boxes come back, in source pixels.
-- `submit(batch)` (base.Backend, for warm-up and the trainer): a
-  letterboxed float32 [N, 3, H, W] batch; wait() gives the decoded float32
-  [N, A, 5 + C], the same rows as model.onnx.
+- `submit(FrameBatch)`: uint8 pictures as decoded go up as they are; colour
+  conversion and letterbox (device_ops.letterbox_frames), the model, the
+  score threshold and class-aware NMS (device_ops.postprocess_on_device) run
+  on the device; only the kept boxes come back, in source pixels.
+- `submit_tensor(tensor)` (warm-up's contract check, parity tests, bare-model
+  benchmarks): a letterboxed float32 [N, 3, H, W] batch; wait() gives the
+  decoded float32 [N, A, 5 + C], the same rows as model.onnx.
 
 On CUDA (`device: cuda:N`) both are asynchronous on the slots of
 streamd.backends.cuda_slots (two batches in flight; upload and letterbox on
@@ -38,19 +37,17 @@ installs them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
 from streamd.backends import cuda_slots
-from streamd.backends.base import Ready
-from streamd.backends.cuda_slots import check_frames, source_scales
+from streamd.backends.base import FrameBatch, Ready
+from streamd.backends.cuda_slots import source_scales
 from streamd.backends.device_ops import GridDecode, letterbox_frames, postprocess_on_device
 from streamd.config import TorchConfig
 from streamd.errors import BackendError
 from streamd.model.bundle import Bundle
-from streamd.types import PixelLayout
+from streamd.model.postprocess import Decoded
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +112,10 @@ def load_model(bundle: Bundle) -> YoloxDecoded:
 
 
 class TorchBackend:
-    """streamd.backends.base.FrameBackend on PyTorch, for batches of 1..max_batch frames."""
+    """streamd.backends.base.Backend on PyTorch, for batches of 1..max_batch frames, BGR or yuv420p."""
 
     name = "torch"
+    pixel_formats = frozenset({"bgr24", "yuv420p"})
 
     def __init__(self, bundle: Bundle, config: TorchConfig, max_batch: int = 8):
         self.max_batch = max_batch
@@ -178,35 +176,28 @@ class TorchBackend:
         self.replays[bucket]()
         return self.static_out[:count]
 
-    def submit(self, batch: np.ndarray):
+    def submit_tensor(self, tensor: np.ndarray):
         """Start a letterboxed float32 [N, 3, H, W] batch; wait() on the result gives float32 [N, A, 5 + C]."""
-        check_frames("backend torch", self.max_batch, batch)
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if not 1 <= len(tensor) <= self.max_batch:
+            raise BackendError(f"backend torch: batch of {len(tensor)} frames, it takes 1..{self.max_batch}")
+        tensor = np.ascontiguousarray(tensor, dtype=np.float32)
         if self.slots is not None:
-            return self.slots.submit_batch(batch, self._run)
+            return self.slots.submit_tensor(tensor, self._run)
         with torch.inference_mode():
-            return Ready(self.net(torch.from_numpy(batch)).numpy())
+            return Ready(self.net(torch.from_numpy(tensor)).numpy())
 
-    def submit_frames(
-        self,
-        images: Sequence[np.ndarray],
-        layouts: Sequence[PixelLayout],
-        prescales: Sequence[float],
-        source_hw: Sequence[tuple[int, int]],
-        conf_threshold: float,
-        iou_threshold: float,
-    ):
-        """Start up to max_batch uint8 frames (base.FrameBackend); wait() gives one Detections per frame, in source pixels."""
-        check_frames("backend torch", self.max_batch, images, layouts, prescales, source_hw)
+    def submit(self, batch: FrameBatch):
+        """Start up to max_batch pictures (base.Backend); wait() gives one Detections per picture, in source pixels."""
+        batch.check(self)
         if self.slots is not None:
-            return self.slots.submit_frames(images, layouts, prescales, source_hw, conf_threshold, iou_threshold,
-                                            self.input_hw, self.preprocess, self._run)  # fmt: skip
+            return self.slots.submit(batch, self.input_hw, self.preprocess, self._run)
         with torch.inference_mode():
-            batch = torch.empty((len(images), 3, *self.input_hw))
-            frames = [torch.from_numpy(np.array(image)) for image in images]  # writable copies: frames are read-only
-            scales = letterbox_frames(frames, self.input_hw, self.preprocess, batch, layouts)
-            output, scales = self.net(batch), source_scales(scales, prescales)
-            return Ready(postprocess_on_device(output, scales, source_hw, conf_threshold, iou_threshold))
+            tensor = torch.empty((len(batch), 3, *self.input_hw))
+            frames = [torch.from_numpy(np.array(p.image)) for p in batch.pictures]  # writable copies: frames are read-only
+            scales = letterbox_frames(frames, self.input_hw, self.preprocess, tensor, [p.layout for p in batch.pictures])
+            output, scales = self.net(tensor), source_scales(scales, batch.prescales())
+            found = postprocess_on_device(output, scales, batch.source_hw(), batch.conf_threshold, batch.iou_threshold)
+            return Ready(Decoded.uncounted(found))
 
     def close(self) -> None:
         if self.slots is not None:

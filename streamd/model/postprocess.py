@@ -73,6 +73,11 @@ class Decoded:
     detections: list[Detections]
     invalid_boxes: tuple[int, ...]
 
+    @classmethod
+    def uncounted(cls, detections: list[Detections]) -> Decoded:
+        """Detections whose invalid rows were dropped without being counted (a device's NMS): invalid_boxes 0."""
+        return cls(detections, (0,) * len(detections))
+
 
 def _has_area(xyxy: np.ndarray) -> np.ndarray:
     """bool [M]: the xyxy boxes [M, 4] whose width and height are both > 0 (False for NaN)."""

@@ -61,7 +61,7 @@ def source_for(
     its packets."""
     if recorded:
         return open_source(stream, metrics, input_hw=detector.input_hw, cuda_device=gpu, archive=archive)
-    if detector.on_device:
+    if "yuv420p" in detector.pixel_formats:
         return open_source(stream, metrics, input_hw=detector.input_hw, pixel_format="yuv420p", cuda_device=gpu,
                            archive=archive)  # fmt: skip
     return open_source(stream, metrics, model_hw=detector.input_hw, cuda_device=gpu, archive=archive)

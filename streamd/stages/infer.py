@@ -1,10 +1,11 @@
 """Inference in two stages, so one batch can be prepared while the previous one computes:
 
-    Batch --> SubmitStage (Detector.submit) --> InFlight --> ResultsStage (Detector.collect) --> FrameResult
+    Batch --> SubmitStage (Detector.submit) --> InFlight --> ResultsStage (Pending.wait) --> FrameResult
 
-On the CPU (ONNX Runtime) SubmitStage letterboxes on the host and ResultsStage
-decodes and NMSes with NumPy; with a FrameBackend (torch, TensorRT) the frames
-go up as decoded and all of it runs on the device (streamd.detector).
+On the CPU (ONNX Runtime) SubmitStage letterboxes on the host and runs the
+model, and ResultsStage's wait decodes and NMSes with NumPy; on a device
+(torch, TensorRT) the frames go up as decoded and all of it runs there
+(streamd.backends.base).
 
 The runner gathers the Batch (up to max_batch frames or max_wait_ms, fairly
 across streams, see `streamd.pipeline.queues.Batcher`). `compose` puts a
@@ -20,17 +21,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from streamd.detector import Detector, Submitted
+from streamd.backends.base import Pending, Picture
+from streamd.detector import Detector
+from streamd.model.postprocess import Decoded
 from streamd.ops.metrics import Metrics
 from streamd.types import Batch, Frame, FrameResult, Latency, ModelRef
 
 
 @dataclass(frozen=True, slots=True)
 class InFlight:
-    """A submitted batch: the batch, the detector's handle on it, and when its letterbox began (perf_counter)."""
+    """A submitted batch: the batch, the backend's Pending of it, and when its submission began (perf_counter)."""
 
     batch: Batch
-    submitted: Submitted
+    pending: Pending[Decoded]
     began: float
 
     control: ClassVar[bool] = False
@@ -69,13 +72,9 @@ class SubmitStage:
 
     def process(self, batch: Batch) -> Iterator[InFlight]:
         began = time.perf_counter()
-        frames = batch.frames
-        submitted = self.detector.submit(
-            [frame.image for frame in frames], [frame.scale for frame in frames], [(frame.height, frame.width) for frame in frames],
-            layouts=[frame.layout for frame in frames], conf_threshold=self.conf_threshold,
-            iou_threshold=self.iou_threshold,
-        )  # fmt: skip
-        yield InFlight(batch, submitted, began)
+        pictures = [Picture(frame.image, frame.layout, frame.scale, (frame.height, frame.width)) for frame in batch.frames]
+        pending = self.detector.submit(self.detector.batch(pictures, self.conf_threshold, self.iou_threshold))
+        yield InFlight(batch, pending, began)
 
     def close(self) -> None:
         pass
@@ -99,7 +98,7 @@ class ResultsStage:
         pass
 
     def process(self, in_flight: InFlight) -> Iterator[FrameResult]:
-        decoded = in_flight.submitted.decoded()
+        decoded = in_flight.pending.wait()
         infer_ms = (time.perf_counter() - in_flight.began) * 1e3
         now = time.time()
         batch = in_flight.batch

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py: its every step (the gpu-marked tests, inputs, NVDEC probe, decode ceilings, bare model,
-submit_frames, the daemon on file and live streams, the table) run on the CPU with a tiny model (--smoke), so it
+Backend.submit on planes, the daemon on file and live streams, the table) run on the CPU with a tiny model (--smoke), so it
 cannot break unseen between the rare runs on a GPU machine; and what makes one run return everything: the log and
 JUnit XML of a test step cut by its per-test timeout or its budget, and rows that fail or hang without losing the
 table. Asserted on counts (frames, results, tests), never on a rate: the machine may be loaded."""

@@ -98,7 +98,7 @@ def zeros_run(batch: np.ndarray) -> np.ndarray:
     ids=["perfect", "blind", "ghosts"],
 )
 def test_report_and_its_files(tmp_path: Path, split: DatasetSplit, run, class_ap: list[float], num_detections: list[int]) -> None:
-    detector = Detector(FunctionBackend(run), INPUT_HW, CLASSES, name="fake", sha256="ab" * 32)
+    detector = Detector(FunctionBackend(run, INPUT_HW), INPUT_HW, CLASSES, name="fake", sha256="ab" * 32)
     report = evaluate(detector, split, batch_size=3, out_dir=tmp_path / "eval")
     for row, ap, count in zip(report.per_class, class_ap, num_detections):
         # exact boxes: the same AP at every IoU threshold, by every integration
@@ -125,7 +125,7 @@ def test_report_and_its_files(tmp_path: Path, split: DatasetSplit, run, class_ap
 def test_report_json_writes_nan_as_null(tmp_path: Path, split: DatasetSplit) -> None:
     """A class without ground truth has no AP: null in the JSON, not NaN (which is not JSON)."""
     three = DatasetSplit(split.dataset, split.split, (*CLASSES, "absent"), split.records)
-    detector = Detector(FunctionBackend(zeros_run), INPUT_HW, three.class_names)
+    detector = Detector(FunctionBackend(zeros_run, INPUT_HW), INPUT_HW, three.class_names)
     evaluate(detector, three, out_dir=tmp_path)
     data = json.loads((tmp_path / REPORT_FILE).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
     assert data["per_class"][2] | {"num_gt": 0} == data["per_class"][2]
@@ -137,7 +137,7 @@ def test_unreadable_image_is_an_error(tmp_path: Path, split: DatasetSplit) -> No
     broken.write_bytes(b"not a png")
     bad = DatasetSplit("synthetic", "test", CLASSES, (*split.records, ImageRecord("broken", broken, 10, 10, [], [], [])))
     with pytest.raises(OSError, match="broken.png: cannot be read"):
-        evaluate(Detector(FunctionBackend(zeros_run), INPUT_HW, CLASSES), bad)
+        evaluate(Detector(FunctionBackend(zeros_run, INPUT_HW), INPUT_HW, CLASSES), bad)
 
 
 def experiment(tmp_path: Path, classes: tuple[str, ...] = CLASSES) -> Experiment:

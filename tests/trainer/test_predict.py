@@ -38,7 +38,7 @@ def one_box(batch: np.ndarray) -> np.ndarray:
     return output
 
 
-DETECTOR = Detector(FunctionBackend(one_box), INPUT_HW, CLASSES, name="fake", sha256="cd" * 32)
+DETECTOR = Detector(FunctionBackend(one_box, INPUT_HW), INPUT_HW, CLASSES, name="fake", sha256="cd" * 32)
 
 
 def ffmpeg_video(path: Path, size: str, codec: str) -> Path:

@@ -20,6 +20,8 @@ import threading
 import numpy as np
 import torch
 
+from streamd.backends.base import FrameBatch, Picture
+
 from tests.streamd.backends.fake_trt_build import FakeTRTBuild
 
 CALLS: list[tuple[str, str, int | None]] = []  # (stream or "host", operation, slot), in order
@@ -188,3 +190,9 @@ class FakeContext:
         (output,) = self.session.run(None, {"images": images.numpy()})
         DEVICE_MEMORY[self.addresses["output"]][:count] = torch.from_numpy(output)
         return True
+
+
+def frame_batch(images, layouts, prescales, source_hw, conf_threshold: float, iou_threshold: float) -> FrameBatch:
+    """A FrameBatch from per-picture columns (what the tests have at hand)."""
+    pictures = (Picture(image, layout, prescale, tuple(hw)) for image, layout, prescale, hw in zip(images, layouts, prescales, source_hw, strict=True))
+    return FrameBatch(tuple(pictures), conf_threshold, iou_threshold)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from streamd.backends import base as base_module
 from streamd.backends import select as backends_module
+from streamd.backends.base import FrameBatch
 from streamd.backends.select import make_backend, tensorrt_usable
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
 from streamd.backends.tensorrt_build import build_engine, engine_key, engine_path
@@ -47,11 +51,32 @@ def images(count: int, value: float = 0.0) -> np.ndarray:
 def test_onnxruntime_runs_the_bundle(tiny_bundle, count):
     backend = make_backend(tiny_bundle, ORT, max_batch=4)
     assert isinstance(backend, OnnxRuntimeBackend) and backend.max_batch == 4
-    output = backend.submit(images(count, 255.0)).wait()
+    output = backend.submit_tensor(images(count, 255.0)).wait()
     assert output.shape == (count, 84, 8) and output.dtype == np.float32  # 84: a YOLOX head at 64x64
     np.testing.assert_allclose(output[:, 0, 4], 1.0, rtol=1e-6)  # objectness = mean / 255
     np.testing.assert_allclose(output[:, 1, :5], [[44, 40, 20, 24, 0.9]] * count, rtol=1e-6)
     backend.close()
+
+
+def test_a_host_backend_runs_its_model_in_submit_and_its_nms_in_wait_in_the_waiting_thread(tiny_bundle, monkeypatch):
+    """The results thread, not the submitting one, decodes + NMSes, so that the model on the next batch (in submit)
+    overlaps the NMS of this one. Moving the decode into submit fails this test."""
+    ran: list[tuple[str, str]] = []
+    backend = OnnxRuntimeBackend(tiny_bundle, max_batch=2)
+    run = backend.run
+    monkeypatch.setattr(backend, "run", lambda tensor: ran.append(("model", threading.current_thread().name)) or run(tensor))
+    decode = base_module.decode_output
+    monkeypatch.setattr(base_module, "decode_output",
+                        lambda *args: ran.append(("nms", threading.current_thread().name)) or decode(*args))  # fmt: skip
+    handed: queue.Queue = queue.Queue()
+    found: list = []
+    results = threading.Thread(target=lambda: found.append(handed.get(timeout=30).wait()), name="results")
+    results.start()
+    pending = backend.submit(FrameBatch.of([np.full((48, 64, 3), 255, np.uint8)], 0.3, 0.45))
+    assert ran == [("model", "MainThread")]  # the model ran in submit; nothing decoded yet
+    handed.put(pending)
+    results.join(timeout=30)
+    assert ran == [("model", "MainThread"), ("nms", "results")] and len(found[0].detections[0]) == 2
 
 
 def test_auto_takes_onnxruntime_when_tensorrt_is_not_usable(tiny_bundle, monkeypatch):
@@ -144,9 +169,9 @@ def trt_config(tmp_path: Path):
 @pytest.mark.parametrize("count", [1, 3, 4])
 def test_tensorrt_matches_onnxruntime(tiny_bundle, trt_config, precision, atol, count):
     batch = np.random.default_rng(count).uniform(0, 255, (count, 3, 64, 64)).astype(np.float32)
-    expected = make_backend(tiny_bundle, ORT, 4).submit(batch).wait()
+    expected = make_backend(tiny_bundle, ORT, 4).submit_tensor(batch).wait()
     backend = make_backend(tiny_bundle, trt_config(precision), max_batch=4)
-    np.testing.assert_allclose(backend.submit(batch).wait(), expected, atol=atol, rtol=1e-3)
+    np.testing.assert_allclose(backend.submit_tensor(batch).wait(), expected, atol=atol, rtol=1e-3)
     backend.close()
 
 
@@ -183,15 +208,15 @@ def test_an_engine_built_ahead_of_time_is_loaded_by_the_daemon(tiny_bundle, trt_
 def test_tensorrt_two_batches_in_flight_overlap_and_stay_correct(tiny_bundle, trt_config):
     backend = make_backend(tiny_bundle, trt_config(), max_batch=4)
     a, b, c = images(4, 255.0), images(2, 0.0), images(3, 127.5)
-    pending_a = backend.submit(a)
-    pending_b = backend.submit(b)  # copies in while a computes
-    pending_c = backend.submit(c)  # reuses a's slot: a's output must survive
+    pending_a = backend.submit_tensor(a)
+    pending_b = backend.submit_tensor(b)  # copies in while a computes
+    pending_c = backend.submit_tensor(c)  # reuses a's slot: a's output must survive
     assert pending_a.wait()[:, 0, 4] == pytest.approx(1.0)
     assert pending_b.wait()[:, 0, 4] == pytest.approx(0.0)
     assert pending_c.wait()[:, 0, 4] == pytest.approx(0.5, abs=1e-3)
     assert pending_a.wait().shape == (4, 2, 8) and pending_b.wait().shape == (2, 2, 8)
     with pytest.raises(BackendError, match="1..4"):
-        backend.submit(images(5))
+        backend.submit_tensor(images(5))
     backend.close()
 
 
@@ -241,11 +266,11 @@ def test_fake_gpu_backend_builds_caches_binds_and_matches_onnxruntime(tiny_bundl
     assert json.loads(backend.engine_path.with_suffix(".json").read_text())["gpu_name"] == "Fake GPU 80GB"
     reference = make_backend(tiny_bundle, ORT, 4)
     batches = [np.random.default_rng(i).uniform(0, 255, (n, 3, 64, 64)).astype(np.float32) for i, n in enumerate((4, 1, 3))]
-    pending = [backend.submit(b) for b in batches]  # three in flight over two slots: the first is collected on reuse
+    pending = [backend.submit_tensor(b) for b in batches]  # three in flight over two slots: the first is collected on reuse
     for handle, batch in zip(pending, batches):
-        np.testing.assert_allclose(handle.wait(), reference.submit(batch).wait(), rtol=1e-5)
+        np.testing.assert_allclose(handle.wait(), reference.submit_tensor(batch).wait(), rtol=1e-5)
     with pytest.raises(BackendError, match="1..4"):
-        backend.submit(images(5))
+        backend.submit_tensor(images(5))
     backend.close()
     again = make_backend(tiny_bundle, config, max_batch=4)  # from the cache: no second build
     assert len(fake_gpu.builds) == 1 and again.engine_path == backend.engine_path
@@ -260,4 +285,4 @@ def test_fake_gpu_int8_needs_a_calibrator_and_build_engine_uses_it(tiny_bundle, 
     assert fake_gpu.builds[-1]["calibrator"] is calibrator and fake_gpu.builds[-1]["flags"] == {"fp16", "int8", "obey_precision_constraints"}
     backend = make_backend(tiny_bundle, config, max_batch=2)  # the daemon loads the calibrated engine
     assert backend.engine_path == path and len(fake_gpu.builds) == 1
-    assert backend.submit(images(2, 255.0)).wait()[:, 0, 4] == pytest.approx(1.0)
+    assert backend.submit_tensor(images(2, 255.0)).wait()[:, 0, 4] == pytest.approx(1.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamd.backends import cuda_slots
-from streamd.backends.cuda_slots import CudaRuntime, CudaSlots, check_frames
+from streamd.backends.cuda_slots import CudaRuntime, CudaSlots
 from streamd.errors import BackendError
 from streamd.model.bundle import Preprocess
 from streamd.types import BGR24, PixelLayout
@@ -61,10 +61,10 @@ def batch(count: int, value: float) -> np.ndarray:
 
 
 def test_batches_upload_then_compute_and_a_reused_slot_waits_for_its_batch(slots):
-    first, second = slots.submit_batch(batch(2, 1.0), one_box_per_frame), slots.submit_batch(batch(1, 2.0), one_box_per_frame)
+    first, second = slots.submit_tensor(batch(2, 1.0), one_box_per_frame), slots.submit_tensor(batch(1, 2.0), one_box_per_frame)
     assert CALLS == upload(0) + compute(0, "output", "d2h") + upload(1) + compute(1, "output", "d2h")
     CALLS.clear()
-    third = slots.submit_batch(batch(2, 3.0), one_box_per_frame)  # slot 0 again: the first batch is collected first
+    third = slots.submit_tensor(batch(2, 3.0), one_box_per_frame)  # slot 0 again: the first batch is collected first
     assert CALLS == [("host", "wait done", 0)] + upload(0) + compute(0, "output", "d2h")
     CALLS.clear()
     outputs = [pending.wait() for pending in (first, second, third)]
@@ -75,7 +75,7 @@ def test_batches_upload_then_compute_and_a_reused_slot_waits_for_its_batch(slots
 
 
 def test_a_model_that_writes_the_slot_output_itself_is_not_copied(slots):
-    output = slots.submit_batch(batch(1, 5.0), in_place).wait()
+    output = slots.submit_tensor(batch(1, 5.0), in_place).wait()
     assert CALLS == upload(0) + compute(0, "d2h") + [("host", "wait done", 0)]
     assert output[0, 0, 6] == 5.0
 
@@ -83,10 +83,9 @@ def test_a_model_that_writes_the_slot_output_itself_is_not_copied(slots):
 def test_frames_are_letterboxed_on_the_upload_stream_and_only_boxes_come_back(slots, monkeypatch):
     monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
     images = [np.full((8, 8, 3), 100, np.uint8), np.full((4, 6, 3), 50, np.uint8), np.full((12, 8), 128, np.uint8)]
-    pending = slots.submit_frames(images, [BGR24, BGR24, PixelLayout("yuv420p")], [0.5, 1.0, 1.0], [(16, 16), (4, 6), (8, 8)], 0.3,
-                                  0.45, (4, 4), Preprocess(), one_box_per_frame)  # fmt: skip
+    pending = slots.submit(fake_gpu.frame_batch(images, [BGR24, BGR24, PixelLayout("yuv420p")], [0.5, 1.0, 1.0], [(16, 16), (4, 6), (8, 8)], 0.3, 0.45), (4, 4), Preprocess(), one_box_per_frame)  # fmt: skip
     assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0)] + compute(0, "output")
-    first, second, third = pending.wait()
+    first, second, third = pending.wait().detections
     assert CALLS[-1] == ("host", "wait done", 0)
     # (1, 1, 3, 3) in input pixels; letterbox scale 0.5 and prescale 0.5: x4 in source pixels
     np.testing.assert_allclose(first.xyxy, [[4, 4, 12, 12]])
@@ -104,7 +103,7 @@ def test_submit_and_wait_enter_the_device_guard_in_their_own_thread(slots):
     results = {}
 
     def worker() -> None:
-        results["output"] = slots.submit_batch(batch(1, 1.0), one_box_per_frame).wait()
+        results["output"] = slots.submit_tensor(batch(1, 1.0), one_box_per_frame).wait()
 
     thread = threading.Thread(target=worker, name="inference")
     thread.start()
@@ -123,7 +122,7 @@ def test_close_after_a_failed_submit_waits_for_both_streams(slots):
         raise BackendError("backend test: the engine refused the batch")
 
     with pytest.raises(BackendError, match="refused"):
-        slots.submit_batch(batch(2, 1.0), refuses)
+        slots.submit_tensor(batch(2, 1.0), refuses)
     assert CALLS == upload(0) + [("compute", "wait uploaded", 0)]  # the upload is queued, with no Pending to wait on
     CALLS.clear()
     slots.close()
@@ -135,14 +134,13 @@ def test_a_cuda_error_is_a_backend_error_naming_the_device_and_batch(slots):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     with pytest.raises(BackendError, match=r"backend test: CUDA error on cpu on a batch of 2: CUDA error: an illegal"):
-        slots.submit_batch(batch(2, 1.0), fails)
+        slots.submit_tensor(batch(2, 1.0), fails)
 
 
 def test_a_batch_that_fails_in_wait_fails_there_once_and_frees_its_slot(slots, monkeypatch):
     """An error while collecting a batch (an out-of-memory in NMS, say) is that batch's: its wait() raises it (again
     if asked again), and the next submit on its slot runs instead of re-running the failed one."""
-    failing = slots.submit_frames([np.full((4, 4, 3), 9, np.uint8)], [BGR24], [1.0], [(4, 4)], 0.3, 0.45, (4, 4),
-                                  Preprocess(), one_box_per_frame)  # fmt: skip
+    failing = slots.submit(fake_gpu.frame_batch([np.full((4, 4, 3), 9, np.uint8)], [BGR24], [1.0], [(4, 4)], 0.3, 0.45), (4, 4), Preprocess(), one_box_per_frame)  # fmt: skip
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
@@ -154,30 +152,35 @@ def test_a_batch_that_fails_in_wait_fails_there_once_and_frees_its_slot(slots, m
             failing.wait()
     assert slots.in_flight == [None, None]
     monkeypatch.setattr(cuda_slots, "postprocess_on_device", real)
-    slots.submit_batch(batch(1, 1.0), one_box_per_frame)  # slot 1
+    slots.submit_tensor(batch(1, 1.0), one_box_per_frame)  # slot 1
     CALLS.clear()
-    third = slots.submit_batch(batch(1, 4.0), one_box_per_frame)  # slot 0: nothing left to collect there
+    third = slots.submit_tensor(batch(1, 4.0), one_box_per_frame)  # slot 0: nothing left to collect there
     assert CALLS == upload(0) + compute(0, "output", "d2h") and third.wait()[0, 0, 6] == 4.0
 
 
+class Takes:
+    """What FrameBatch.check asks of a backend."""
+
+    name, max_batch, pixel_formats = "test", 4, frozenset({"bgr24"})
+
+
 @pytest.mark.parametrize(
-    "count, formats, error",
+    "count, layout, error",
     [
-        (1, 1, None),
-        (4, 4, None),
-        (0, 0, "batch of 0 frames, this backend takes 1..4"),
-        (5, 5, "batch of 5 frames, this backend takes 1..4"),
-        (2, 1, r"2 frames, but layouts, prescales and source sizes of \[1, 2, 2\]"),
+        (1, BGR24, None),
+        (4, BGR24, None),
+        (0, BGR24, r"backend test: batch of 0 frames, it takes 1..4"),
+        (5, BGR24, r"backend test: batch of 5 frames, it takes 1..4"),
+        (2, PixelLayout("yuv420p"), r"backend test: takes \['bgr24'\] images only, got \['yuv420p'\]"),
     ],
 )
-def test_check_frames(count, formats, error):
-    images = [np.zeros((2, 2, 3), np.uint8)] * count
-    other = [[BGR24] * formats, [1.0] * count, [(2, 2)] * count]
+def test_a_frame_batch_a_backend_cannot_take_is_refused(count, layout, error):
+    batch = fake_gpu.frame_batch([np.zeros((6, 2), np.uint8)] * count, [layout] * count, [1.0] * count, [(4, 2)] * count, 0.3, 0.45)
     if error is None:
-        check_frames("backend test", 4, images, *other)
+        batch.check(Takes())
     else:
         with pytest.raises(BackendError, match=error):
-            check_frames("backend test", 4, images, *other)
+            batch.check(Takes())
 
 
 def test_cuda_runtime_events_block(monkeypatch):
@@ -201,10 +204,9 @@ def test_cuda_runtime_without_a_gpu_is_a_backend_error():
 def test_the_next_submit_on_a_failed_batchs_slot_runs_and_the_error_stays_the_batchs(slots, monkeypatch):
     """take() collects the failed batch without raising its error: that is its own wait()'s."""
     monkeypatch.setattr(cuda_slots, "postprocess_on_device", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
-    failing = slots.submit_frames([np.full((4, 4, 3), 9, np.uint8)], [BGR24], [1.0], [(4, 4)], 0.3, 0.45, (4, 4),
-                                  Preprocess(), one_box_per_frame)  # fmt: skip
-    slots.submit_batch(batch(1, 1.0), one_box_per_frame)  # slot 1
-    assert slots.submit_batch(batch(1, 4.0), one_box_per_frame).wait()[0, 0, 6] == 4.0  # slot 0: collects the failed one
+    failing = slots.submit(fake_gpu.frame_batch([np.full((4, 4, 3), 9, np.uint8)], [BGR24], [1.0], [(4, 4)], 0.3, 0.45), (4, 4), Preprocess(), one_box_per_frame)  # fmt: skip
+    slots.submit_tensor(batch(1, 1.0), one_box_per_frame)  # slot 1
+    assert slots.submit_tensor(batch(1, 4.0), one_box_per_frame).wait()[0, 0, 6] == 4.0  # slot 0: collects the failed one
     with pytest.raises(BackendError, match="CUDA out of memory"):
         failing.wait()
 
@@ -235,7 +237,7 @@ def test_a_batch_being_collected_keeps_its_slot_until_finished():
     batch 1's slot. Batch 3 must wait for batch 1's finish(): batch 1's result is batch 1's."""
     runtime = GatedRuntime("cuda:0", "test")
     slots = CudaSlots(runtime, "backend test", 3, CHW, torch.float32, ROWS, torch.float32)
-    first, _ = slots.submit_batch(batch(1, 1.0), sim_model), slots.submit_batch(batch(1, 2.0), sim_model)
+    first, _ = slots.submit_tensor(batch(1, 1.0), sim_model), slots.submit_tensor(batch(1, 2.0), sim_model)
     collected = {}
     results = threading.Thread(target=lambda: collected.update(first=first.wait()), name="results")
     results.start()
@@ -243,7 +245,7 @@ def test_a_batch_being_collected_keeps_its_slot_until_finished():
         if first._lock.locked():  # the results thread is inside wait()
             break
         threading.Event().wait(0.001)
-    slots.submit_batch(batch(1, 3.0), sim_model)  # slot 0 again
+    slots.submit_tensor(batch(1, 3.0), sim_model)  # slot 0 again
     runtime.synchronize(slots.compute_stream)  # batch 3 is all done on the GPU before batch 1's result is read
     runtime.gate.set()
     results.join(timeout=60)
@@ -272,7 +274,7 @@ def test_batches_in_flight_from_a_submit_and_a_results_thread_on_the_simulated_g
     results.start()
     for index in range(12):
         value = float(index + 1)
-        handed.append(("batch", value, slots.submit_batch(batch(index % 3 + 1, value), sim_model)))
+        handed.append(("batch", value, slots.submit_tensor(batch(index % 3 + 1, value), sim_model)))
         ready.release()
     results.join(timeout=120)
     assert [value for value, _ in collected] == [float(i + 1) for i in range(12)]

@@ -1,5 +1,5 @@
 """streamd.backends.tensorrt's runtime against fake_gpu.py (a fake tensorrt, the recording CUDA runtime): the order
-of work on the streams, the device guard in the calling thread, FrameBackend detections, engines that do not
+of work on the streams, the device guard in the calling thread, detections from pictures, engines that do not
 deserialize, and close() after a failed submit. The real TensorRT is checked by the gpu tests in test_backends.py."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from streamd.backends import cuda_slots
-from streamd.backends.base import FrameBackend
 from streamd.backends.onnxruntime import OnnxRuntimeBackend
 from streamd.backends.select import make_backend
 from streamd.config import TensorRTConfig
@@ -48,27 +47,27 @@ def backend_of(tiny_bundle, tmp_path, fake_gpu):
 def test_batches_upload_then_execute_and_a_reused_slot_waits_for_its_batch(backend_of, tiny_bundle):
     backend = backend_of()
     batches = [np.full((n, 3, 64, 64), v, np.float32) for n, v in ((4, 255.0), (1, 0.0), (3, 127.5))]
-    pending = [backend.submit(batch) for batch in batches]
+    pending = [backend.submit_tensor(batch) for batch in batches]
     upload = [("upload", "h2d", 0), ("upload", "record uploaded", 0)]
     assert CALLS == (upload + engine(0, "d2h") + [("upload", "h2d", 1), ("upload", "record uploaded", 1)] + engine(1, "d2h")
                      + [("host", "wait done", 0)] + upload + engine(0, "d2h"))  # fmt: skip
     reference = OnnxRuntimeBackend(tiny_bundle, max_batch=4)
     for handle, batch in zip(pending, batches):
-        np.testing.assert_allclose(handle.wait(), reference.submit(batch).wait(), rtol=1e-6)
+        np.testing.assert_allclose(handle.wait(), reference.submit_tensor(batch).wait(), rtol=1e-6)
 
 
 def test_frames_give_onnxruntimes_detections_in_source_pixels(backend_of, tiny_bundle, monkeypatch):
     backend = backend_of()
-    assert isinstance(backend, FrameBackend)
+    assert backend.pixel_formats == {"bgr24", "yuv420p"}
     monkeypatch.setattr(cuda_slots, "letterbox_frames", fake_gpu.recorded(cuda_slots.letterbox_frames, "letterbox"))
     # uniform frames letterbox exactly alike on the device and with OpenCV; the second is its source at half size
     images = [np.full((48, 64, 3), 255, np.uint8), np.full((64, 32, 3), 200, np.uint8)]
     source_hw = [(48, 64), (128, 64)]
-    detections = backend.submit_frames(images, [BGR24] * 2, [1.0, 0.5], source_hw, CONF, IOU).wait()
+    detections = backend.submit(fake_gpu.frame_batch(images, [BGR24] * 2, [1.0, 0.5], source_hw, CONF, IOU)).wait().detections
     assert CALLS == [("upload", "h2d", 0), ("upload", "letterbox", None), ("upload", "record uploaded", 0)] + engine(0) + [
         ("host", "wait done", 0)]  # fmt: skip
     tensor, scales = letterbox_batch(images, tiny_bundle.meta.input_hw, tiny_bundle.meta.preprocess)
-    output = OnnxRuntimeBackend(tiny_bundle, max_batch=4).submit(tensor).wait()
+    output = OnnxRuntimeBackend(tiny_bundle, max_batch=4).submit_tensor(tensor).wait()
     expected = postprocess(output, scales * np.array([1.0, 0.5], np.float32), source_hw, CONF, IOU)
     assert sum(len(d) for d in expected) >= 2
     for ours, theirs in zip(detections, expected):
@@ -84,8 +83,8 @@ def test_submit_and_wait_from_another_thread_run_under_the_backends_device(backe
 
     def inference() -> None:  # the daemon submits from its inference thread, not the one that built the backend
         frames = [np.zeros((64, 64, 3), np.uint8)]
-        results["detections"] = backend.submit_frames(frames, [BGR24], [1.0], [(64, 64)], CONF, IOU).wait()
-        results["output"] = backend.submit(np.zeros((2, 3, 64, 64), np.float32)).wait()
+        results["detections"] = backend.submit(fake_gpu.frame_batch(frames, [BGR24], [1.0], [(64, 64)], CONF, IOU)).wait()
+        results["output"] = backend.submit_tensor(np.zeros((2, 3, 64, 64), np.float32)).wait()
 
     thread = threading.Thread(target=inference, name="inference")
     thread.start()
@@ -98,9 +97,9 @@ def test_close_after_a_failed_execute_waits_for_both_streams(backend_of):
     backend = backend_of(max_batch=2)
     backend.context.execute_async_v3 = lambda stream: False  # the engine refuses the batch after the upload
     with pytest.raises(BackendError, match="execute_async_v3 failed on cuda:0 for a batch of 2"):
-        backend.submit(np.zeros((2, 3, 64, 64), np.float32))
-    with pytest.raises(BackendError, match="batch of 3 frames, engine takes 1..2"):
-        backend.submit(np.zeros((3, 3, 64, 64), np.float32))
+        backend.submit_tensor(np.zeros((2, 3, 64, 64), np.float32))
+    with pytest.raises(BackendError, match="backend tensorrt: batch of 3 frames, it takes 1..2"):
+        backend.submit_tensor(np.zeros((3, 3, 64, 64), np.float32))
     CALLS.clear()
     backend.close()
     assert CALLS == [("host", "synchronize upload", None), ("host", "synchronize compute", None)]
@@ -120,7 +119,7 @@ def test_a_cached_engine_that_does_not_deserialize_is_rebuilt(tiny_bundle, tmp_p
     monkeypatch.setattr(FakeTRT.Runtime, "deserialize_cuda_engine", none_first)
     backend = make_backend(tiny_bundle, config, 2)
     assert len(fake_gpu.builds) == 2 and len(calls) == 2 and "does not deserialize; rebuilding it" in caplog.text
-    assert backend.submit(np.full((1, 3, 64, 64), 255.0, np.float32)).wait()[0, 0, 4] == pytest.approx(1.0)
+    assert backend.submit_tensor(np.full((1, 3, 64, 64), 255.0, np.float32)).wait()[0, 0, 4] == pytest.approx(1.0)
     backend.close()
 
 
@@ -149,12 +148,12 @@ def test_tensorrt_frames_on_a_gpu_give_onnxruntimes_detections(tiny_bundle, tmp_
     images = [np.full((48, 64, 3), 255, np.uint8), np.full((64, 32, 3), 200, np.uint8)]
     source_hw = [(48, 64), (128, 64)]
     try:
-        handles = [backend.submit_frames(images, [BGR24] * 2, [1.0, 0.5], source_hw, CONF, IOU) for _ in range(3)]
+        handles = [backend.submit(fake_gpu.frame_batch(images, [BGR24] * 2, [1.0, 0.5], source_hw, CONF, IOU)) for _ in range(3)]
         tensor, scales = letterbox_batch(images, tiny_bundle.meta.input_hw, tiny_bundle.meta.preprocess)
-        output = OnnxRuntimeBackend(tiny_bundle, max_batch=4).submit(tensor).wait()
+        output = OnnxRuntimeBackend(tiny_bundle, max_batch=4).submit_tensor(tensor).wait()
         expected = postprocess(output, scales * np.array([1.0, 0.5], np.float32), source_hw, CONF, IOU)
         for handle in handles:  # three over two slots: the first is collected when its slot is reused
-            for ours, theirs in zip(handle.wait(), expected):
+            for ours, theirs in zip(handle.wait().detections, expected):
                 np.testing.assert_allclose(ours.xyxy, theirs.xyxy, rtol=1e-4, atol=1e-2)
                 np.testing.assert_allclose(ours.confidence, theirs.confidence, rtol=1e-4, atol=1e-4)
     finally:

@@ -20,7 +20,6 @@ from pydantic import ValidationError
 from streamd.backends import cuda_slots
 from streamd.backends import select as select_module
 from streamd.backends import torch as torch_module
-from streamd.backends.base import FrameBackend
 from streamd.backends.select import make_backend, torch_cuda_usable
 from streamd.backends.device_ops import GridDecode
 from streamd.backends.torch import TorchBackend, batch_buckets
@@ -83,13 +82,13 @@ def assert_within_bar(reference, found, precision: str, what: str = "") -> None:
 
 
 def assert_parity(bundle, backend, images, reference, precision: str) -> None:
-    """The backend's detections of `images` through its host path (submit, then streamd's NumPy NMS) and through its
-    device path (submit_frames: device letterbox and NMS) are the reference's within BARS[precision]."""
+    """The backend's detections of `images` through its host path (submit_tensor, then streamd's NumPy NMS) and through
+    its device path (submit: device letterbox and NMS) are the reference's within BARS[precision]."""
     host_path = []
     for start in range(0, len(images), backend.max_batch):
         chunk = images[start : start + backend.max_batch]
         tensor, scales = letterbox_batch(chunk, bundle.meta.input_hw, bundle.meta.preprocess)
-        host_path += postprocess(backend.submit(tensor).wait(), scales, [image.shape[:2] for image in chunk], CONF, IOU)
+        host_path += postprocess(backend.submit_tensor(tensor).wait(), scales, [image.shape[:2] for image in chunk], CONF, IOU)
     assert_within_bar(reference, host_path, precision, "host path: ")
     assert_within_bar(reference, frames_in(backend, images), precision, "device path: ")
 
@@ -193,40 +192,40 @@ def cpu_backend(shipped):
 def test_cpu_backend_raw_output_equals_onnxruntime(shipped, cpu_backend, bccd_images):
     assert isinstance(cpu_backend, TorchBackend) and cpu_backend.name == "torch"
     tensor, _ = letterbox_batch(bccd_images[:4], shipped.meta.input_hw, shipped.meta.preprocess)
-    theirs = make_backend(shipped, ORT, max_batch=4).submit(tensor).wait()
-    ours = cpu_backend.submit(tensor).wait()
+    theirs = make_backend(shipped, ORT, max_batch=4).submit_tensor(tensor).wait()
+    ours = cpu_backend.submit_tensor(tensor).wait()
     assert ours.shape == theirs.shape == (4, 3549, 8) and ours.dtype == np.float32
     np.testing.assert_allclose(ours[..., 4:], theirs[..., 4:], atol=1e-4)
     np.testing.assert_allclose(ours[..., :4], theirs[..., :4], rtol=1e-4, atol=1e-2)
     with pytest.raises(BackendError, match="1..4"):
-        cpu_backend.submit(np.zeros((5, 3, 416, 416), np.float32))
+        cpu_backend.submit_tensor(np.zeros((5, 3, 416, 416), np.float32))
 
 
 def frames_in(backend, images, prescales=None, source_hw=None):
-    """One FrameBackend.submit_frames per max_batch images of bgr24 frames; the Detections of each."""
+    """One Backend.submit per max_batch images of bgr24 frames; the Detections of each."""
     prescales = prescales or [1.0] * len(images)
     source_hw = source_hw or [image.shape[:2] for image in images]
     found = []
     for start in range(0, len(images), backend.max_batch):
         chunk = slice(start, start + backend.max_batch)
-        pending = backend.submit_frames(images[chunk], [BGR24] * len(images[chunk]), prescales[chunk], source_hw[chunk], CONF, IOU)
-        found.extend(pending.wait())
+        pending = backend.submit(fake_gpu.frame_batch(images[chunk], [BGR24] * len(images[chunk]), prescales[chunk], source_hw[chunk], CONF, IOU))
+        found.extend(pending.wait().detections)
     return found
 
 
 def test_cpu_backend_gives_onnxruntimes_detections_frame_by_frame(shipped, cpu_backend, test_split, onnxruntime_reference):
-    """The GPU tests' check (assert_parity), on the CPU: the host path and submit_frames (device letterbox and NMS)."""
-    assert isinstance(cpu_backend, FrameBackend)
+    """The GPU tests' check (assert_parity), on the CPU: the host path and submit (device letterbox and NMS)."""
+    assert "yuv420p" in cpu_backend.pixel_formats
     assert_parity(shipped, cpu_backend, test_split, onnxruntime_reference, "fp32")
 
 
-def test_submit_frames_divides_boxes_by_letterbox_scale_and_prescale(shipped, cpu_backend, bccd_images):
+def test_submit_divides_boxes_by_letterbox_scale_and_prescale(shipped, cpu_backend, bccd_images):
     """Frames the decoder already scaled by 0.5 for a source of twice their size: boxes come back in source pixels."""
     frames = bccd_images[2:6]  # one 1280x960 among 640x480
     source_hw = [(image.shape[0] * 2, image.shape[1] * 2) for image in frames]
-    detections = cpu_backend.submit_frames(frames, [BGR24] * 4, [0.5] * 4, source_hw, CONF, IOU).wait()
+    detections = cpu_backend.submit(fake_gpu.frame_batch(frames, [BGR24] * 4, [0.5] * 4, source_hw, CONF, IOU)).wait().detections
     tensor, scales = letterbox_batch(frames, shipped.meta.input_hw, shipped.meta.preprocess)
-    expected = postprocess(cpu_backend.submit(tensor).wait(), scales * 0.5, source_hw, CONF, IOU)
+    expected = postprocess(cpu_backend.submit_tensor(tensor).wait(), scales * 0.5, source_hw, CONF, IOU)
     assert sum(len(d) for d in expected) > 20
     assert_within_bar(expected, detections, "fp32")
     for got, (height, width) in zip(detections, source_hw):
@@ -234,13 +233,13 @@ def test_submit_frames_divides_boxes_by_letterbox_scale_and_prescale(shipped, cp
         assert got.xyxy[:, 2].max() > frames[0].shape[1]  # in source pixels, beyond the half-size frame
 
 
-@pytest.mark.parametrize("call", ["submit_frames", "submit"])
+@pytest.mark.parametrize("call", ["submit", "submit_tensor"])
 def test_cpu_backend_refuses_batches_over_max_batch(cpu_backend, call):
-    with pytest.raises(BackendError, match=r"backend torch: batch of 5 frames, this backend takes 1..4"):
-        if call == "submit":
-            cpu_backend.submit(np.zeros((5, 3, 416, 416), np.float32))
+    with pytest.raises(BackendError, match=r"backend torch: batch of 5 frames, it takes 1..4"):
+        if call == "submit_tensor":
+            cpu_backend.submit_tensor(np.zeros((5, 3, 416, 416), np.float32))
         else:
-            cpu_backend.submit_frames([np.zeros((8, 8, 3), np.uint8)] * 5, [BGR24] * 5, [1.0] * 5, [(8, 8)] * 5, CONF, IOU)
+            cpu_backend.submit(fake_gpu.frame_batch([np.zeros((8, 8, 3), np.uint8)] * 5, [BGR24] * 5, [1.0] * 5, [(8, 8)] * 5, CONF, IOU))
 
 
 # --- the CUDA code path on the recording runtime (fake_gpu.py): slots, streams and graphs on the CPU ----------
@@ -306,10 +305,10 @@ def test_cuda_path_batches_in_flight_reuse_slots_after_their_batch(recorded_cuda
     backend = recorded_cuda_backend(cuda_graphs=True)
     batches = [letterbox_batch(bccd_images[i : i + n], shipped.meta.input_hw, shipped.meta.preprocess)[0]
                for i, n in ((0, 2), (2, 1), (3, 2))]  # fmt: skip
-    pending = [backend.submit(batch) for batch in batches]
+    pending = [backend.submit_tensor(batch) for batch in batches]
     assert CALLS == batch_order(0, 2) + batch_order(1, 1) + [("host", "wait done", 0)] + batch_order(0, 2)
     for handle, batch in zip(pending, batches):  # the first batch's output survived its slot's reuse
-        np.testing.assert_allclose(handle.wait(), cpu_backend.submit(batch).wait(), atol=1e-4)
+        np.testing.assert_allclose(handle.wait(), cpu_backend.submit_tensor(batch).wait(), atol=1e-4)
 
 
 # --- the CUDA code path on the simulated GPU (sim_cuda.py): streams that run later, a happens-before checker ------
@@ -363,10 +362,10 @@ def test_cuda_path_on_the_simulated_gpu(sim_cuda_backend, cpu_backend, shipped, 
             frames = bccd_images[first : first + count]
             if kind == "batch":
                 inputs.append(letterbox_batch(frames, shipped.meta.input_hw, shipped.meta.preprocess)[0])
-                handed.put(backend.submit(inputs[-1]))
+                handed.put(backend.submit_tensor(inputs[-1]))
             else:
                 inputs.append(frames)
-                handed.put(backend.submit_frames(frames, [BGR24] * count, [1.0] * count, [i.shape[:2] for i in frames], CONF, IOU))
+                handed.put(backend.submit(fake_gpu.frame_batch(frames, [BGR24] * count, [1.0] * count, [i.shape[:2] for i in frames], CONF, IOU)))
     finally:
         handed.put(None)
         if results_thread:
@@ -377,9 +376,9 @@ def test_cuda_path_on_the_simulated_gpu(sim_cuda_backend, cpu_backend, shipped, 
     assert runtime.races == [] and [f for stream in runtime.streams.values() for f in stream.failures] == []
     for (kind, _, _), given, result in zip(SIM_WORK, inputs, collected):
         if kind == "batch":
-            np.testing.assert_allclose(result, cpu_backend.submit(given).wait(), rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose(result, cpu_backend.submit_tensor(given).wait(), rtol=1e-4, atol=1e-3)
         else:
-            comparison = compare(frames_in(cpu_backend, given), result, BARS["fp32"], conf_threshold=CONF)
+            comparison = compare(frames_in(cpu_backend, given), result.detections, BARS["fp32"], conf_threshold=CONF)
             assert comparison.ok and comparison.flips == 0 and comparison.matched > 10, comparison.summary()
 
 
@@ -409,7 +408,7 @@ def test_cuda_graphs_on_and_off_give_the_same_output(shipped, bccd_images):
     for graphs in (True, False):
         backend = make_backend(shipped, TorchConfig(type="torch", device="cuda:0", precision="fp32", cuda_graphs=graphs), 4)
         try:
-            outputs.append(backend.submit(tensor).wait())
+            outputs.append(backend.submit_tensor(tensor).wait())
             found.append(frames_in(backend, bccd_images[:4]))
         finally:
             backend.close()
@@ -420,16 +419,16 @@ def test_cuda_graphs_on_and_off_give_the_same_output(shipped, bccd_images):
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("cuda_graphs", [True, False])
-def test_cuda_submit_frames_equals_the_cpu_backends(shipped, cpu_backend, bccd_images, cuda_graphs):
+def test_cuda_submit_equals_the_cpu_backends(shipped, cpu_backend, bccd_images, cuda_graphs):
     """Mixed frame sizes and prescales, three batches over two slots in flight at once: the GPU's detections are the CPU's."""
     backend = make_backend(shipped, TorchConfig(type="torch", device="cuda:0", precision="fp32", cuda_graphs=cuda_graphs), 4)
     chunks = [(0, 4), (4, 1), (5, 3)]
     prescales = [1.0, 0.5, 1.0, 0.25, 1.0, 1.0, 0.5, 1.0]
     source_hw = [(round(image.shape[0] / p), round(image.shape[1] / p)) for image, p in zip(bccd_images, prescales)]
     try:
-        pending = [backend.submit_frames(bccd_images[i : i + n], [BGR24] * n, prescales[i : i + n], source_hw[i : i + n], CONF, IOU)
+        pending = [backend.submit(fake_gpu.frame_batch(bccd_images[i : i + n], [BGR24] * n, prescales[i : i + n], source_hw[i : i + n], CONF, IOU))
                    for i, n in chunks]  # fmt: skip
-        on_gpu = [found for handle in pending for found in handle.wait()]
+        on_gpu = [found for handle in pending for found in handle.wait().detections]
         on_cpu = frames_in(cpu_backend, bccd_images[:8], prescales, source_hw)
         assert sum(len(d) for d in on_cpu) > 50
         assert_within_bar(on_cpu, on_gpu, "fp32")
@@ -447,11 +446,11 @@ def test_cuda_batches_in_flight_stay_correct_and_run_from_another_thread(shipped
     results: dict[str, list] = {}
 
     def run() -> None:  # the daemon submits from its inference thread, not the thread that built the backend
-        pending = [backend.submit(b) for b in batches]  # three over two slots: the first is collected on reuse
+        pending = [backend.submit_tensor(b) for b in batches]  # three over two slots: the first is collected on reuse
         frames = bccd_images[8:12]
-        frames_pending = backend.submit_frames(frames, [BGR24] * 4, [1.0] * 4, [i.shape[:2] for i in frames], CONF, IOU)
+        frames_pending = backend.submit(fake_gpu.frame_batch(frames, [BGR24] * 4, [1.0] * 4, [i.shape[:2] for i in frames], CONF, IOU))
         results["outputs"] = [p.wait() for p in pending]
-        results["detections"] = frames_pending.wait()
+        results["detections"] = frames_pending.wait().detections
 
     worker = threading.Thread(target=run)
     worker.start()
@@ -459,7 +458,7 @@ def test_cuda_batches_in_flight_stay_correct_and_run_from_another_thread(shipped
     try:
         assert "detections" in results, "the worker failed (see its exception above)"
         for output, batch in zip(results["outputs"], batches):
-            np.testing.assert_allclose(output[..., 4:], cpu_backend.submit(batch).wait()[..., 4:], atol=0.02)
+            np.testing.assert_allclose(output[..., 4:], cpu_backend.submit_tensor(batch).wait()[..., 4:], atol=0.02)
         assert_within_bar(frames_in(cpu_backend, bccd_images[8:12]), results["detections"], "fp32")
     finally:
         backend.close()

@@ -46,7 +46,7 @@ def test_decode_output_drops_and_counts_invalid_rows():
 
 
 def test_a_model_that_outputs_nan_makes_strict_json_messages():
-    detector = Detector(FunctionBackend(_broken_output), INPUT_HW, ("cell",), name="broken", sha256="ab" * 32)
+    detector = Detector(FunctionBackend(_broken_output, INPUT_HW), INPUT_HW, ("cell",), name="broken", sha256="ab" * 32)
     image = np.zeros((*INPUT_HW, 3), np.uint8)
     (detections,) = detector.detect([image], conf_threshold=0.3, iou_threshold=0.45)
     assert np.isfinite(detections.xyxy).all() and np.isfinite(detections.confidence).all()
@@ -67,7 +67,7 @@ def test_encode_refuses_non_finite_numbers(value):
 
 
 def test_the_inference_stage_counts_the_invalid_rows_per_stream():
-    detector = Detector(FunctionBackend(_broken_output), INPUT_HW, ("cell",), name="broken", sha256="ab" * 32)
+    detector = Detector(FunctionBackend(_broken_output, INPUT_HW), INPUT_HW, ("cell",), name="broken", sha256="ab" * 32)
     metrics = Metrics(["a", "b"])
     frames = tuple(Frame(sid, 0, 0.0, np.zeros((*INPUT_HW, 3), np.uint8), decoded_at=time.time()) for sid in "aab")
     (in_flight,) = SubmitStage(detector, 0.3, 0.45).process(Batch(frames, time.time()))

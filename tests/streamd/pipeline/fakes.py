@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from streamd.backends.base import Ready
+from streamd.backends.base import HostBackend
 from streamd.errors import BackendError, OutputError, SourceError
+from streamd.model.bundle import Preprocess
 from streamd.model.postprocess import yolox_anchors
 from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
@@ -76,11 +77,13 @@ class FakeSource:
         self.closed += 1
 
 
-class FakeBackend:
+class FakeBackend(HostBackend):
     """The tiny model's output shape, computed by numpy; optionally slow (delay_s a call, frame_delay_s more a
-    frame: a CPU backend, whose batch of n costs n frames' time) or failing. Synchronous (Ready)."""
+    frame: a CPU backend, whose batch of n costs n frames' time) or failing. A host backend (synchronous)."""
 
     name = "fake"
+    input_hw = (64, 64)  # the tiny bundle's
+    preprocess = Preprocess()
 
     def __init__(self, max_batch: int = 4, delay_s: float = 0.0, fail_on_call: int | None = None, error: Exception | None = None,
                  frame_delay_s: float = 0.0):  # fmt: skip
@@ -90,7 +93,7 @@ class FakeBackend:
         self.batch_sizes: list[int] = []
         self.hook: Callable[[int], None] | None = None  # called with the call number before computing
 
-    def submit(self, batch: np.ndarray) -> Ready:
+    def run(self, batch: np.ndarray) -> np.ndarray:
         self.calls += 1
         if self.hook is not None:
             self.hook(self.calls)
@@ -101,10 +104,7 @@ class FakeBackend:
         self.batch_sizes.append(len(batch))
         output = np.zeros((len(batch), yolox_anchors((64, 64)), 8), np.float32)  # the tiny bundle's 64x64, 3 classes
         output[:, 0, :6] = [16, 16, 16, 16, 0.9, 1.0]
-        return Ready(output)
-
-    def close(self) -> None:
-        pass
+        return output
 
 
 class CollectStage:

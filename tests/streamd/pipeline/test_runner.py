@@ -197,7 +197,7 @@ def test_a_recoverable_output_error_skips_the_item(tiny_bundle):
     assert summary.ok and summary.stream("a").errors == 1 and len(failing.items) == 19
 
 
-@pytest.mark.parametrize("fail_on_call", [3, 4, 6, 9])  # calls 1-2 are the warm-up (batch 1 and max_batch)
+@pytest.mark.parametrize("fail_on_call", [5, 6, 8, 11])  # calls 1-4 are the warm-up (the model alone, then pictures, at batch 1 and max_batch)
 def test_a_backend_failure_stops_the_pipeline_and_still_ends_every_stream(tiny_bundle, fail_on_call):
     sources = [FakeSource("a", 500), FakeSource("b", 500, live=True)]
     publisher = CollectStage("publish")

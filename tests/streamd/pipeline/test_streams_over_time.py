@@ -34,11 +34,11 @@ def test_a_batch_skipped_by_a_recoverable_error_gives_its_credits_back(tiny_bund
     has no credit left and waits forever (before: anonymous counts, leaked)."""
     backend = FakeBackend(max_batch=2)
 
-    def fail_third(call: int) -> None:
-        if call == 3:  # warm-up is call 1 and 2 (batch 1, max_batch); the third is the first real batch
+    def fail_the_first_real_batch(call: int) -> None:
+        if call == 5:  # warm-up is calls 1-4 (the model alone, then pictures, at batch 1 and max_batch): the first real batch
             raise RecoverableError("fake backend: one bad batch")
 
-    backend.hook = fail_third
+    backend.hook = fail_the_first_real_batch
     built = build(tiny_bundle, [FakeSource("f", 20)], backend=backend, queue_size=2, max_batch=2)
     stop = threading.Event()
     timer = guard(stop)

@@ -1,4 +1,4 @@
-"""The daemon on the GPU path, run on the CPU: backend torch (device cpu) is a FrameBackend, so compose hands it
+"""The daemon on the GPU path, run on the CPU: backend torch (device cpu) takes yuv420p, so compose hands it
 a stream that is not recorded as the decoder's yuv420p planes and a recorded one as BGR frames, and it converts,
 letterboxes, runs the shipped model and NMSes on its device. Its detections, frame by frame, are ONNX Runtime's
 on the host path from the same video."""
@@ -14,7 +14,6 @@ import pytest
 
 pytest.importorskip("torch")
 
-from streamd.backends.base import FrameBackend  # noqa: E402
 from streamd.backends.select import make_backend  # noqa: E402
 from streamd.config import StreamdConfig, TorchConfig  # noqa: E402
 from streamd.messages import SCHEMA_ID  # noqa: E402
@@ -90,10 +89,10 @@ def logged(folder: Path) -> dict[tuple[str, int], Detections]:
 TORCH_CPU = {"type": "torch", "device": "cpu"}
 
 
-def test_compose_hands_a_frame_backend_planes_where_nothing_draws(tmp_path, bccd_videos):
+def test_compose_hands_a_device_backend_planes_where_nothing_draws(tmp_path, bccd_videos):
     bundle = load_bundle(SHIPPED)
     detector = Detector.for_bundle(bundle, make_backend(bundle, TorchConfig(type="torch", device="cpu"), max_batch=2))
-    assert isinstance(detector.backend, FrameBackend)
+    assert detector.pixel_formats == {"bgr24", "yuv420p"}
     cfg = config(tmp_path, TORCH_CPU, {"planes": bccd_videos["plain"], "bgr": bccd_videos["plain"]}, recorded=("bgr",))
     metrics = Metrics(["planes", "bgr"])
     graph = compose(cfg, detector, metrics, endpoints(cfg, detector, metrics, None, Switches(publish=False)))

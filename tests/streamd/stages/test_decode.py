@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamd.backends.base import Picture
 from streamd.config import StreamConfig
 from streamd.errors import FatalError, SourceError
 from streamd.ops.metrics import Metrics
@@ -394,8 +395,8 @@ def test_a_stream_decoded_for_the_model_is_never_made_full_size_and_detects_the_
     assert full[0].image.shape == (720, 1280, 3) and scaled[0].scale == pytest.approx(0.325)
     matched = 0
     for a, b in zip(full, scaled):
-        (da,) = detector.collect(detector.submit([a.image], conf_threshold=0.3, iou_threshold=0.45))
-        (db,) = detector.collect(detector.submit([b.image], [b.scale], [(b.height, b.width)], conf_threshold=0.3, iou_threshold=0.45))
+        (da,) = detector.detect([a.image], conf_threshold=0.3, iou_threshold=0.45)
+        (db,) = detector.submit(detector.batch([Picture(b.image, prescale=b.scale, source_hw=(b.height, b.width))], 0.3, 0.45)).wait().detections
         for box, score, cls in zip(da.xyxy, da.confidence, da.class_id):
             same_class = db.class_id == cls
             candidates = list(zip(box_iou(box, db.xyxy[same_class]).tolist(), np.abs(score - db.confidence[same_class]).tolist()))

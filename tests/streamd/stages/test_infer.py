@@ -1,4 +1,4 @@
-"""streamd.stages.infer: a batch across streams -> letterbox -> backend.submit -> wait -> NMS -> FrameResults.
+"""streamd.stages.infer: a batch across streams -> FrameBatch -> backend.submit -> wait (NMS) -> FrameResults.
 
 The two stages run in a row here (the runner puts a queue between them).
 """
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 
-from streamd.backends.base import FrameBackend, Ready
+from streamd.backends.base import FrameBatch, Ready
 from streamd.backends.select import make_backend
 from streamd.config import OnnxRuntimeConfig
-
+from streamd.errors import BackendError
 from streamd.model.detections import Detections
-from streamd.model.postprocess import yolox_anchors
+from streamd.model.postprocess import Decoded, yolox_anchors
 from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.stages.infer import ResultsStage, SubmitStage
@@ -106,33 +106,46 @@ def test_latency_fields(stage):
 def test_thresholds_override_the_bundle(tiny_bundle, conf_threshold, iou_threshold, expected_count):
     infer = Infer(ort(tiny_bundle, 2), conf_threshold, iou_threshold)
     (in_flight,) = infer.submit.process(Batch((frame("s", 0, (160, 120), 255),), time.time()))
-    assert in_flight.submitted.conf_threshold == (0.3 if conf_threshold is None else conf_threshold)  # the bundle's
-    assert in_flight.submitted.iou_threshold == (0.45 if iou_threshold is None else iou_threshold)
+    assert in_flight.pending.batch.conf_threshold == (0.3 if conf_threshold is None else conf_threshold)  # the bundle's
+    assert in_flight.pending.batch.iou_threshold == (0.45 if iou_threshold is None else iou_threshold)
     (result,) = infer.results.process(in_flight)
     assert len(result.detections) == expected_count
 
 
 class CountingBackend:
-    """A numpy backend that records the batch sizes it was given; `pending` keeps the handles not yet waited on."""
+    """A backend that records the batches it was given (`batches`; the model alone: `tensor_calls`) and counts the
+    waits; it finds one box per picture, the picture's whole source."""
 
     name = "counting"
+    pixel_formats = frozenset({"bgr24"})
 
     def __init__(self, max_batch: int, anchors: int = yolox_anchors((64, 64)), classes: int = 3):
         self.max_batch = max_batch
-        self.calls: list[int] = []
+        self.batches: list[FrameBatch] = []
+        self.tensor_calls: list[int] = []
         self.shape = (anchors, 5 + classes)
         self.waited = 0
 
-    def submit(self, batch: np.ndarray):
-        self.calls.append(len(batch))
-        backend, output = self, np.zeros((len(batch), *self.shape), np.float32)
+    @property
+    def calls(self) -> list[int]:
+        return [len(batch) for batch in self.batches]
+
+    def submit(self, batch: FrameBatch):
+        batch.check(self)
+        self.batches.append(batch)
+        backend = self
 
         class Handle:
-            def wait(self) -> np.ndarray:
+            def wait(self) -> Decoded:
                 backend.waited += 1
-                return output
+                return Decoded.uncounted([Detections(np.array([[0, 0, w, h]], np.float32), np.array([0.9], np.float32),
+                                                     np.array([1])) for h, w in batch.source_hw()])  # fmt: skip
 
         return Handle()
+
+    def submit_tensor(self, tensor: np.ndarray):
+        self.tensor_calls.append(len(tensor))
+        return Ready(np.zeros((len(tensor), *self.shape), np.float32))
 
     def close(self) -> None:
         pass
@@ -158,11 +171,12 @@ def test_a_synchronous_backend_is_the_trivial_case(tiny_bundle):
     assert Ready(np.zeros(3)).wait().shape == (3,)
 
 
-def test_setup_warms_up_at_batch_1_and_max_batch(tiny_bundle):
+def test_setup_checks_the_model_then_warms_up_at_batch_1_and_max_batch(tiny_bundle):
     backend = CountingBackend(max_batch=4)
     infer = Infer(Detector.for_bundle(tiny_bundle, backend), warmup_runs=2)
     infer.setup()
-    assert backend.calls == [1, 1, 4, 4] and backend.waited == 4
+    assert backend.tensor_calls == [1, 4] and backend.calls == [1, 1, 4, 4] and backend.waited == 4
+    assert {batch.formats for batch in backend.batches} == {frozenset({"bgr24"})}
 
 
 def test_an_empty_batch_is_refused():
@@ -174,56 +188,55 @@ PLANES_709 = PixelLayout("yuv420p", "bt709")
 
 
 class DeviceBackend(CountingBackend):
-    """A FrameBackend double: records what submit_frames was given; its 'device' finds one box per frame."""
+    """A device backend double: takes the decoder's planes too."""
 
     name = "device"
-
-    def __init__(self, max_batch: int):
-        super().__init__(max_batch)
-        self.frame_calls: list[dict] = []
-
-    def submit_frames(self, images, layouts, prescales, source_hw, conf_threshold, iou_threshold):
-        self.frame_calls.append(dict(shapes=[image.shape for image in images], layouts=list(layouts),
-                                     prescales=list(prescales), source_hw=list(source_hw), conf=conf_threshold, iou=iou_threshold))  # fmt: skip
-        return Ready([Detections(np.array([[0, 0, w, h]], np.float32), np.array([0.9], np.float32), np.array([1]))
-                      for h, w in source_hw])  # fmt: skip
+    pixel_formats = frozenset({"bgr24", "yuv420p"})
 
 
-def test_a_frame_backend_gets_the_frames_as_decoded_in_chunks_with_the_thresholds(tiny_bundle):
+def test_a_device_backend_gets_the_pictures_as_decoded_in_chunks_with_the_thresholds(tiny_bundle):
     backend = DeviceBackend(max_batch=2)
-    assert isinstance(backend, FrameBackend) and not isinstance(CountingBackend(2), FrameBackend)
     infer = Infer(Detector.for_bundle(tiny_bundle, backend), conf_threshold=0.6, iou_threshold=0.5)
     planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), layout=PLANES_709)  # 160x120
     scaled = Frame("a", 0, 0.0, np.zeros((32, 64, 3), np.uint8), time.time(), source_hw=(64, 128), scale=0.5)
     bgr = frame("b", 0, (100, 50), 0)
     results = infer.process(Batch((planes, scaled, bgr), time.time()))
-    assert backend.calls == [] and backend.frame_calls == [
-        dict(shapes=[(180, 160), (32, 64, 3)], layouts=[PLANES_709, BGR24], prescales=[1.0, 0.5],
-             source_hw=[(120, 160), (64, 128)], conf=0.6, iou=0.5),
-        dict(shapes=[(50, 100, 3)], layouts=[BGR24], prescales=[1.0], source_hw=[(50, 100)], conf=0.6, iou=0.5),
+    given = [[(p.image.shape, p.layout, p.prescale, p.source_hw) for p in batch.pictures] for batch in backend.batches]
+    assert given == [
+        [((180, 160), PLANES_709, 1.0, (120, 160)), ((32, 64, 3), BGR24, 0.5, (64, 128))],
+        [((50, 100, 3), BGR24, 1.0, (50, 100))],
     ]  # fmt: skip
+    assert {(batch.conf_threshold, batch.iou_threshold) for batch in backend.batches} == {(0.6, 0.5)}
     assert [r.detections.xyxy.tolist() for r in results] == [[[0, 0, 160, 120]], [[0, 0, 128, 64]], [[0, 0, 100, 50]]]
 
 
-def test_setup_warms_a_frame_backend_up_on_frames_too(tiny_bundle):
+def test_setup_warms_a_device_backend_up_on_planes_too(tiny_bundle):
     """Every batch size (cuDNN autotunes each on first use without CUDA graphs), BGR and planes, `runs` times."""
     backend = DeviceBackend(max_batch=3)
     Infer(Detector.for_bundle(tiny_bundle, backend), warmup_runs=2).setup()
-    assert backend.calls == [1, 1, 3, 3]
-    sizes = [len(call["shapes"]) for call in backend.frame_calls]
-    assert sizes == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
-    assert {call["layouts"][0].format for call in backend.frame_calls} == {"bgr24", "yuv420p"}
-    assert backend.frame_calls[0]["shapes"] == [(64, 64, 3)] and backend.frame_calls[2]["shapes"] == [(96, 64)]
+    assert backend.tensor_calls == [1, 3]
+    assert backend.calls == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
+    assert {batch.formats for batch in backend.batches} == {frozenset({"bgr24"}), frozenset({"yuv420p"})}
+    assert backend.batches[0].pictures[0].image.shape == (64, 64, 3) and backend.batches[2].pictures[0].image.shape == (96, 64)
 
 
 def test_planes_for_a_host_backend_are_refused(tiny_bundle):
     infer = Infer(Detector.for_bundle(tiny_bundle, CountingBackend(max_batch=2)))
     planes = Frame("s", 0, 0.0, np.zeros((180, 160), np.uint8), time.time(), layout=PixelLayout("yuv420p"))
-    with pytest.raises(ValueError, match=r"backend counting: takes BGR images only, got \['yuv420p'\]"):
+    with pytest.raises(BackendError, match=r"backend counting: takes \['bgr24'\] images only, got \['yuv420p'\]"):
         infer.process(Batch((planes,), time.time()))
+    with pytest.raises(BackendError, match=r"backend onnxruntime: takes \['bgr24'\] images only, got \['yuv420p'\]"):
+        Infer(ort(tiny_bundle, 2)).process(Batch((planes,), time.time()))
 
 
 @pytest.mark.parametrize("shape", [(181, 160), (180, 161), (120, 160, 3)])
 def test_a_frame_with_planes_of_the_wrong_shape_is_refused(shape):
     with pytest.raises(ValueError, match=r"stream 's' frame 0: expected uint8 \[H \* 3 / 2, W\] yuv420p planes"):
         Frame("s", 0, 0.0, np.zeros(shape, np.uint8), time.time(), layout=PixelLayout("yuv420p"))
+
+
+def test_the_detector_joins_the_chunks_of_a_large_batch_and_takes_an_empty_one(tiny_bundle):
+    detector = ort(tiny_bundle, 2)
+    images = [np.full((120, 160, 3), 255 if i % 2 else 0, np.uint8) for i in range(5)]
+    assert [len(found) for found in detector.detect(images)] == [1, 2, 1, 2, 1]  # in order across the 3 chunks
+    assert detector.detect([]) == []
