@@ -349,8 +349,8 @@ def test_live_streams_on_slow_inference_get_batches_fresh_enough_to_publish(tiny
     built = build(tiny_bundle, sources, backend=backend, publisher=(publisher := CollectStage("publish")),
                   queue_size=1, max_batch=8, outputs=lambda sid: [])  # fmt: skip
     summary = run(built)
-    assert backend.batch_sizes[:2] == [1, 8]  # the warm-up
-    assert backend.batch_sizes[2:] and set(backend.batch_sizes[2:]) == {1}
+    assert backend.batch_sizes[:4] == [1, 8, 1, 8]  # the warm-up: the model alone, then pictures
+    assert backend.batch_sizes[4:] and set(backend.batch_sizes[4:]) == {1}
     for source in sources:
         s = summary.stream(source.stream_id)
         published = sum(isinstance(item, FrameResult) and item.stream_id == source.stream_id for item in publisher.items)
