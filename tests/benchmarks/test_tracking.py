@@ -35,7 +35,7 @@ def test_quick_run_prints_both_tables() -> None:
     assert [row[0] for row in settings] == [
         "ByteTrack, trackers' thresholds (0.7/0.6), no confirmation",
         "ByteTrack, ours, no confirmation",
-        "ByteTrack, ours, confirm 3 of 5 (default)",
+        "ByteTrack, ours, confirm 2 of 3 at 0.5 (default)",
     ]
     assert all(len(row) == 13 for row in settings)
     for row in settings:
