@@ -141,6 +141,16 @@ BackendConfig = Annotated[
 ]
 
 
+def gpu_index(backend: BackendConfig) -> int:
+    """The index of the GPU a backend config runs on (0 when it names none: auto, onnxruntime, torch on the CPU)."""
+    match backend:
+        case TorchConfig(device=device) if device.startswith("cuda:"):
+            return int(device.removeprefix("cuda:"))
+        case TensorRTConfig(device=device):
+            return device
+    return 0
+
+
 class BatchConfig(StrictModel):
     """How the inference worker batches frames across streams."""
 

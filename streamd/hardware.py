@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+
+from streamd.config import StreamdConfig, gpu_index
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,15 @@ def set_primary_context_blocking_sync(device: int) -> tuple[bool, str]:
     return True, f"CUDA device {device}: primary context set to blocking sync, shared by inference and NVDEC"
 
 
-def prepare_primary_context(config: Any) -> bool:
-    """Before the backend is built: when a stream of `config` (a StreamdConfig) may decode on NVDEC (hwaccel cuda,
-    or auto on a machine with an NVIDIA GPU), set the primary context of the backend's GPU (backend.device:
-    "cuda:N" or N; else 0) to blocking sync and log the outcome (WARNING when it could not be set). True when set.
+def prepare_primary_context(config: StreamdConfig) -> bool:
+    """Before the backend is built: when a stream of `config` may decode on NVDEC (hwaccel cuda,
+    or auto on a machine with an NVIDIA GPU), set the primary context of the backend's GPU (config.gpu_index) to
+    blocking sync and log the outcome (WARNING when it could not be set). True when set.
     """
     hwaccels = {stream.hwaccel for stream in config.streams}
     if "cuda" not in hwaccels and not ("auto" in hwaccels and nvidia_gpu_present()):
         return False
-    device = getattr(config.backend, "device", 0)
-    gpu = device if isinstance(device, int) else int(device.removeprefix("cuda:")) if device.startswith("cuda:") else 0
-    done, line = set_primary_context_blocking_sync(gpu)
+    done, line = set_primary_context_blocking_sync(gpu_index(config.backend))
     log.log(logging.INFO if done else logging.WARNING, line)
     return done
 

@@ -111,7 +111,7 @@ def self_test(bundle: Bundle, detector: Detector, config: BackendConfig) -> Self
 
 def identity(backend: Backend, config: BackendConfig) -> tuple[str, str, str]:
     """(backend name, device, precision) of a backend built from `config` (for `auto`: the one it chose)."""
-    precision = getattr(backend, "precision", "fp32")  # ONNX Runtime runs the graph as it is, in float32
+    precision = backend.precision
     if backend.name == "onnxruntime":
         return backend.name, "cpu", precision
     if isinstance(config, TorchConfig):

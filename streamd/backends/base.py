@@ -100,11 +100,13 @@ class Pending(Protocol[T]):
 
 
 class Backend(Protocol):
-    """Runs a bundle's model. pixel_formats: the picture formats submit() takes (every backend takes bgr24)."""
+    """Runs a bundle's model. pixel_formats: the picture formats submit() takes (every backend takes bgr24).
+    precision: what it computes in ("fp32", "fp16", "bf16", "int8": the bar streamd.model.compare holds it to)."""
 
     name: str
     max_batch: int
     pixel_formats: frozenset[PixelFormat]
+    precision: str
 
     def submit(self, batch: FrameBatch) -> Pending[Decoded]:
         """Start up to max_batch pictures; wait() gives one Detections per picture, in source pixels, and the rows
@@ -153,6 +155,7 @@ class HostBackend(ABC):
     input_hw: tuple[int, int]
     preprocess: Preprocess
     pixel_formats: frozenset[PixelFormat] = frozenset({"bgr24"})
+    precision: str = "fp32"  # ONNX Runtime runs the graph as it is, in float32 (Q/DQ nodes included)
 
     @abstractmethod
     def run(self, tensor: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import zmq
 
-from streamd.config import BackendConfig, StreamConfig, StreamdConfig, TensorRTConfig, TorchConfig
+from streamd.config import StreamConfig, StreamdConfig, gpu_index
 from streamd.detector import Detector
 from streamd.ops.metrics import Metrics
 from streamd.pipeline.compose import Chain, Endpoints, Switches, max_age_ms
@@ -32,7 +32,7 @@ def endpoints(
         if stream.archive is not None and stream.archive.enabled:  # a tap in the source: its packets, as they come
             archive = ArchiveTap(stream.id, stream.archive, stream.segment_s, metrics)
             sections.append((("streams", index, "archive"), archive))
-        sources[stream.id] = source_for(stream, detector, metrics, recorded, cuda_device(config.backend), archive)
+        sources[stream.id] = source_for(stream, detector, metrics, recorded, gpu_index(config.backend), archive)
         sections.append((("streams", index, "source"), sources[stream.id]))
         chains: list[Chain] = []
         if recorded:
@@ -65,13 +65,3 @@ def source_for(
         return open_source(stream, metrics, input_hw=detector.input_hw, pixel_format="yuv420p", cuda_device=gpu,
                            archive=archive)  # fmt: skip
     return open_source(stream, metrics, model_hw=detector.input_hw, cuda_device=gpu, archive=archive)
-
-
-def cuda_device(backend: BackendConfig) -> int:
-    """The index of the GPU a backend config runs on (0 when it names none: auto, onnxruntime, torch on the CPU)."""
-    match backend:
-        case TorchConfig(device=device) if device.startswith("cuda:"):
-            return int(device.removeprefix("cuda:"))
-        case TensorRTConfig(device=device):
-            return device
-    return 0

@@ -143,8 +143,7 @@ def test_the_daemon_on_the_torch_backend_gives_onnxruntimes_detections(tmp_path,
     ({"type": "onnxruntime"}, 0), ({"type": "auto"}, 0),
 ])  # fmt: skip
 def test_nvdec_decodes_on_the_backends_gpu(backend, index):
-    from streamd.config import BackendConfig
-    from streamd.pipeline.endpoints import cuda_device
+    from streamd.config import BackendConfig, gpu_index
     from pydantic import TypeAdapter
 
-    assert cuda_device(TypeAdapter(BackendConfig).validate_python(backend)) == index
+    assert gpu_index(TypeAdapter(BackendConfig).validate_python(backend)) == index

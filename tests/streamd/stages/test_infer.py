@@ -118,6 +118,7 @@ class CountingBackend:
 
     name = "counting"
     pixel_formats = frozenset({"bgr24"})
+    precision = "fp32"
 
     def __init__(self, max_batch: int, anchors: int = yolox_anchors((64, 64)), classes: int = 3):
         self.max_batch = max_batch
