@@ -40,8 +40,6 @@ import contextlib
 import io
 import logging
 import os
-import re
-import stat
 import threading
 import time
 from collections import deque
@@ -58,7 +56,7 @@ from streamd.errors import OutputError
 from streamd.ops.metrics import Metrics, dropped
 from streamd.pipeline.worker import RETRY_MAX_S, RETRY_S
 from streamd.segments import Segmenter, make_folder, open_new, publish
-from streamd.stages.record import SegmentFile, partial_name
+from streamd.stages.record import SegmentFile, partial_name, remove_partials
 from streamd.types import Frame
 
 log = logging.getLogger(__name__)
@@ -323,8 +321,9 @@ class _Writer:
         container, file = None, None
         try:
             make_folder(directory, "archive")  # again on a retry: the folder may have gone
-            if not self._started:
-                self._remove_partials(directory)
+            if not self._started:  # what a crash left, as the recorder does
+                remove_partials(directory, self.tap.stream_id, _EXTENSIONS.values())
+                self._started = True
             file = SegmentFile(open_new(path))
             container = av.open(file, mode="w", format=template.format, container_options=options)
             container.metadata.update({"streamd_stream": self.tap.stream_id, "streamd_first_seq": str(cut.first_seq),
@@ -339,19 +338,6 @@ class _Writer:
         self._path, self._named, self._last_dts = path, named, None
         log.info("stream %r: archiving segment %s (%s in %s, from frame %d)",
                  self.tap.stream_id, named, template.codec_name, template.format, cut.first_seq)
-
-    def _remove_partials(self, directory: Path) -> None:
-        """Remove what a crash left of this stream's segments before their first fragment (only that name pattern,
-        only this user's regular files), as the recorder does."""
-        extensions = "|".join(_EXTENSIONS.values())
-        stream_id = self.tap.stream_id
-        pattern = re.compile(rf"\.{re.escape(stream_id)}_\d{{8}}T\d{{6}}Z_\d{{4}}\.({extensions})\.partial")
-        for path in sorted(directory.glob(f".{stream_id}_*.partial")):
-            info = path.lstat()
-            if pattern.fullmatch(path.name) and stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
-                log.warning("stream %r: removing %s: a crash left it before its first fragment", stream_id, path)
-                path.unlink(missing_ok=True)
-        self._started = True
 
     def _mux(self, item: ArchivePacket) -> None:
         dts = item.dts if item.dts is not None else item.pts

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import io
 import errno
+import glob
 import logging
 import os
 import re
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
@@ -78,6 +79,19 @@ _PARTIAL = ".partial"
 def partial_name(path: Path) -> Path:
     """The hidden name a segment is written under until its first fragment is complete: `.{name}.partial`."""
     return path.with_name(f".{path.name}{_PARTIAL}")
+
+
+def remove_partials(directory: Path, stream_id: str, extensions: Iterable[str]) -> None:
+    """Remove what a crash left of a stream's segments before their first fragment: its hidden temporaries
+    (`.{stream_id}_{UTC}_{index}.{ext}.partial`, ext one of `extensions`) that are regular files of this user,
+    each logged. Nothing else in the folder is touched."""
+    alternatives = "|".join(map(re.escape, extensions))
+    pattern = re.compile(rf"\.{re.escape(stream_id)}_\d{{8}}T\d{{6}}Z_\d{{4}}\.({alternatives}){re.escape(_PARTIAL)}")
+    for path in sorted(directory.glob(f".{glob.escape(stream_id)}_*{_PARTIAL}")):
+        info = path.lstat()
+        if pattern.fullmatch(path.name) and stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
+            log.warning("stream %r: removing %s: a crash left it before its first fragment", stream_id, path)
+            path.unlink(missing_ok=True)
 
 
 class SegmentFile:
@@ -249,14 +263,7 @@ class RecordStage:
         removed here, and logged; nothing else in the folder is touched.
         """
         start_output(self.segmenter, self.directory, "recording")
-        pattern = re.compile(
-            rf"\.{re.escape(self.stream_id)}_\d{{8}}T\d{{6}}Z_\d{{4}}\.{self.config.container}{re.escape(_PARTIAL)}"
-        )
-        for path in sorted(self.directory.glob(f".{self.stream_id}_*{_PARTIAL}")):
-            info = path.lstat()
-            if pattern.fullmatch(path.name) and stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
-                log.warning("stream %r: removing %s: a crash left it before its first fragment", self.stream_id, path)
-                path.unlink(missing_ok=True)
+        remove_partials(self.directory, self.stream_id, (self.config.container,))
 
     def process(self, item: AnnotatedFrame | FrameResult | Frame) -> Iterator[AnnotatedFrame | FrameResult | Frame]:
         match item:

@@ -19,7 +19,7 @@ from streamd.errors import OutputError
 from streamd.segments import segment_base_name
 from streamd.stages.annotate import AnnotateStage
 from streamd.stages.detection_log import DetectionLogStage
-from streamd.stages.record import RecordStage
+from streamd.stages.record import RecordStage, remove_partials
 from streamd.types import Frame
 from tests.streamd import media
 from tests.streamd.conftest import tmpfs
@@ -136,3 +136,19 @@ def test_a_disk_filling_mid_segment_cuts_it_back_to_its_last_complete_fragment(t
         decoded = subprocess.run(["ffmpeg", "-v", "error", "-i", str(segment), "-f", "null", "-"],
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
         assert decoded.returncode == 0 and decoded.stderr == "", decoded.stderr  # no partial NAL unit
+
+
+def test_a_crash_left_temporary_of_the_stream_is_removed_and_nothing_else(tmp_path: Path, caplog) -> None:
+    """What the recorder (mp4) and the archive (its extensions) remove at start: their stream's hidden temporaries
+    that are this user's regular files, by the exact name pattern."""
+    for name in (".eus-1_20261206T101010Z_0003.mp4.partial", ".eus-1_20261206T101010Z_0004.ts.partial",
+                 ".eus-10_20261206T101010Z_0003.mp4.partial", ".eus-1_20261206T101010Z_0003.mkv.partial",
+                 ".eus-1_notes.mp4.partial", "eus-1_20261206T101010Z_0003.mp4"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".eus-1_20261206T101010Z_0005.mp4.partial").symlink_to(tmp_path / "eus-1_20261206T101010Z_0003.mp4")
+    remove_partials(tmp_path, "eus-1", ("mp4", "ts"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".eus-10_20261206T101010Z_0003.mp4.partial", ".eus-1_20261206T101010Z_0003.mkv.partial",
+        ".eus-1_20261206T101010Z_0005.mp4.partial", ".eus-1_notes.mp4.partial", "eus-1_20261206T101010Z_0003.mp4",
+    ]  # fmt: skip
+    assert caplog.text.count("a crash left it before its first fragment") == 2
