@@ -19,9 +19,10 @@ import cv2
 import numpy as np
 import pytest
 from av.codec.hwaccel import HWAccel, hwdevices_available
+from pydantic import TypeAdapter
 
 from streamd import hardware
-from streamd.config import SourceKind, StreamConfig
+from streamd.config import BackendConfig, SourceKind, StreamConfig
 from streamd.ops.metrics import Metrics
 from streamd.stages import decode as decode_module
 from streamd.stages import decoder
@@ -319,7 +320,7 @@ def test_the_daemon_sets_the_backends_gpu_when_a_stream_may_decode_on_nvdec(monk
     monkeypatch.setattr(hardware, "set_primary_context_blocking_sync", lambda device: asked.append(device) or (False, "not here"))
     caplog.set_level(logging.INFO, logger="streamd.hardware")
     config = types.SimpleNamespace(streams=[types.SimpleNamespace(**stream) for stream in streams],
-                                   backend=types.SimpleNamespace(**backend))  # fmt: skip
+                                   backend=TypeAdapter(BackendConfig).validate_python(backend))  # fmt: skip
     hardware.prepare_primary_context(config)
     assert asked == ([] if gpu is None else [gpu])
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == ([] if gpu is None else [(logging.WARNING, "not here")])
