@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamd.model.detections import Detections
+from streamd.model.postprocess import iou_matrix
 from trainer.datasets.records import DatasetSplit
 
 IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 0.96, 0.05), 2).tolist())
@@ -24,18 +25,6 @@ class PrCurve:
     precision: np.ndarray
     recall: np.ndarray
     num_gt: int
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of xyxy boxes a [N, 4] against b [M, 4] -> [N, M]."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def pr_curve(split: DatasetSplit, predictions: list[Detections], class_id: int, iou_threshold: float) -> PrCurve:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import numpy as np
@@ -59,11 +59,14 @@ class FrameBatch:
     pictures: tuple[Picture, ...]
     conf_threshold: float
     iou_threshold: float
-    formats: frozenset[PixelFormat] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pictures", tuple(self.pictures))
-        object.__setattr__(self, "formats", frozenset(p.layout.format for p in self.pictures))
+
+    @property
+    def formats(self) -> frozenset[PixelFormat]:
+        """The pixel formats of its pictures."""
+        return frozenset(picture.layout.format for picture in self.pictures)
 
     @classmethod
     def of(cls, images: Sequence[np.ndarray], conf_threshold: float, iou_threshold: float) -> FrameBatch:
@@ -86,11 +89,17 @@ class FrameBatch:
 
     def check(self, backend: Backend) -> None:
         """A BackendError unless the backend takes this many pictures in these pixel formats."""
-        if not 1 <= len(self.pictures) <= backend.max_batch:
-            raise BackendError(f"backend {backend.name}: batch of {len(self.pictures)} frames, it takes 1..{backend.max_batch}")
-        if not self.formats <= backend.pixel_formats:
+        check_count(backend, len(self.pictures))
+        formats = self.formats
+        if not formats <= backend.pixel_formats:
             raise BackendError(f"backend {backend.name}: takes {sorted(backend.pixel_formats)} images only, "
-                               f"got {sorted(self.formats)}")  # fmt: skip
+                               f"got {sorted(formats)}")  # fmt: skip
+
+
+def check_count(backend: Backend, count: int) -> None:
+    """A BackendError unless 1 <= count <= the backend's max_batch (a FrameBatch's pictures, a tensor's rows)."""
+    if not 1 <= count <= backend.max_batch:
+        raise BackendError(f"backend {backend.name}: batch of {count} frames, it takes 1..{backend.max_batch}")
 
 
 class Pending(Protocol[T]):
@@ -168,8 +177,7 @@ class HostBackend(ABC):
         return HostPending(self.run(tensor), scales, batch)
 
     def submit_tensor(self, tensor: np.ndarray) -> Ready[np.ndarray]:
-        if not 1 <= len(tensor) <= self.max_batch:
-            raise BackendError(f"backend {self.name}: batch of {len(tensor)} frames, it takes 1..{self.max_batch}")
+        check_count(self, len(tensor))
         return Ready(self.run(tensor))
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import logging
 
 import numpy as np
 
-from streamd.backends.base import FrameBatch
+from streamd.backends.base import FrameBatch, check_count
 from streamd.backends.tensorrt_build import (
     engine_path, import_tensorrt, import_torch, key_note, serialize_engine, trt_logger, write_cache,
 )  # fmt: skip
@@ -135,9 +135,7 @@ class TensorRTBackend:
 
     def submit_tensor(self, tensor: np.ndarray):
         """Start a letterboxed float32 [N, 3, H, W] batch (N <= max_batch); wait() on the result gives float32 [N, A, 5 + C]."""
-        count = int(tensor.shape[0])
-        if not 1 <= count <= self.max_batch:
-            raise BackendError(f"backend tensorrt: batch of {count} frames, it takes 1..{self.max_batch}")
+        check_count(self, int(tensor.shape[0]))
         return self.slots.submit_tensor(np.ascontiguousarray(tensor, dtype=np.float32), self._execute)
 
     def submit(self, batch: FrameBatch):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from streamd.backends import cuda_slots
-from streamd.backends.base import FrameBatch, Ready
+from streamd.backends.base import FrameBatch, Ready, check_count
 from streamd.backends.cuda_slots import source_scales
 from streamd.backends.device_ops import GridDecode, letterbox_frames, postprocess_on_device
 from streamd.config import TorchConfig
@@ -178,8 +178,7 @@ class TorchBackend:
 
     def submit_tensor(self, tensor: np.ndarray):
         """Start a letterboxed float32 [N, 3, H, W] batch; wait() on the result gives float32 [N, A, 5 + C]."""
-        if not 1 <= len(tensor) <= self.max_batch:
-            raise BackendError(f"backend torch: batch of {len(tensor)} frames, it takes 1..{self.max_batch}")
+        check_count(self, len(tensor))
         tensor = np.ascontiguousarray(tensor, dtype=np.float32)
         if self.slots is not None:
             return self.slots.submit_tensor(tensor, self._run)

@@ -79,7 +79,7 @@ def compose(
     wall_clock: see Switches.
     """
     graph = Graph(metrics)
-    budgets = {s.id: max_age_ms(s) for s in config.streams if max_age_ms(s) is not None}
+    budgets = {s.id: budget for s in config.streams if (budget := max_age_ms(s)) is not None}
     batch = Batcher(config.batch.max_batch, config.batch.max_wait_ms, budgets)  # fresh batches for paced streams
     submit = SubmitStage(detector, config.thresholds.conf_threshold, config.thresholds.iou_threshold)
     results = ResultsStage(detector, metrics)

@@ -97,7 +97,6 @@ class Control:
     def beat(self, worker: str) -> None:
         self.beats[worker] = time.monotonic()
 
-
     def gave_up(self) -> bool:
         return self.give_up_at is not None and time.monotonic() > self.give_up_at
 

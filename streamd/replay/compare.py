@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamd.model.postprocess import iou_matrix
 from streamd.replay.logs import FrameBoxes, ModelLog, Track
-from trainer.metrics import iou_matrix
 
 IOU_THRESHOLD = 0.5
 

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from streamd.model.postprocess import iou_matrix
+
 if TYPE_CHECKING:  # `trackers` takes a second to import: only a stream that tracks pays it
     from trackers.utils.state_representations import BaseStateEstimator
 
@@ -67,16 +69,9 @@ class _Kalman:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU float32 [A, B] of xyxy boxes a [A, 4] and b [B, 4], computed in float64 as supervision's box_iou_batch."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    width = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    height = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    inter = np.maximum(width, 0.0) * np.maximum(height, 0.0)
-    union = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None] + ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
-    union = union - inter
-    out = np.zeros(inter.shape, np.float32)
-    np.divide(inter, union, out=out, where=union > 0)
-    return out
+    """IoU float32 [A, B] of xyxy boxes a [A, 4] and b [B, 4], computed in float64 as supervision's box_iou_batch
+    (the same formula: `trackers`' ids depend on IoUs at the thresholds to the last bit)."""
+    return iou_matrix(a.astype(np.float64), b.astype(np.float64)).astype(np.float32)
 
 
 def _others(count: int, taken: np.ndarray) -> np.ndarray:
